@@ -1,0 +1,366 @@
+"""Training OCR models: many runs at once.
+
+Runs whose models have the same shapes and optimiser settings (they may differ in seed and in
+association) are trained as ONE batched model: their weights are stacked along a leading run
+dimension and every step is a few batched matmuls. Each run still sees exactly the data, initial
+weights and AdamW updates it would see alone (AdamW is elementwise; each run's loss is its own
+mean), so batched and one-at-a-time training give the same numbers up to float rounding.
+
+Groups of different shapes run in parallel worker processes, one torch thread each.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import multiprocessing as mp
+import os
+import queue
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from factorlab.errors import ConfigError, TrainingDivergedError
+from factorlab.ocr.model import INITS, PARAMETRIZATIONS, BatchedAttentionOnly
+from factorlab.ocr.task import SPLITS, OCRTaskConfig, OCRWorld
+from factorlab.runtime import generator, limit_threads
+
+DATA_CHUNK_STEPS = 100  # batches generated per call; fixed so every run's data stream is the same
+EVAL_SAMPLES_PER_SUBJECT = 8
+
+
+@dataclass(frozen=True)
+class OCRConfig:
+    """One OCR training run. Defaults are the paper's code (``train_attn1_1heads.sh``)."""
+
+    param: str = "factorized"
+    """"factorized" (W_O W_V^T) or "combined" (one W_OV)."""
+    d_h: int | None = None
+    """Inner dimension of the factorized W_O W_V^T; None means d (the vocabulary size, 128)."""
+    steps: int = 2000
+    batch_size: int = 252
+    lr: float = 5e-3
+    weight_decay: float = 0.03
+    init: str = "default"
+    """"default": N(0, 1/d) weights; "identity": the paper's 1e-4 init."""
+    seed: int = 42
+    groups: int = 20
+    subjects_per_group: int = 4
+    train_fraction: float = 0.25
+    noise_tokens: int = 5
+    seq_len: int = 16
+    association: str = "causal"
+    eval_every: int | None = None
+    """Steps between evaluations; None means steps // 50 (at least 1)."""
+    fixed_attention: bool = False
+    """Freeze attention to score 1 on the subject and relation tokens only (the paper's Theorem 1)."""
+
+    def __post_init__(self) -> None:
+        task = self.task  # validates the task fields
+        if self.param not in PARAMETRIZATIONS:
+            raise ConfigError(f"param must be one of {PARAMETRIZATIONS}, got {self.param!r}.")
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {INITS}, got {self.init!r}.")
+        if self.d_h is not None and self.d_h < 1:
+            raise ConfigError(f"d_h must be >= 1 (the inner dimension of W_O W_V^T), got {self.d_h}.")
+        if self.d_h is not None and self.param == "combined" and self.d_h != task.vocab_size:
+            raise ConfigError(
+                f"d_h={self.d_h} only applies to param='factorized'; the combined W_OV is d x d "
+                f"(d={task.vocab_size}). Leave d_h unset for combined runs."
+            )
+        if self.steps < 1:
+            raise ConfigError(f"steps must be >= 1, got {self.steps}.")
+        if self.batch_size < 3 or self.batch_size % 3:
+            raise ConfigError(
+                f"batch_size={self.batch_size} must split into three equal parts (train facts, train "
+                f"implications, test facts): use a positive multiple of 3, e.g. "
+                f"{3 * max(1, round(self.batch_size / 3))}."
+            )
+        if self.lr <= 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}.")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}.")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ConfigError(f"eval_every must be >= 1, got {self.eval_every}.")
+
+    @property
+    def task(self) -> OCRTaskConfig:
+        return OCRTaskConfig(
+            groups=self.groups,
+            subjects_per_group=self.subjects_per_group,
+            train_fraction=self.train_fraction,
+            noise_tokens=self.noise_tokens,
+            seq_len=self.seq_len,
+            association=self.association,
+        )
+
+    @property
+    def hidden_dim(self) -> int:
+        """d_h actually used: d for combined runs and when d_h is unset."""
+        d = self.task.vocab_size
+        return d if self.param == "combined" or self.d_h is None else self.d_h
+
+    @property
+    def eval_interval(self) -> int:
+        return self.eval_every or max(1, self.steps // 50)
+
+    @property
+    def label(self) -> str:
+        """Short human name of the model configuration (seed and association excluded)."""
+        if self.param == "combined":
+            return "combined"
+        return f"factorized d_h={self.hidden_dim}"
+
+    def batch_key(self) -> tuple:
+        """Runs with equal keys train as one batched model: everything but seed and association."""
+        fields = [(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)]
+        shared = [(name, value) for name, value in fields if name not in ("seed", "association", "d_h")]
+        return (*shared, ("hidden_dim", self.hidden_dim))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["d_h"] = self.hidden_dim
+        out["vocab_size"] = self.task.vocab_size
+        out["eval_every"] = self.eval_interval
+        return out
+
+
+@dataclass
+class RunResult:
+    config: OCRConfig
+    history: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+    w_ov: torch.Tensor | None = None  # final effective W_OV (d, d)
+
+
+ProgressFn = Callable[[int], None]  # called with the number of steps done
+
+
+def train_batched(configs: Sequence[OCRConfig], progress: ProgressFn | None = None) -> list[RunResult]:
+    """Train runs that share a batch key as one batched model. Returns results in input order."""
+    if not configs:
+        return []
+    key = configs[0].batch_key()
+    for c in configs[1:]:
+        if c.batch_key() != key:
+            raise ConfigError("train_batched needs runs that differ only in seed and association.")
+    cfg = configs[0]
+    started = time.perf_counter()
+    worlds = [OCRWorld(c.task, c.seed) for c in configs]
+    world0 = worlds[0]
+    attention_tokens = None
+    if cfg.fixed_attention:
+        attention_tokens = torch.cat(
+            [world0.subjects, torch.tensor([world0.fact_relation, world0.implication_relation])]
+        )
+    model = BatchedAttentionOnly(
+        cfg.task.vocab_size, cfg.param, cfg.hidden_dim, [c.seed for c in configs], cfg.init, attention_tokens
+    )
+    optimizer = _adamw(model, cfg.lr, cfg.weight_decay)
+    evaluations = [w.evaluation_set(EVAL_SAMPLES_PER_SUBJECT) for w in worlds]
+    eval_tokens = torch.stack([e.tokens for e in evaluations])
+
+    # One data stream per seed: runs with the same seed (e.g. causal and spurious) share it.
+    data_gens = {c.seed: generator(c.seed, "training-data") for c in configs}
+    results = [RunResult(c) for c in configs]
+    loss_sum = torch.zeros(len(configs))
+    loss_count = 0
+    interval = cfg.eval_interval
+
+    def evaluate(step: int) -> None:
+        nonlocal loss_sum, loss_count
+        train_loss = (loss_sum / loss_count).tolist() if loss_count else [None] * len(configs)
+        metrics = _evaluate(model, eval_tokens, evaluations)
+        for r, result in enumerate(results):
+            row = {"step": step, "train_loss": train_loss[r], **metrics[r]}
+            result.history.append(row)
+        loss_sum, loss_count = torch.zeros(len(configs)), 0
+
+    evaluate(0)
+    step = 0
+    while step < cfg.steps:
+        chunk = min(DATA_CHUNK_STEPS, cfg.steps - step)
+        # Every run generates whole chunks of DATA_CHUNK_STEPS, so a stream does not depend on steps.
+        per_seed = {
+            seed: w.training_batches(DATA_CHUNK_STEPS, cfg.batch_size, data_gens[seed])
+            for seed, w in {c.seed: w for c, w in zip(configs, worlds)}.items()
+        }
+        tokens = torch.stack([per_seed[c.seed][0] for c in configs], dim=1)  # (chunk, R, B, T)
+        labels = torch.stack([per_seed[c.seed][1] for c in configs], dim=1)  # (chunk, R, B)
+        # Spurious worlds only relabel test implications, which never appear in training data.
+        for i in range(chunk):
+            logits = model(tokens[i])
+            per_run = (
+                F.cross_entropy(logits.flatten(0, 1), labels[i].flatten(), reduction="none")
+                .view(len(configs), -1)
+                .mean(1)
+            )
+            if not torch.isfinite(per_run).all():
+                bad = [
+                    configs[r].label + f" seed={configs[r].seed}"
+                    for r in range(len(configs))
+                    if not math.isfinite(per_run[r].item())
+                ]
+                raise TrainingDivergedError(
+                    f"non-finite training loss at step {step + 1} for {', '.join(bad)}; "
+                    f"lower the learning rate (lr={cfg.lr}) or use init='identity'."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            per_run.sum().backward()
+            optimizer.step()
+            loss_sum += per_run.detach()
+            loss_count += 1
+            step += 1
+            if step % interval == 0 or step == cfg.steps:
+                evaluate(step)
+                if progress is not None:
+                    progress(step)
+
+    seconds = time.perf_counter() - started
+    with torch.no_grad():
+        w_ov = model.effective_w_ov()
+    for r, result in enumerate(results):
+        result.w_ov = w_ov[r].detach().clone()
+        result.summary = _summarize(result, seconds, len(configs))
+    return results
+
+
+def _adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    # The fused kernel is elementwise like the reference AdamW, only with fewer passes over memory.
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
+@torch.no_grad()
+def _evaluate(model: BatchedAttentionOnly, eval_tokens: torch.Tensor, evaluations) -> list[dict[str, Any]]:
+    logits = model(eval_tokens)  # (R, M, d)
+    prediction = logits.argmax(-1)
+    log_probs = logits.log_softmax(-1)
+    singular = torch.linalg.svdvals(model.effective_w_ov())  # (R, d)
+    out = []
+    for r, ev in enumerate(evaluations):
+        row: dict[str, Any] = {}
+        correct = prediction[r] == ev.labels
+        nll = -log_probs[r].gather(1, ev.labels.unsqueeze(1)).squeeze(1)
+        for split_id, split in enumerate(SPLITS):
+            mask = ev.split == split_id
+            row[f"{split}_acc"] = correct[mask].float().mean().item()
+            row[f"{split}_loss"] = nll[mask].mean().item()
+        test_impl = ev.split == SPLITS.index("test_impl")
+        says_group = prediction[r][test_impl] == ev.group_labels[test_impl]
+        row["group_impl_rate"] = says_group.float().mean().item()
+        differs = ev.labels[test_impl] != ev.group_labels[test_impl]
+        # Hallucination: answering with the group's implication where the truth differs from it.
+        row["hallucination_rate"] = says_group[differs].float().mean().item() if differs.any() else None
+        s = singular[r]
+        row["nuclear_norm"] = s.sum().item()
+        row["frobenius_norm"] = s.square().sum().sqrt().item()
+        row["spectral_norm"] = s[0].item()
+        out.append(row)
+    return out
+
+
+SUMMARY_KEYS = (
+    "train_fact_acc",
+    "train_impl_acc",
+    "test_fact_acc",
+    "test_impl_acc",
+    "test_impl_loss",
+    "train_loss",
+    "hallucination_rate",
+    "group_impl_rate",
+    "nuclear_norm",
+    "frobenius_norm",
+    "spectral_norm",
+)
+
+
+def _summarize(result: RunResult, seconds: float, runs_in_batch: int) -> dict[str, Any]:
+    last = result.history[-1]
+    summary = {k: last[k] for k in SUMMARY_KEYS}
+    singular = torch.linalg.svdvals(result.w_ov)
+    summary["effective_rank"] = (singular.sum() / singular[0]).item()  # nuclear / spectral
+    summary["top_singular_values"] = singular[:8].tolist()
+    summary["steps"] = result.config.steps
+    summary["seconds"] = seconds
+    summary["runs_in_batch"] = runs_in_batch
+    summary["config"] = result.config.to_dict()
+    return summary
+
+
+# ---- many groups, in parallel -------------------------------------------------------------------
+
+
+def group_runs(configs: Sequence[OCRConfig], batch: bool = True) -> list[list[int]]:
+    """Indices of ``configs`` grouped by batch key, in first-seen order (one group per run if not batch)."""
+    if not batch:
+        return [[i] for i in range(len(configs))]
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(configs):
+        groups.setdefault(c.batch_key(), []).append(i)
+    return list(groups.values())
+
+
+def _group_cost(configs: Sequence[OCRConfig]) -> float:
+    c = configs[0]
+    return c.steps * len(configs) * (c.hidden_dim + 32)  # matmul work plus a per-step floor
+
+
+def _worker(group_id: int, configs: list[OCRConfig], progress_queue) -> tuple[int, list[RunResult]]:
+    limit_threads(1)
+    return group_id, train_batched(configs, lambda step: progress_queue.put((group_id, step)))
+
+
+def train_runs(
+    configs: Sequence[OCRConfig],
+    workers: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    on_start: Callable[[list[list[OCRConfig]]], None] | None = None,
+    batch: bool = True,
+) -> list[RunResult]:
+    """Train every config; same-shape runs batched, groups spread over ``workers`` processes.
+
+    ``batch=False`` trains every run alone (the slow baseline that bench/ocr_sweep_speed.py measures).
+    ``on_start(groups)`` is called once with the runs of each group; ``on_progress(group, step)``
+    as groups advance. Results come back in input order.
+    """
+    index_groups = group_runs(configs, batch)
+    # Longest first, so the slowest group does not start last.
+    index_groups.sort(key=lambda g: -_group_cost([configs[i] for i in g]))
+    groups = [[configs[i] for i in g] for g in index_groups]
+    if on_start is not None:
+        on_start(groups)
+    workers = min(workers or os.cpu_count() or 1, len(groups))
+    by_group: dict[int, list[RunResult]] = {}
+    if workers <= 1:
+        for gid, group in enumerate(groups):
+            by_group[gid] = train_batched(
+                group, None if on_progress is None else (lambda s, gid=gid: on_progress(gid, s))
+            )
+    else:
+        ctx = mp.get_context("spawn")
+        with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            progress_queue = manager.Queue()
+            futures = [pool.submit(_worker, gid, group, progress_queue) for gid, group in enumerate(groups)]
+            pending = set(futures)
+            while pending:
+                try:
+                    gid, step = progress_queue.get(timeout=0.2)
+                    if on_progress is not None:
+                        on_progress(gid, step)
+                except queue.Empty:
+                    pass
+                for f in [f for f in pending if f.done()]:
+                    pending.discard(f)
+                    gid, results = f.result()  # re-raises a worker's error here
+                    by_group[gid] = results
+    out: list[RunResult | None] = [None] * len(configs)
+    for gid, g in enumerate(index_groups):
+        for i, result in zip(g, by_group[gid]):
+            out[i] = result
+    return out  # type: ignore[return-value]

@@ -1,0 +1,261 @@
+"""OCR recipes: one run, a rank sweep, and the max-margin analysis. Each writes JSON, PNG plots
+and a short Markdown report into its output folder."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from factorlab.ocr import plots
+from factorlab.ocr import theory as mm
+from factorlab.ocr.task import OCRWorld
+from factorlab.ocr.train import SUMMARY_KEYS, OCRConfig, RunResult, train_runs
+from factorlab.progress import StepBars, console
+from factorlab.reporting import Column, aggregate, write_table
+from factorlab.runtime import atomic_write_text, write_json, write_jsonl
+
+RESULT_COLUMNS = [
+    Column("model", "model"),
+    Column("association", "association"),
+    Column("seeds", "seeds"),
+    Column("train_fact_acc", "train fact acc", "{:.3f}"),
+    Column("train_impl_acc", "train impl acc", "{:.3f}"),
+    Column("test_fact_acc", "test fact acc", "{:.3f}"),
+    Column("test_impl_acc", "test impl acc", "{:.3f}"),
+    Column("test_impl_loss", "test impl loss", "{:.3f}"),
+    Column("hallucination_rate", "hallucination rate", "{:.3f}"),
+    Column("nuclear_norm", "‖W_OV‖_*", "{:.1f}"),
+    Column("frobenius_norm", "‖W_OV‖_F", "{:.1f}"),
+    Column("effective_rank", "‖W‖_*/‖W‖_2", "{:.2f}"),
+]
+TABLE_METRICS = [*SUMMARY_KEYS, "effective_rank", "seconds"]
+
+
+def train_with_progress(configs: Sequence[OCRConfig], workers: int | None = None) -> list[RunResult]:
+    """``train_runs`` with one progress bar per batched group."""
+    with StepBars() as bars:
+
+        def on_start(groups):
+            names = [f"{g[0].label} ×{len(g)}" for g in groups]
+            bars.start(names, [g[0].steps for g in groups])
+
+        return train_runs(configs, workers=workers, on_progress=bars.update, on_start=on_start)
+
+
+def record(result: RunResult) -> dict[str, Any]:
+    """A flat record of one run: model label, seed, association, summary keys and full config."""
+    c = result.config
+    return {
+        "model": c.label,
+        "param": c.param,
+        "d_h": c.hidden_dim,
+        "seed": c.seed,
+        "association": c.association,
+        **result.summary,
+    }
+
+
+# ---- one run ------------------------------------------------------------------------------------
+
+
+def run(config: OCRConfig, out: str | Path) -> dict[str, Any]:
+    """Train one model; write metrics.jsonl, summary.json and curves.png into ``out``."""
+    out = Path(out)
+    result = train_with_progress([config], workers=1)[0]
+    write_jsonl(out / "metrics.jsonl", result.history)
+    write_json(out / "summary.json", result.summary)
+    title = f"{config.label}, {config.init} init, {config.association} association, seed {config.seed}"
+    plots.run_curves(result.history, out / "curves.png", title, config.groups)
+    return result.summary
+
+
+# ---- rank sweep ---------------------------------------------------------------------------------
+
+
+def sweep_configs(
+    base: OCRConfig,
+    d_hs: Sequence[int],
+    combined: bool,
+    seeds: Sequence[int],
+    associations: Sequence[str] = ("causal",),
+) -> list[OCRConfig]:
+    configs = []
+    for association in associations:
+        for seed in seeds:
+            for d_h in d_hs:
+                configs.append(
+                    dataclasses.replace(base, param="factorized", d_h=d_h, seed=seed, association=association)
+                )
+            if combined:
+                configs.append(
+                    dataclasses.replace(base, param="combined", d_h=None, seed=seed, association=association)
+                )
+    return configs
+
+
+def sweep(
+    base: OCRConfig,
+    d_hs: Sequence[int],
+    combined: bool,
+    seeds: Sequence[int],
+    out: str | Path,
+    workers: int | None = None,
+    associations: Sequence[str] = ("causal",),
+) -> list[dict[str, Any]]:
+    """Rank sweep: every (d_h, seed) and optionally the combined model, same-shape runs batched.
+
+    Writes results.json (one record per run), metrics.jsonl (every evaluation of every run),
+    table.{md,csv,json} (mean ± std over seeds), curves.png, accuracy_vs_dh.png and report.md.
+    """
+    out = Path(out)
+    configs = sweep_configs(base, d_hs, combined, seeds, associations)
+    started = time.perf_counter()
+    results = train_with_progress(configs, workers)
+    wall = time.perf_counter() - started
+    records = [record(r) for r in results]
+    write_json(out / "results.json", records)
+    write_jsonl(
+        out / "metrics.jsonl",
+        (
+            {"model": r.config.label, "seed": r.config.seed, "association": r.config.association, **row}
+            for r in results
+            for row in r.history
+        ),
+    )
+    rows = aggregate(records, ["model", "param", "d_h", "association"], TABLE_METRICS)
+    table = write_table(rows, RESULT_COLUMNS, out / "table")
+    histories: dict[str, list] = {}
+    for r in results:
+        if r.config.association == associations[0]:
+            histories.setdefault(r.config.label, []).append(r.history)
+    title = f"{base.steps} steps, {len(seeds)} seed(s), {associations[0]} association"
+    plots.sweep_curves(histories, out / "curves.png", base.groups, title)
+    plots.accuracy_vs_dh(
+        [r for r in rows if r["association"] == associations[0]],
+        out / "accuracy_vs_dh.png",
+        base.groups,
+        f"generalization after {base.steps} steps",
+    )
+    report = [
+        "# OCR rank sweep",
+        "",
+        f"{len(configs)} runs ({len(d_hs)} factorized d_h values{' + combined' if combined else ''} × "
+        f"{len(seeds)} seeds × {len(associations)} association(s)), {base.steps} steps each, "
+        f"trained in {wall:.0f} s wall-clock.",
+        "Same-shape runs trained as one batched model. Accuracy is argmax over the whole vocabulary on a",
+        f"fixed evaluation set covering every subject; chance on test implications is 1/{base.groups}.",
+        "",
+        table,
+        "![test implication loss and accuracy](curves.png)",
+        "",
+        "![final accuracy against d_h](accuracy_vs_dh.png)",
+        "",
+        "Files: `results.json` (one record per run), `metrics.jsonl` (every evaluation), "
+        "`table.{md,csv,json}`.",
+        "",
+    ]
+    atomic_write_text(out / "report.md", "\n".join(report))
+    write_json(out / "sweep.json", {"wall_seconds": wall, "runs": len(configs), "workers": workers})
+    return records
+
+
+# ---- max-margin analysis ------------------------------------------------------------------------
+
+
+def theory(base: OCRConfig, out: str | Path, solver: str | None = None) -> dict[str, Any]:
+    """Solve the nuclear- and Frobenius-norm max-margin programs on ``base``'s (small) instance,
+    train a factorized and a combined model with attention fixed as in Theorem 1, and compare."""
+    out = Path(out)
+    task = base.task
+    mm.check_instance(task)
+    world = OCRWorld(task, base.seed)
+    problem = mm.MarginProblem.from_world(world)
+    solutions = {}
+    with console.status("solving the max-margin programs"):
+        for norm in ("nuclear", "frobenius"):
+            solutions[norm] = mm.solve_max_margin(problem, norm, solver)
+    configs = [
+        dataclasses.replace(base, param=p, d_h=None, fixed_attention=True) for p in ("factorized", "combined")
+    ]
+    trained = train_with_progress(configs, workers=1)
+    result: dict[str, Any] = {
+        "instance": {
+            "groups": task.groups,
+            "subjects_per_group": task.subjects_per_group,
+            "train_fraction": task.train_fraction,
+            "train_subjects": task.num_train_subjects,
+            "test_subjects": task.num_subjects - task.num_train_subjects,
+        },
+        "theorem2_lower_bound_references": mm.theorem2_references(problem),
+        "solutions": {norm: mm.describe_solution(problem, w) for norm, w in solutions.items()},
+        "trained": {},
+        "config": base.to_dict(),
+    }
+    for r in trained:
+        block = mm.centred(mm.block_of(world, r.w_ov), task.groups)
+        described = mm.describe_solution(problem, block)
+        described["cosine"] = {
+            norm: mm.cosine(block, mm.centred(w, task.groups)) for norm, w in solutions.items()
+        }
+        described["test_impl_acc"] = r.summary["test_impl_acc"]
+        result["trained"][r.config.param] = described
+    write_json(out / "theory.json", result)
+    plots.theory_figure(result, out / "theory.png")
+    atomic_write_text(out / "report.md", theory_report(result))
+    return result
+
+
+def theory_report(result: dict[str, Any]) -> str:
+    inst = result["instance"]
+    refs = result["theorem2_lower_bound_references"]
+    sols = result["solutions"]
+    lines = [
+        "# Max-margin analysis (Theorems 1 and 2)",
+        "",
+        f"Instance: {inst['groups']} groups × {inst['subjects_per_group']} subjects, "
+        f"{inst['train_subjects']} train and {inst['test_subjects']} test subjects; attention fixed on the "
+        "subject and relation tokens. Both programs require margin ≥ 1 on every training pair.",
+        "",
+        "| solution | min test-implication margin | ‖W‖_* | ‖W‖_F | rank |",
+        "|---|---|---|---|---|",
+    ]
+    for name, s in sols.items():
+        lines.append(
+            f"| min-{name} | {s['min_test_margin']:.4f} | {s['nuclear_norm']:.3f} | "
+            f"{s['frobenius_norm']:.3f} | {s['rank']} |"
+        )
+    if refs.get("sqrt_form") is not None:
+        lines += [
+            "",
+            f"Theorem 2 lower-bound forms quoted by summaries (m_train={refs['m_train']}, "
+            f"m_test={refs['m_test']}): min(√(m_train/m_test), 1) = {refs['sqrt_form']:.3f}; "
+            f"m_train/(m_train+m_test) = {refs['ratio_form']:.3f}.",
+        ]
+    lines += [
+        "",
+        "| trained model | test impl acc | test margin / train margin | cos vs min-nuclear | "
+        "cos vs min-Frobenius |",
+        "|---|---|---|---|---|",
+    ]
+    for name, t in result["trained"].items():
+        lines.append(
+            f"| {name} | {t['test_impl_acc']:.3f} | {t['normalized_test_margin']:.3f} | "
+            f"{t['cosine']['nuclear']:.4f} | {t['cosine']['frobenius']:.4f} |"
+        )
+    verdicts = []
+    for name, t in result["trained"].items():
+        closer = max(t["cosine"], key=t["cosine"].get)
+        verdicts.append(f"the trained {name} model points closer to the min-{closer} solution")
+    lines += [
+        "",
+        "Reading: " + "; ".join(verdicts) + ". The Frobenius solution's test margin is "
+        f"{sols['frobenius']['min_test_margin']:.2g}, the nuclear one's "
+        f"{sols['nuclear']['min_test_margin']:.3f}.",
+        "",
+        "![cosines and spectra](theory.png)",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,112 @@
+"""Result tables (Markdown, CSV, JSON) and seed aggregation, shared by every recipe."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from factorlab.runtime import atomic_write_text, write_json
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str
+    header: str
+    fmt: str = "{}"
+
+    def render(self, row: dict[str, Any]) -> str:
+        value = row.get(self.key)
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "–"
+        if isinstance(value, MeanStd):
+            return value.render(self.fmt)
+        return self.fmt.format(value)
+
+
+@dataclass(frozen=True)
+class MeanStd:
+    mean: float
+    std: float
+    n: int
+
+    def render(self, fmt: str) -> str:
+        if self.n <= 1:
+            return fmt.format(self.mean)
+        return f"{fmt.format(self.mean)} ± {fmt.format(self.std)}"
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"mean": self.mean, "std": self.std, "n": self.n}
+
+
+def mean_std(values: Sequence[float | None]) -> MeanStd | None:
+    """Mean and sample standard deviation over seeds, ignoring missing values."""
+    present = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    if not present:
+        return None
+    std = statistics.stdev(present) if len(present) > 1 else 0.0
+    return MeanStd(statistics.fmean(present), std, len(present))
+
+
+def aggregate(
+    records: Sequence[dict[str, Any]], by: Sequence[str], metrics: Sequence[str]
+) -> list[dict[str, Any]]:
+    """Group flat records by the ``by`` keys (first-seen order) and reduce ``metrics`` to MeanStd."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for rec in records:
+        groups.setdefault(tuple(rec.get(k) for k in by), []).append(rec)
+    rows = []
+    for key, recs in groups.items():
+        row: dict[str, Any] = dict(zip(by, key))
+        row["seeds"] = len(recs)
+        for m in metrics:
+            row[m] = mean_std([r.get(m) for r in recs])
+        rows.append(row)
+    return rows
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
+    lines = [
+        "| " + " | ".join(c.header for c in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    lines += ["| " + " | ".join(c.render(r) for c in columns) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _plain(value: Any) -> Any:
+    return value.to_dict() if isinstance(value, MeanStd) else value
+
+
+def write_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], stem: str | os.PathLike) -> str:
+    """Write ``stem``.md, .csv and .json; return the Markdown text.
+
+    CSV gets one column per plain value and ``<key>_mean`` / ``<key>_std`` for aggregated ones.
+    """
+    stem = Path(stem)
+    md = markdown_table(rows, columns)
+    atomic_write_text(stem.with_suffix(".md"), md)
+    aggregated = {c.key: any(isinstance(r.get(c.key), MeanStd) for r in rows) for c in columns}
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(
+        [h for c in columns for h in ([f"{c.key}_mean", f"{c.key}_std"] if aggregated[c.key] else [c.key])]
+    )
+    for r in rows:
+        line: list[Any] = []
+        for c in columns:
+            v = r.get(c.key)
+            if aggregated[c.key]:
+                line += [v.mean, v.std] if v is not None else ["", ""]
+            else:
+                line.append("" if v is None else v)
+        writer.writerow(line)
+    atomic_write_text(stem.with_suffix(".csv"), buf.getvalue())
+    write_json(stem.with_suffix(".json"), [{k: _plain(v) for k, v in r.items()} for r in rows])
+    return md

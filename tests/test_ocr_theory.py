@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+
+from factorlab.errors import ConfigError
+from factorlab.ocr import theory as mm
+from factorlab.ocr.task import OCRTaskConfig, OCRWorld
+from factorlab.ocr.train import OCRConfig
+from factorlab.recipes import ocr
+
+
+@pytest.fixture(scope="module")
+def problem():
+    world = OCRWorld(OCRTaskConfig(groups=4, subjects_per_group=4), seed=0)
+    return mm.MarginProblem.from_world(world)
+
+
+@pytest.fixture(scope="module")
+def solutions(problem):
+    return {norm: mm.solve_max_margin(problem, norm) for norm in ("nuclear", "frobenius")}
+
+
+def test_margin_tables_match_the_task(problem):
+    # 16 subjects x 3 competing facts + 4 train subjects x 3 competing implications
+    assert len(problem.train) == 16 * 3 + 4 * 3
+    assert len(problem.test) == 12 * 3
+    assert problem.train_per_group == [1, 1, 1, 1] and problem.test_per_group == [3, 3, 3, 3]
+
+
+def test_constraint_matrix_computes_the_training_margins(problem):
+    w = np.random.default_rng(0).normal(size=(problem.num_rows, problem.num_cols))
+    np.testing.assert_allclose(problem.constraint_matrix() @ w.reshape(-1), problem.margins(w, "train"))
+
+
+def test_both_solutions_satisfy_the_margins_and_frobenius_has_zero_test_margin(problem, solutions):
+    for w in solutions.values():
+        assert problem.margins(w, "train").min() >= 1 - 1e-6
+    frob = mm.describe_solution(problem, solutions["frobenius"])
+    nuc = mm.describe_solution(problem, solutions["nuclear"])
+    assert abs(frob["min_test_margin"]) < 1e-6 and abs(frob["mean_test_margin"]) < 1e-6  # Theorem 2
+    assert nuc["min_test_margin"] > 0.5  # the nuclear-norm solution generalizes
+    assert nuc["nuclear_norm"] <= frob["nuclear_norm"] + 1e-6  # each minimises its own norm
+    assert frob["frobenius_norm"] <= nuc["frobenius_norm"] + 1e-6
+
+
+def test_trained_models_point_to_their_norms_solution(tmp_path):
+    """Theorem 1 made visible: factorized -> nuclear, combined -> Frobenius."""
+    result = ocr.theory(OCRConfig(groups=4, subjects_per_group=4, steps=800), tmp_path)
+    fact, comb = result["trained"]["factorized"]["cosine"], result["trained"]["combined"]["cosine"]
+    assert fact["nuclear"] > fact["frobenius"] and fact["nuclear"] > 0.95
+    assert comb["frobenius"] > comb["nuclear"] and comb["frobenius"] > 0.95
+    for name in ("theory.json", "theory.png", "report.md"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_theory_refuses_spurious_and_huge_instances():
+    with pytest.raises(ConfigError, match="causal"):
+        mm.check_instance(OCRTaskConfig(association="spurious"))
+    with pytest.raises(ConfigError, match="small instance"):
+        mm.check_instance(OCRTaskConfig(groups=200, subjects_per_group=10))

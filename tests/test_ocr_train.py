@@ -1,0 +1,121 @@
+import dataclasses
+
+import pytest
+import torch
+
+from factorlab.errors import ConfigError, TrainingDivergedError
+from factorlab.ocr.model import BatchedAttentionOnly
+from factorlab.ocr.train import OCRConfig, train_batched, train_runs
+
+
+def reference_logits(tokens, w_kq, w_o=None, w_v=None, w_ov=None):
+    """The paper's formula, literally: f(X) = W_O W_V^T X^T X W_KQ x_T with one-hot X."""
+    d = w_kq.shape[0]
+    out = []
+    for seq in tokens:
+        X = torch.nn.functional.one_hot(seq, d).double()
+        w = w_ov if w_ov is not None else w_o @ w_v.T
+        out.append(w @ X.T @ X @ w_kq @ X[-1])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("param", ["factorized", "combined"])
+def test_batched_forward_equals_the_papers_formula(param):
+    model = BatchedAttentionOnly(24, param, 5, seeds=[0, 1, 2]).double()
+    tokens = torch.randint(0, 24, (3, 7, 9))
+    logits = model(tokens)
+    for r in range(3):
+        weights = {"w_kq": model.w_kq[r].detach()}
+        if param == "factorized":
+            weights |= {"w_o": model.w_o[r].detach(), "w_v": model.w_v[r].detach()}
+        else:
+            weights |= {"w_ov": model.w_ov[r].detach()}
+        torch.testing.assert_close(
+            logits[r].detach(), reference_logits(tokens[r], **weights), rtol=1e-10, atol=1e-10
+        )
+
+
+def test_runs_initialise_from_their_own_seed_only():
+    alone = BatchedAttentionOnly(16, "factorized", 4, seeds=[7])
+    batched = BatchedAttentionOnly(16, "factorized", 4, seeds=[3, 7])
+    assert torch.equal(alone.w_o[0], batched.w_o[1]) and torch.equal(alone.w_kq[0], batched.w_kq[1])
+    assert not torch.equal(batched.w_o[0], batched.w_o[1])
+
+
+def test_identity_init_matches_the_paper():
+    m = BatchedAttentionOnly(8, "factorized", 8, seeds=[0], init="identity")
+    assert torch.equal(m.w_v[0], 1e-4 * torch.eye(8))
+    assert torch.equal(m.w_o[0], torch.full((8, 8), 1e-4)) and torch.equal(
+        m.w_kq[0], torch.full((8, 8), 1e-4)
+    )
+
+
+def test_factorized_generalizes_and_combined_does_not():
+    """The paper's central claim at its default settings, seed 42, 2,000 steps."""
+    factorized, combined = train_runs([OCRConfig(), OCRConfig(param="combined")], workers=1)
+    for result in (factorized, combined):
+        assert result.summary["train_fact_acc"] >= 0.99
+        assert result.summary["train_impl_acc"] >= 0.99
+        assert result.summary["test_fact_acc"] >= 0.99
+    assert factorized.summary["test_impl_acc"] >= 0.9
+    assert combined.summary["test_impl_acc"] <= 0.2
+    assert combined.summary["test_impl_loss"] > 2.5  # near chance, log 20 = 3.0
+
+
+def test_spurious_association_turns_the_same_generalization_into_hallucination():
+    result = train_batched([OCRConfig(steps=600, association="spurious")])[0]
+    assert result.summary["hallucination_rate"] >= 0.9
+    assert result.summary["test_impl_acc"] <= 0.2
+    assert result.summary["train_impl_acc"] >= 0.99
+
+
+def test_batched_training_gives_the_same_numbers_as_single_runs():
+    base = OCRConfig(d_h=8, steps=120, eval_every=40)
+    configs = [dataclasses.replace(base, seed=s) for s in (0, 1, 2)]
+    configs.append(dataclasses.replace(base, seed=1, association="spurious"))
+    batched = train_batched(configs)
+    for config, together in zip(configs, batched):
+        alone = train_batched([config])[0]
+        assert len(alone.history) == len(together.history) == 4
+        for a, b in zip(alone.history, together.history):
+            for key, value in a.items():
+                if value is None:
+                    assert b[key] is None
+                else:
+                    assert b[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+        torch.testing.assert_close(alone.w_ov, together.w_ov, rtol=1e-4, atol=1e-5)
+    # different seeds really are different runs
+    assert batched[0].summary["nuclear_norm"] != pytest.approx(batched[1].summary["nuclear_norm"], rel=1e-6)
+
+
+def test_parallel_workers_give_the_same_results_as_in_process():
+    configs = [OCRConfig(d_h=d, steps=60, eval_every=30, seed=s) for d in (4, 16) for s in (0, 1)]
+    configs.append(OCRConfig(param="combined", steps=60, eval_every=30, seed=0))
+    serial = train_runs(configs, workers=1)
+    parallel = train_runs(configs, workers=2)
+    for a, b in zip(serial, parallel):
+        assert a.config == b.config
+        torch.testing.assert_close(a.w_ov, b.w_ov, rtol=1e-5, atol=1e-6)
+        assert a.summary["test_impl_acc"] == b.summary["test_impl_acc"]
+
+
+def test_divergence_stops_training_instead_of_continuing_with_nans():
+    with pytest.raises(TrainingDivergedError, match="lower the learning rate"):
+        train_batched([OCRConfig(steps=200, lr=1e30, weight_decay=0.0)])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"d_h": 0}, "d_h must be >= 1"),
+        ({"batch_size": 250}, "multiple of 3"),
+        ({"train_fraction": 0.001}, "both must be >= 1"),
+        ({"seq_len": 2}, "seq_len must be >= 3"),
+        ({"param": "combined", "d_h": 4}, "only applies to param='factorized'"),
+        ({"param": "lowrank"}, "param must be one of"),
+        ({"init": "zeros"}, "init must be one of"),
+    ],
+)
+def test_bad_run_configs_fail_fast(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        OCRConfig(**kwargs)

@@ -1,0 +1,29 @@
+import csv
+import json
+
+import pytest
+
+from factorlab.reporting import Column, MeanStd, aggregate, mean_std, write_table
+
+
+def test_mean_std_ignores_missing_values():
+    assert mean_std([1.0, None, 3.0]) == MeanStd(2.0, pytest.approx(1.41421356), 2)
+    assert mean_std([None]) is None
+
+
+def test_aggregate_and_write_table(tmp_path):
+    records = [
+        {"model": "a", "seed": 0, "acc": 1.0},
+        {"model": "a", "seed": 1, "acc": 0.5},
+        {"model": "b", "seed": 0, "acc": 0.25},
+    ]
+    rows = aggregate(records, ["model"], ["acc"])
+    assert rows[0]["acc"].mean == 0.75 and rows[0]["seeds"] == 2 and rows[1]["acc"].n == 1
+    md = write_table(rows, [Column("model", "model"), Column("acc", "accuracy", "{:.2f}")], tmp_path / "t")
+    assert "| a | 0.75 ± 0.35 |" in md and "| b | 0.25 |" in md
+    with open(tmp_path / "t.csv") as f:
+        lines = list(csv.reader(f))
+    assert lines[0] == ["model", "acc_mean", "acc_std"]
+    assert float(lines[1][1]) == 0.75
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data[0]["acc"] == {"mean": 0.75, "std": pytest.approx(0.353553, rel=1e-5), "n": 2}
