@@ -139,7 +139,11 @@ def theory_figure(result: dict[str, Any], path: str | Path) -> Path:
     for name, trained in result["trained"].items():
         s = np.array(trained["singular_values"])
         ax_sv.plot(np.arange(1, len(s) + 1), s / s[0], marker="x", ls="--", label=f"trained {name}")
-    ax_sv.set(xlabel="index", ylabel="singular value / largest", title="spectra (centred answer block)")
+    ax_sv.set(
+        xlabel="index",
+        ylabel="singular value / largest",
+        title="spectra of the answer block (trained: centred)",
+    )
     ax_sv.legend(fontsize=8)
     ax_sv.grid(alpha=0.3)
     return _save(fig, path)

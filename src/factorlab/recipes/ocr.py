@@ -223,6 +223,7 @@ def theory_report(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for name, s in sols.items():
+        s = {**s, "min_test_margin": round(s["min_test_margin"], 6) + 0.0}  # print solver noise as 0
         lines.append(
             f"| min-{name} | {s['min_test_margin']:.4f} | {s['nuclear_norm']:.3f} | "
             f"{s['frobenius_norm']:.3f} | {s['rank']} |"
@@ -252,7 +253,7 @@ def theory_report(result: dict[str, Any]) -> str:
     lines += [
         "",
         "Reading: " + "; ".join(verdicts) + ". The Frobenius solution's test margin is "
-        f"{sols['frobenius']['min_test_margin']:.2g}, the nuclear one's "
+        f"{round(sols['frobenius']['min_test_margin'], 6) + 0.0:.2g}, the nuclear one's "
         f"{sols['nuclear']['min_test_margin']:.3f}.",
         "",
         "![cosines and spectra](theory.png)",
