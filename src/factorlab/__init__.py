@@ -1,11 +1,28 @@
 """factorlab: factorized adaptation of neural networks, and a lab for what fine-tuning does to knowledge.
 
-Components live in the package (``factorlab.ocr`` for the out-of-context-reasoning task and model);
-runnable experiments live in ``factorlab.recipes`` and are reachable from the ``factorlab`` CLI.
+Components: ``factorlab.layers`` (adapter layers, pure torch), ``factorlab.core`` (targeting, model
+surgery, adapter files), ``factorlab.methods`` (one folder per method), ``factorlab.ocr`` (the
+out-of-context-reasoning task and model). Runnable experiments live in ``factorlab.recipes`` and
+are reachable from the ``factorlab`` CLI.
 """
 
-from factorlab.errors import ConfigError, FactorlabError, TrainingDivergedError
+from factorlab.core import AdaptedModel, adapt, count_parameters
+from factorlab.errors import AdapterLoadError, ConfigError, FactorlabError, TargetError, TrainingDivergedError
+from factorlab.methods import AdapterConfig, LoraConfig, register_method
 
 __version__ = "0.1.0"
 
-__all__ = ["ConfigError", "FactorlabError", "TrainingDivergedError", "__version__"]
+__all__ = [
+    "AdaptedModel",
+    "AdapterConfig",
+    "AdapterLoadError",
+    "ConfigError",
+    "FactorlabError",
+    "LoraConfig",
+    "TargetError",
+    "TrainingDivergedError",
+    "__version__",
+    "adapt",
+    "count_parameters",
+    "register_method",
+]

@@ -11,3 +11,11 @@ class ConfigError(FactorlabError, ValueError):
 
 class TrainingDivergedError(FactorlabError, RuntimeError):
     """Training produced a non-finite loss. factorlab stops rather than continue with NaNs."""
+
+
+class TargetError(FactorlabError, ValueError):
+    """An adapter's targets are wrong: they match nothing, or a module that cannot be adapted."""
+
+
+class AdapterLoadError(FactorlabError, ValueError):
+    """A saved adapter does not fit the model, or its files are missing or corrupt."""

@@ -1,0 +1,394 @@
+"""Model surgery: ``adapt(model, config)`` and the ``AdaptedModel`` it returns.
+
+The AdaptedModel owns the base model, replaces each target module with an adapter layer (the
+original module lives on as ``<target>.base_layer``), freezes the base weights, and forwards
+everything else — ``forward``, ``generate``, ``config``, any attribute — to the base model, so
+``transformers.Trainer`` and ``generate()`` with a KV cache work unchanged.
+
+Every change is transactional: if injecting or loading fails, the model is left exactly as it
+was (modules and ``requires_grad`` flags), and the error says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from factorlab.core.io import read_adapter_config, read_adapter_tensors, write_adapter_folder
+from factorlab.core.targeting import check_called_as_modules, model_family, resolve_targets
+from factorlab.errors import AdapterLoadError, ConfigError, FactorlabError, TargetError
+from factorlab.layers.base import AdapterLayer
+from factorlab.methods.base import AdapterConfig, config_from_dict, get_method
+
+KEY_PREFIX = "base_model.model."  # PEFT's key prefix; kept so key names read the same in both
+SAVE_ONLY_KEYS = ("factorlab_version", "base_model_class", "model_type", "base_model_name_or_path", "targets")
+
+
+def _replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _weight_shape(module: nn.Module) -> list[int]:
+    weight = getattr(module, "weight", None)
+    return list(weight.shape) if weight is not None else []
+
+
+class AdaptedModel(nn.Module):
+    """A base model with named adapters injected. Create it with ``factorlab.adapt``."""
+
+    def __init__(self, base_model: nn.Module):
+        super().__init__()
+        self.base_model = base_model
+        self.adapter_configs: dict[str, AdapterConfig] = {}
+        self.adapter_targets: dict[str, list[str]] = {}
+        self.active_adapter: str | None = None
+        self._original_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
+
+        # Expose the base model's forward signature: Trainer drops dataset columns that the
+        # signature of model.forward does not name.
+        def forward(*args, **kwargs):
+            return type(self).forward(self, *args, **kwargs)
+
+        functools.update_wrapper(forward, base_model.forward)
+        object.__setattr__(self, "forward", forward)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ---- running ------------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.base_model.generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    # ---- adapters -----------------------------------------------------------------------------
+    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, AdapterLayer):
+                yield name, module
+
+    def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
+        """Inject a new adapter. The first adapter becomes active; later ones wait for set_adapter."""
+        if adapter_name in self.adapter_configs:
+            raise ConfigError(
+                f"adapter {adapter_name!r} already exists; delete_adapter() it or pick another name."
+            )
+        if not adapter_name or "." in adapter_name:
+            raise ConfigError(f"adapter names must be non-empty and contain no '.', got {adapter_name!r}.")
+        method = get_method(config.method)
+        names = resolve_targets(
+            self.base_model,
+            config.target_modules,
+            config.target_roles,
+            config.exclude_modules,
+            config.layers_to_transform,
+            default_roles=method.default_roles(model_family(self.base_model)),
+        )
+        check_called_as_modules(self.base_model, names)
+        swapped: list[tuple[str, nn.Module]] = []
+        updated: list[AdapterLayer] = []
+        try:
+            for name in names:
+                module = self.base_model.get_submodule(name)
+                existing = module if isinstance(module, AdapterLayer) else None
+                if existing is not None and not isinstance(existing, method.layer_cls):
+                    raise TargetError(
+                        f"{name} already holds a {type(existing).__name__}; one module takes adapters of one "
+                        f"method. Exclude it from this {method.name} adapter (exclude_modules)."
+                    )
+                target = existing.base_layer if existing is not None else module
+                layer = method.build_layer(target, config, adapter_name, name, existing)
+                if existing is None:
+                    _replace_submodule(self.base_model, name, layer)
+                    swapped.append((name, module))
+                else:
+                    updated.append(existing)
+        except BaseException:
+            for layer in updated:
+                layer.delete_adapter(adapter_name)
+            for name, original in swapped:
+                _replace_submodule(self.base_model, name, original)
+            raise
+        self.adapter_configs[adapter_name] = config
+        self.adapter_targets[adapter_name] = names
+        if self.active_adapter is None:
+            self.set_adapter(adapter_name)
+        else:
+            self._update_trainable()
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the active (and, unless loaded for inference, the trainable) adapter."""
+        if adapter_name not in self.adapter_configs:
+            raise ConfigError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.adapter_configs)}.")
+        for _, layer in self.adapter_layers():
+            layer.set_adapter([adapter_name])
+        self.active_adapter = adapter_name
+        self._update_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.adapter_configs:
+            raise ConfigError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.adapter_configs)}.")
+        for name, layer in list(self.adapter_layers()):
+            if adapter_name in layer.adapter_names:
+                layer.delete_adapter(adapter_name)
+                if not layer.adapter_names:
+                    _replace_submodule(self.base_model, name, layer.base_layer)
+        del self.adapter_configs[adapter_name]
+        del self.adapter_targets[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+            if self.adapter_configs:
+                self.set_adapter(next(iter(self.adapter_configs)))
+        self._update_trainable()
+
+    def _update_trainable(self) -> None:
+        trainable: set[int] = set()
+        name = self.active_adapter
+        if name is not None and not self.adapter_configs[name].inference_mode:
+            for _, layer in self.adapter_layers():
+                trainable |= {id(p) for p in layer.adapter_parameters(name)}
+        for p in self.base_model.parameters():
+            p.requires_grad_(id(p) in trainable)
+
+    def _restore_requires_grad(self) -> None:
+        for n, p in self.base_model.named_parameters():
+            if n in self._original_requires_grad:
+                p.requires_grad_(self._original_requires_grad[n])
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Run the base model alone inside this block."""
+        layers = [layer for _, layer in self.adapter_layers()]
+        if any(layer.merged_adapters for layer in layers):
+            raise RuntimeError("adapters are merged into the base weights; call unmerge_adapter() first.")
+        previous = [layer.disabled for layer in layers]
+        for layer in layers:
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer, was in zip(layers, previous):
+                layer.disabled = was
+
+    disable_adapter = disable_adapters  # PEFT's name
+
+    # ---- merging ------------------------------------------------------------------------------
+    def _check_mergeable(self) -> list[tuple[str, AdapterLayer]]:
+        layers = list(self.adapter_layers())
+        cannot = sorted({type(layer).__name__ for _, layer in layers if not layer.can_merge})
+        if cannot:
+            raise FactorlabError(
+                f"{', '.join(cannot)} adapters cannot be merged into the base weights (they are not a linear "
+                "update of one weight); keep the AdaptedModel, or call unload() to drop the adapters."
+            )
+        return layers
+
+    def merge_adapter(self) -> None:
+        for _, layer in self._check_mergeable():
+            layer.merge()
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.adapter_layers():
+            if layer.merged_adapters:
+                layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold the active adapter into the base weights and return the plain base model."""
+        for _, layer in self._check_mergeable():
+            layer.merge()
+        return self.unload()
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter layer (merged updates stay in the weights) and return the base model."""
+        for name, layer in list(self.adapter_layers()):
+            _replace_submodule(self.base_model, name, layer.base_layer)
+        self._restore_requires_grad()
+        self.adapter_configs.clear()
+        self.adapter_targets.clear()
+        self.active_adapter = None
+        return self.base_model
+
+    # ---- parameters ---------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        from factorlab.core.params import count_parameters
+
+        counts = count_parameters(self)
+        return counts["trainable"], counts["total"]
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        percent = 100 * trainable / total
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}")
+
+    # ---- saving and loading -------------------------------------------------------------------
+    def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, layer in self.adapter_layers():
+            for key, tensor in layer.adapter_state_dict(adapter_name).items():
+                out[f"{KEY_PREFIX}{name}.{key}"] = tensor
+        return out
+
+    def _describe_base(self, adapter_name: str) -> dict[str, Any]:
+        config = getattr(self.base_model, "config", None)
+        return {
+            "base_model_class": type(self.base_model).__name__,
+            "model_type": getattr(config, "model_type", None),
+            "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
+            "targets": {
+                name: _weight_shape(self.base_model.get_submodule(name).base_layer)
+                for name in self.adapter_targets[adapter_name]
+            },
+        }
+
+    def save_pretrained(self, path: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+        """Write each adapter to ``path`` ("default") or ``path/<name>`` (others), as PEFT does."""
+        from factorlab import __version__
+
+        for name in selected_adapters or list(self.adapter_configs):
+            if name not in self.adapter_configs:
+                raise ConfigError(f"no adapter named {name!r}; adapters: {sorted(self.adapter_configs)}.")
+            config = self.adapter_configs[name].to_dict()
+            config.pop("inference_mode", None)
+            config |= {"factorlab_version": __version__, **self._describe_base(name)}
+            folder = Path(path) if name == "default" else Path(path) / name
+            write_adapter_folder(
+                folder, config, self.adapter_state_dict(name), {"factorlab_method": config["method"]}
+            )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        path: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+    ) -> AdaptedModel:
+        """Wrap ``model`` and load the adapter saved at ``path``, exactly as it was saved."""
+        _refuse_adapted(model)
+        adapted = cls(model)
+        try:
+            adapted.load_adapter(path, adapter_name, is_trainable)
+        except BaseException:
+            adapted._restore_requires_grad()
+            raise
+        return adapted
+
+    def load_adapter(
+        self, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+    ) -> None:
+        data = read_adapter_config(path)
+        if "method" not in data:
+            hint = (
+                " It is a PEFT adapter: use factorlab.interop.peft.load_peft_lora(model, path)."
+                if "peft_type" in data
+                else ""
+            )
+            raise AdapterLoadError(f"{path}/adapter_config.json has no 'method' field.{hint}")
+        saved_class = data.get("base_model_class")
+        here = type(self.base_model).__name__
+        if saved_class is not None and saved_class != here:
+            raise AdapterLoadError(
+                f"{path} was saved for a {saved_class} (model_type {data.get('model_type')!r}); this model "
+                f"is a {here} (model_type {model_family(self.base_model)!r}). Load it into the architecture "
+                "it was trained on."
+            )
+        try:
+            config = config_from_dict({k: v for k, v in data.items() if k not in SAVE_ONLY_KEYS})
+        except ConfigError as err:
+            raise AdapterLoadError(f"{path}/adapter_config.json: {err}") from None
+        config.inference_mode = not is_trainable
+        tensors = read_adapter_tensors(path)
+        try:
+            self.add_adapter(adapter_name, config)
+        except TargetError as err:
+            raise AdapterLoadError(f"{path} does not fit this {here}: {err}") from None
+        try:
+            self._check_saved_targets(path, adapter_name, data.get("targets"))
+            self._load_tensors(adapter_name, tensors, path)
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _check_saved_targets(self, path, adapter_name: str, saved: dict[str, list[int]] | None) -> None:
+        if saved is None:
+            return
+        now = self._describe_base(adapter_name)["targets"]
+        if set(saved) != set(now):
+            only_saved = sorted(set(saved) - set(now))[:3]
+            only_here = sorted(set(now) - set(saved))[:3]
+            raise AdapterLoadError(
+                f"{path} adapts {len(saved)} modules, this model resolves {len(now)} for the same config "
+                f"(only in the file: {only_saved}; only here: {only_here}). The model has another depth or "
+                "layout than the one the adapter was saved from."
+            )
+        wrong = [(n, saved[n], now[n]) for n in saved if list(saved[n]) != list(now[n])]
+        if wrong:
+            n, a, b = wrong[0]
+            raise AdapterLoadError(
+                f"{path}: module {n} had weight shape {a} when saved but has {b} here ({len(wrong)} modules "
+                "differ); the adapter belongs to a model of another size."
+            )
+
+    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], path) -> None:
+        for key, tensor in tensors.items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise AdapterLoadError(
+                    f"{path}: tensor {key} holds NaN or inf values; the adapter is corrupt."
+                )
+        claimed: set[str] = set()
+        for name, layer in self.adapter_layers():
+            if adapter_name not in layer.adapter_names:
+                continue
+            prefix = f"{KEY_PREFIX}{name}."
+            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            claimed |= {prefix + k for k in own}
+            layer.load_adapter_state_dict(adapter_name, own, where=f"{path}: {name}")
+        extra = sorted(set(tensors) - claimed)
+        if extra:
+            raise AdapterLoadError(
+                f"{path}/adapter_model.safetensors holds {len(extra)} tensors that belong to no adapter "
+                f"layer of this model (e.g. {extra[:3]}); it was saved from a different model or config."
+            )
+
+
+def _refuse_adapted(model: nn.Module) -> None:
+    if isinstance(model, AdaptedModel):
+        raise ConfigError("this model is already an AdaptedModel; use its add_adapter(name, config) instead.")
+    if any(isinstance(m, AdapterLayer) for m in model.modules()):
+        raise ConfigError(
+            "this model already holds factorlab adapter layers (from another AdaptedModel); use that "
+            "AdaptedModel's add_adapter(), or unload() it first."
+        )
+
+
+def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdaptedModel:
+    """Inject adapter ``adapter_name`` described by ``config`` into ``model`` and freeze the base.
+
+    Works on any ``torch.nn.Module``; Hugging Face models also get architecture roles.
+    """
+    _refuse_adapted(model)
+    adapted = AdaptedModel(model)
+    try:
+        adapted.add_adapter(adapter_name, config)
+    except BaseException:
+        adapted._restore_requires_grad()
+        raise
+    return adapted

@@ -1,0 +1,80 @@
+"""Adapter files on disk: ``adapter_config.json`` + ``adapter_model.safetensors`` (never pickle)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from factorlab.errors import AdapterLoadError
+from factorlab.runtime import write_json
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+def write_adapter_folder(
+    path: str | os.PathLike,
+    config: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, str],
+) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    # Own, contiguous CPU copies: safetensors refuses shared or strided storage, and values stay exact.
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    tmp = path / f".{WEIGHTS_NAME}.tmp"
+    save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
+    os.replace(tmp, path / WEIGHTS_NAME)
+    write_json(path / CONFIG_NAME, config)
+    return path
+
+
+def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_dir():
+        raise AdapterLoadError(f"{path} is not a folder; pass the folder that holds {CONFIG_NAME}.")
+    file = path / CONFIG_NAME
+    if not file.exists():
+        present = sorted(p.name for p in path.iterdir())[:10]
+        raise AdapterLoadError(
+            f"{path} has no {CONFIG_NAME} (it holds {present}); is this an adapter folder?"
+        )
+    try:
+        data = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterLoadError(
+            f"{file} is not valid JSON ({err}); the file is corrupt, re-save the adapter."
+        ) from None
+    if not isinstance(data, dict):
+        raise AdapterLoadError(f"{file} should hold a JSON object, found {type(data).__name__}.")
+    return data
+
+
+def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    file = path / WEIGHTS_NAME
+    if not file.exists():
+        pickled = [p.name for p in path.glob("*.bin")]
+        hint = (
+            (
+                f" It holds {pickled}: pickle files are not loaded (they can run code); convert them to "
+                "safetensors first."
+            )
+            if pickled
+            else ""
+        )
+        raise AdapterLoadError(f"{path} has no {WEIGHTS_NAME}.{hint}")
+    try:
+        return load_file(str(file))
+    except Exception as err:  # safetensors raises its own error type for bad headers and short files
+        raise AdapterLoadError(
+            f"{file} is corrupt or truncated ({type(err).__name__}: {err}); re-save or re-copy the adapter."
+        ) from None

@@ -1,0 +1,142 @@
+"""PEFT interop for LoRA: write folders that ``peft.PeftModel.from_pretrained`` loads, and read
+folders that PEFT wrote. Neither direction imports peft; only the file format is shared.
+
+PEFT's LoRA files: ``adapter_config.json`` (peft_type "LORA", r, lora_alpha, target_modules, ...)
+and ``adapter_model.safetensors`` with keys ``base_model.model.<module>.lora_A.weight`` (r, in)
+and ``...lora_B.weight`` (out, r), no adapter name in the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from torch import nn
+
+from factorlab.core.adapted import KEY_PREFIX, AdaptedModel, _refuse_adapted
+from factorlab.core.io import read_adapter_config, read_adapter_tensors, write_adapter_folder
+from factorlab.errors import AdapterLoadError, ConfigError, TargetError
+from factorlab.methods.lora.config import LoraConfig, pattern_value
+
+_LORA_KEY = re.compile(rf"^{re.escape(KEY_PREFIX)}(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
+_UNSUPPORTED_FLAGS = {
+    "use_dora": "DoRA",
+    "lora_bias": "LoRA bias terms",
+    "layer_replication": "layer replication",
+    "target_parameters": "LoRA on raw parameters",
+    "modules_to_save": "modules_to_save (full copies of extra modules)",
+}
+
+
+def save_as_peft(adapted: AdaptedModel, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
+    """Write LoRA adapter ``adapter_name`` (default: the active one) in PEFT's format."""
+    name = adapter_name or adapted.active_adapter
+    if name not in adapted.adapter_configs:
+        raise ConfigError(f"no adapter named {name!r}; adapters: {sorted(adapted.adapter_configs)}.")
+    config = adapted.adapter_configs[name]
+    if not isinstance(config, LoraConfig):
+        raise ConfigError(
+            f"PEFT has no {config.method!r} method; only LoRA adapters can be saved in PEFT format."
+        )
+    layers = {n: layer for n, layer in adapted.adapter_layers() if name in layer.adapter_names}
+    ranks = {n: layer.r[name] for n, layer in layers.items()}
+    alphas = {n: config.alpha_for(n) for n in layers}
+    base_config = getattr(adapted.base_model, "config", None)
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None,
+        "r": config.r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "use_rslora": config.use_rslora,
+        "target_modules": sorted(layers),  # exact names: PEFT matches name == target too
+        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "rank_pattern": {re.escape(n): r for n, r in ranks.items() if r != config.r},
+        "alpha_pattern": {re.escape(n): a for n, a in alphas.items() if a != config.lora_alpha},
+        "use_dora": False,
+    }
+    return write_adapter_folder(path, peft_config, adapted.adapter_state_dict(name), {})
+
+
+def load_peft_lora(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+) -> AdaptedModel:
+    """Read a PEFT LoRA folder into factorlab; the result gives the same outputs as PEFT's model."""
+    _refuse_adapted(model)
+    data = read_adapter_config(path)
+    peft_type = data.get("peft_type")
+    if peft_type != "LORA":
+        what = f"a PEFT {peft_type} adapter" if peft_type else "not a PEFT adapter (no peft_type)"
+        raise AdapterLoadError(
+            f"{path} holds {what}; factorlab reads PEFT LoRA adapters (peft_type 'LORA') only."
+        )
+    for flag, what in _UNSUPPORTED_FLAGS.items():
+        if data.get(flag):
+            raise AdapterLoadError(
+                f"{path} uses {what} ({flag}={data[flag]!r}), which factorlab does not support."
+            )
+    tensors = read_adapter_tensors(path)
+    parts: dict[str, dict[str, tuple[int, ...]]] = {}
+    for key, tensor in tensors.items():
+        m = _LORA_KEY.match(key)
+        if m is None:
+            raise AdapterLoadError(
+                f"{path}: tensor {key!r} is not a LoRA A/B weight of a linear layer; factorlab reads LoRA on "
+                "linear layers only (no embedding, convolution or DoRA tensors)."
+            )
+        parts.setdefault(m["module"], {})[m["part"]] = tuple(tensor.shape)
+    if not parts:
+        raise AdapterLoadError(f"{path}/adapter_model.safetensors holds no LoRA tensors.")
+    rank_pattern, alpha_pattern = {}, {}
+    r_default, alpha_default = int(data.get("r", 8)), data.get("lora_alpha", 8)
+    for module, shapes in parts.items():
+        if set(shapes) != {"A", "B"}:
+            raise AdapterLoadError(
+                f"{path}: module {module} has lora_{'A' if 'A' in shapes else 'B'} but not both."
+            )
+        rank = shapes["A"][0]
+        if shapes["B"][1] != rank:
+            raise AdapterLoadError(
+                f"{path}: rank mismatch at {module}: lora_A has rank {rank} but lora_B has {shapes['B'][1]}."
+            )
+        expected = int(pattern_value(data.get("rank_pattern") or {}, module, r_default))
+        if expected != rank:
+            raise AdapterLoadError(
+                f"{path}: rank mismatch at {module}: adapter_config.json says r={expected}, the tensors have "
+                f"rank {rank}. The folder mixes files from different adapters."
+            )
+        if rank != r_default:
+            rank_pattern[re.escape(module)] = rank
+        alpha = pattern_value(data.get("alpha_pattern") or {}, module, alpha_default)
+        if alpha != alpha_default:
+            alpha_pattern[re.escape(module)] = alpha
+    config = LoraConfig(
+        target_modules=sorted(parts),
+        r=r_default,
+        lora_alpha=alpha_default,
+        lora_dropout=data.get("lora_dropout", 0.0),
+        use_rslora=bool(data.get("use_rslora", False)),
+        rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern,
+        inference_mode=not is_trainable,
+    )
+    adapted = AdaptedModel(model)
+    try:
+        try:
+            adapted.add_adapter(adapter_name, config)
+        except TargetError as err:
+            raise AdapterLoadError(f"{path} does not fit this {type(model).__name__}: {err}") from None
+        adapted._load_tensors(adapter_name, tensors, path)
+    except BaseException:
+        if adapter_name in adapted.adapter_configs:
+            adapted.delete_adapter(adapter_name)
+        adapted._restore_requires_grad()
+        raise
+    return adapted

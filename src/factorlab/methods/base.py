@@ -1,0 +1,88 @@
+"""What every adaptation method provides, and the open registry of methods.
+
+Unlike PEFT's closed enum, any package can register a method: a config dataclass (subclass of
+``AdapterConfig`` with a ``method`` name) and a ``Method`` that builds or updates the adapter
+layer for one target module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from torch import nn
+
+from factorlab.errors import ConfigError
+from factorlab.layers.base import AdapterLayer
+
+
+@dataclass
+class AdapterConfig:
+    """Targeting fields shared by every method (PEFT's names and meaning)."""
+
+    method: ClassVar[str] = ""
+
+    target_modules: list[str] | str | None = None
+    """Module names (exact or suffix after a dot), a regex over full names, or "all-linear".
+    None means the method's default roles."""
+    target_roles: list[str] | None = None
+    """Architecture-independent roles, e.g. ["attn_in", "attn_out", "ffn_out"] (factorlab.core.targeting)."""
+    exclude_modules: list[str] | str | None = None
+    """Modules never adapted, same matching rules as target_modules."""
+    layers_to_transform: list[int] | None = None
+    """Only adapt modules of these layer indices."""
+    inference_mode: bool = field(default=False, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"method": self.method}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterConfig:
+        data = {k: v for k, v in data.items() if k != "method"}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{cls.__name__} has no field(s) {unknown}; known fields: {sorted(known)}.")
+        return cls(**data)
+
+
+LayerBuilder = Callable[[nn.Module, AdapterConfig, str, str, "AdapterLayer | None"], AdapterLayer]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    config_cls: type[AdapterConfig]
+    layer_cls: type[AdapterLayer]
+    build_layer: LayerBuilder
+    """(target module, config, adapter name, module name, existing layer or None) -> layer to place."""
+    default_roles: Callable[[str | None], Sequence[str]]
+    """Roles adapted when the config names no targets, given the model family."""
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(method: Method) -> Method:
+    METHODS[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    import factorlab.methods  # noqa: F401  (registers the built-in methods)
+
+    if name not in METHODS:
+        raise ConfigError(f"unknown adaptation method {name!r}; registered: {sorted(METHODS)}.")
+    return METHODS[name]
+
+
+def config_from_dict(data: dict[str, Any]) -> AdapterConfig:
+    if "method" not in data:
+        raise ConfigError("adapter config has no 'method' field; is this a factorlab adapter?")
+    return get_method(data["method"]).config_cls.from_dict(data)
