@@ -113,8 +113,9 @@ def main() -> None:
     f, p = best["factorlab"], best["peft"]
     assert f["trainable_params"] == p["trainable_params"], (f["trainable_params"], p["trainable_params"])
     print(
-        f"\ntiny Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; batch {args.batch} x seq "
-        f"{args.seq}; LoRA r={args.r} on {args.targets}; {f['trainable_params']:,} trainable params"
+        f"\ntiny Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; "
+        f"batch {args.batch} x seq {args.seq}; LoRA r={args.r} on {args.targets}; "
+        f"{f['trainable_params']:,} trainable params"
     )
     print(f"{'':<10} {'step ms':>8} {'peak RSS MiB':>13}")
     for name, r in (("factorlab", f), ("peft", p)):
