@@ -1,0 +1,91 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from factorlab.errors import ConfigError
+from factorlab.layers import LoRALinear
+
+
+class Conv1D(torch.nn.Module):
+    """GPT-2's layout: weight (in, out), y = x W + b (recognised by name and the nf attribute)."""
+
+    def __init__(self, nf, nx):
+        super().__init__()
+        self.nf = nf
+        self.weight = torch.nn.Parameter(torch.randn(nx, nf))
+        self.bias = torch.nn.Parameter(torch.randn(nf))
+
+    def forward(self, x):
+        return x @ self.weight + self.bias
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    d_in=st.integers(1, 12),
+    d_out=st.integers(1, 12),
+    r=st.integers(1, 6),
+    alpha=st.floats(0.5, 32),
+    rslora=st.booleans(),
+    conv=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_forward_equals_reference_math_and_merge_roundtrips(d_in, d_out, r, alpha, rslora, conv, seed):
+    torch.manual_seed(seed)
+    base = Conv1D(d_out, d_in) if conv else torch.nn.Linear(d_in, d_out)
+    base = base.double()
+    layer = LoRALinear(base, fan_in_fan_out=conv).double()
+    layer.update_layer("a", r=r, lora_alpha=alpha, use_rslora=rslora, init_lora_weights=False)
+    layer.set_adapter(["a"])
+    x = torch.randn(3, 5, d_in, dtype=torch.double)
+    w = base.weight.T if conv else base.weight  # (out, in)
+    scale = alpha / (math.sqrt(r) if rslora else r)
+    a, b = layer.lora_A["a"].weight, layer.lora_B["a"].weight
+    expected = x @ w.T + base.bias + scale * (x @ a.T @ b.T)
+    torch.testing.assert_close(layer(x), expected)
+    original = base.weight.detach().clone()
+    layer.merge()
+    torch.testing.assert_close(layer(x), expected)  # merged: base alone carries the update
+    layer.unmerge()
+    torch.testing.assert_close(base.weight, original)
+
+
+def test_inits():
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(512, 64))
+    layer.update_layer("k", r=16, lora_alpha=16)
+    layer.update_layer("g", r=16, lora_alpha=16, init_lora_weights="gaussian")
+    for name in ("k", "g"):
+        assert torch.count_nonzero(layer.lora_B[name].weight) == 0  # starts as the base layer
+    assert layer.lora_A["g"].weight.std().item() == pytest.approx(1 / 16, rel=0.05)
+    bound = 1 / math.sqrt(512)  # kaiming-uniform with a = sqrt(5): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert layer.lora_A["k"].weight.abs().max().item() <= bound
+    assert layer.lora_A["k"].weight.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(16, 16))
+    layer.update_layer("d", r=4, lora_alpha=4, lora_dropout=0.5, init_lora_weights=False)
+    layer.set_adapter(["d"])
+    x = torch.randn(4, 16)
+    layer.eval()
+    assert torch.equal(layer(x), layer(x))
+    layer.train()
+    assert not torch.equal(layer(x), layer(x))
+
+
+def test_half_precision_base_gets_float32_adapters():
+    layer = LoRALinear(torch.nn.Linear(8, 8).to(torch.bfloat16))
+    layer.update_layer("a", r=2, lora_alpha=2)
+    layer.set_adapter(["a"])
+    assert layer.lora_A["a"].weight.dtype == torch.float32
+    assert layer(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("r", [0, -1, 2.5])
+def test_bad_rank(r):
+    with pytest.raises(ConfigError, match="positive integer"):
+        LoRALinear(torch.nn.Linear(4, 4)).update_layer("a", r=r, lora_alpha=1)
