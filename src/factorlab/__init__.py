@@ -8,7 +8,14 @@ are reachable from the ``factorlab`` CLI.
 
 from factorlab.core import AdaptedModel, adapt, count_parameters
 from factorlab.errors import AdapterLoadError, ConfigError, FactorlabError, TargetError, TrainingDivergedError
-from factorlab.methods import AdapterConfig, LoraConfig, register_method
+from factorlab.methods import (
+    AdapterConfig,
+    CompacterConfig,
+    CompacterPlusPlusConfig,
+    LoraConfig,
+    PHMAdapterConfig,
+    register_method,
+)
 
 __version__ = "0.1.0"
 
@@ -16,9 +23,12 @@ __all__ = [
     "AdaptedModel",
     "AdapterConfig",
     "AdapterLoadError",
+    "CompacterConfig",
+    "CompacterPlusPlusConfig",
     "ConfigError",
     "FactorlabError",
     "LoraConfig",
+    "PHMAdapterConfig",
     "TargetError",
     "TrainingDivergedError",
     "__version__",

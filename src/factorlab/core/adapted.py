@@ -24,10 +24,12 @@ from torch import nn
 from factorlab.core.io import read_adapter_config, read_adapter_tensors, write_adapter_folder
 from factorlab.core.targeting import check_called_as_modules, model_family, resolve_targets
 from factorlab.errors import AdapterLoadError, ConfigError, FactorlabError, TargetError
-from factorlab.layers.base import AdapterLayer
+from factorlab.layers.base import AdapterLayer, copy_state_exact
+from factorlab.layers.modules_to_save import ModulesToSave
 from factorlab.methods.base import AdapterConfig, config_from_dict, get_method
 
 KEY_PREFIX = "base_model.model."  # PEFT's key prefix; kept so key names read the same in both
+SHARED_PREFIX = "factorlab_shared."  # weights shared by all layers of an adapter (Compacter's rule)
 SAVE_ONLY_KEYS = ("factorlab_version", "base_model_class", "model_type", "base_model_name_or_path", "targets")
 
 
@@ -51,6 +53,7 @@ class AdaptedModel(nn.Module):
         self.adapter_configs: dict[str, AdapterConfig] = {}
         self.adapter_targets: dict[str, list[str]] = {}
         self.active_adapter: str | None = None
+        self.shared_adapter_weights = nn.ModuleDict()  # per adapter: weights all its layers share
         self._original_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
 
         # Expose the base model's forward signature: Trainer drops dataset columns that the
@@ -94,30 +97,38 @@ class AdaptedModel(nn.Module):
         if not adapter_name or "." in adapter_name:
             raise ConfigError(f"adapter names must be non-empty and contain no '.', got {adapter_name!r}.")
         method = get_method(config.method)
+        base = self.base_model
         names = resolve_targets(
-            self.base_model,
+            base,
             config.target_modules,
             config.target_roles,
             config.exclude_modules,
             config.layers_to_transform,
-            default_roles=method.default_roles(model_family(self.base_model)),
+            default_roles=method.default_roles(model_family(base)),
         )
-        check_called_as_modules(self.base_model, names)
+        check_called_as_modules(base, names)
+        saved = self._modules_to_save(method, config, names)
+        shared = method.build_shared(base, config, names) if method.build_shared else None
         swapped: list[tuple[str, nn.Module]] = []
         updated: list[AdapterLayer] = []
         try:
-            for name in names:
-                module = self.base_model.get_submodule(name)
+            for name in names + saved:
+                module = base.get_submodule(name)
                 existing = module if isinstance(module, AdapterLayer) else None
-                if existing is not None and not isinstance(existing, method.layer_cls):
+                layer_cls = method.layer_cls if name in names else ModulesToSave
+                if existing is not None and not isinstance(existing, layer_cls):
                     raise TargetError(
                         f"{name} already holds a {type(existing).__name__}; one module takes adapters of one "
-                        f"method. Exclude it from this {method.name} adapter (exclude_modules)."
+                        f"kind. Exclude it from this {method.name} adapter (exclude_modules)."
                     )
                 target = existing.base_layer if existing is not None else module
-                layer = method.build_layer(target, config, adapter_name, name, existing)
+                if name in names:
+                    layer = method.build_layer(target, config, adapter_name, name, existing, shared)
+                else:
+                    layer = existing if existing is not None else ModulesToSave(target)
+                    layer.update_layer(adapter_name)
                 if existing is None:
-                    _replace_submodule(self.base_model, name, layer)
+                    _replace_submodule(base, name, layer)
                     swapped.append((name, module))
                 else:
                     updated.append(existing)
@@ -125,14 +136,34 @@ class AdaptedModel(nn.Module):
             for layer in updated:
                 layer.delete_adapter(adapter_name)
             for name, original in swapped:
-                _replace_submodule(self.base_model, name, original)
+                _replace_submodule(base, name, original)
             raise
+        if shared is not None:
+            self.shared_adapter_weights[adapter_name] = shared
         self.adapter_configs[adapter_name] = config
-        self.adapter_targets[adapter_name] = names
+        self.adapter_targets[adapter_name] = names + saved
         if self.active_adapter is None:
             self.set_adapter(adapter_name)
         else:
             self._update_trainable()
+
+    def _modules_to_save(self, method, config: AdapterConfig, targets: list[str]) -> list[str]:
+        names: list[str] = []
+        if config.modules_to_save:
+            wanted = config.modules_to_save
+            names = [
+                n
+                for n, _ in self.base_model.named_modules()
+                if n and any(n == w or n.endswith("." + w) for w in wanted)
+            ]
+            if not names:
+                raise TargetError(f"modules_to_save={wanted!r} matched no module of this model.")
+        if method.extra_modules_to_save is not None:
+            names += [n for n in method.extra_modules_to_save(self.base_model, config) if n not in names]
+        clash = sorted(set(names) & set(targets))
+        if clash:
+            raise TargetError(f"{clash[:3]} are both adapter targets and modules_to_save; choose one.")
+        return names
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the active (and, unless loaded for inference, the trainable) adapter."""
@@ -153,6 +184,8 @@ class AdaptedModel(nn.Module):
                     _replace_submodule(self.base_model, name, layer.base_layer)
         del self.adapter_configs[adapter_name]
         del self.adapter_targets[adapter_name]
+        if adapter_name in self.shared_adapter_weights:
+            del self.shared_adapter_weights[adapter_name]
         if self.active_adapter == adapter_name:
             self.active_adapter = None
             if self.adapter_configs:
@@ -165,8 +198,13 @@ class AdaptedModel(nn.Module):
         if name is not None and not self.adapter_configs[name].inference_mode:
             for _, layer in self.adapter_layers():
                 trainable |= {id(p) for p in layer.adapter_parameters(name)}
+            if name in self.shared_adapter_weights:
+                trainable |= {id(p) for p in self.shared_adapter_weights[name].parameters()}
         for p in self.base_model.parameters():
             p.requires_grad_(id(p) in trainable)
+        for adapter, module in self.shared_adapter_weights.items():
+            for p in module.parameters():
+                p.requires_grad_(adapter == name and id(p) in trainable)
 
     def _restore_requires_grad(self) -> None:
         for n, p in self.base_model.named_parameters():
@@ -221,6 +259,7 @@ class AdaptedModel(nn.Module):
         for name, layer in list(self.adapter_layers()):
             _replace_submodule(self.base_model, name, layer.base_layer)
         self._restore_requires_grad()
+        self.shared_adapter_weights = nn.ModuleDict()
         self.adapter_configs.clear()
         self.adapter_targets.clear()
         self.active_adapter = None
@@ -234,9 +273,10 @@ class AdaptedModel(nn.Module):
         return counts["trainable"], counts["total"]
 
     def print_trainable_parameters(self) -> None:
-        trainable, total = self.get_nb_trainable_parameters()
-        percent = 100 * trainable / total
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {percent:.4f}")
+        """One PEFT-style line, then the trainable parameters by kind (what exactly is counted)."""
+        from factorlab.core.params import parameter_report
+
+        print(parameter_report(self))
 
     # ---- saving and loading -------------------------------------------------------------------
     def adapter_state_dict(self, adapter_name: str) -> dict[str, torch.Tensor]:
@@ -244,6 +284,9 @@ class AdaptedModel(nn.Module):
         for name, layer in self.adapter_layers():
             for key, tensor in layer.adapter_state_dict(adapter_name).items():
                 out[f"{KEY_PREFIX}{name}.{key}"] = tensor
+        if adapter_name in self.shared_adapter_weights:
+            for key, tensor in self.shared_adapter_weights[adapter_name].state_dict().items():
+                out[f"{SHARED_PREFIX}{key}"] = tensor
         return out
 
     def _describe_base(self, adapter_name: str) -> dict[str, Any]:
@@ -354,6 +397,11 @@ class AdaptedModel(nn.Module):
                     f"{path}: tensor {key} holds NaN or inf values; the adapter is corrupt."
                 )
         claimed: set[str] = set()
+        if adapter_name in self.shared_adapter_weights:
+            shared = self.shared_adapter_weights[adapter_name]
+            own = {k[len(SHARED_PREFIX) :]: v for k, v in tensors.items() if k.startswith(SHARED_PREFIX)}
+            claimed |= {SHARED_PREFIX + k for k in own}
+            copy_state_exact(shared.state_dict(), own, f"{path}: shared weights")
         for name, layer in self.adapter_layers():
             if adapter_name not in layer.adapter_names:
                 continue

@@ -6,13 +6,35 @@ from torch import nn
 
 from factorlab.layers.base import AdapterLayer
 
+KINDS = (  # (substring of the parameter name, what it is), first match wins
+    (".lora_A.", "LoRA A matrices"),
+    (".lora_B.", "LoRA B matrices"),
+    ("phm_rule", "PHM rule A_i (slow weights)"),
+    ("own_rule", "PHM rule A_i (slow weights)"),
+    ("W_down", "PHM fast weights (shared)"),
+    ("W_up", "PHM fast weights (shared)"),
+    ("own_fast", "PHM fast weights s_i, t_i / B_i"),
+    (".modules_to_save.", "trained copies of whole modules (e.g. LayerNorms)"),
+)
 
-def count_parameters(model: nn.Module) -> dict[str, int | float]:
+
+def parameter_kind(name: str) -> str:
+    for needle, kind in KINDS:
+        if needle in name:
+            return kind
+    if ("adapter_down" in name or "adapter_up" in name) and name.endswith("bias"):
+        return "PHM biases"
+    return "other (unfrozen base weights)"
+
+
+def count_parameters(model: nn.Module) -> dict:
     """Unique parameters of ``model`` (a tensor shared by several modules counts once).
 
     Returns ``trainable`` (requires_grad), ``total``, ``adapter`` (weights held by adapter layers or
-    shared adapter containers), ``base`` (everything else) and ``trainable_percent``. Works on the
-    meta device, so paper-sized models can be counted without allocating weights.
+    shared adapter containers), ``base`` (everything else), ``trainable_percent`` (of ``total``),
+    ``trainable_percent_of_base`` (the papers' convention) and ``trainable_by_kind``. Works on the
+    meta device, so paper-sized models can be counted without allocating weights. Buffers (such as
+    a frozen PHM rule, ``learn_phm=False``) are not parameters and are not counted.
     """
     adapter_ids: set[int] = set()
     for module in model.modules():
@@ -24,17 +46,35 @@ def count_parameters(model: nn.Module) -> dict[str, int | float]:
         adapter_ids |= {id(p) for p in shared.parameters()}
     seen: set[int] = set()
     trainable = total = adapter = 0
-    for p in model.parameters():
+    by_kind: dict[str, int] = {}
+    for name, p in model.named_parameters():
         if id(p) in seen:
             continue
         seen.add(id(p))
         total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
         adapter += p.numel() if id(p) in adapter_ids else 0
+        if p.requires_grad:
+            trainable += p.numel()
+            kind = parameter_kind(name)
+            by_kind[kind] = by_kind.get(kind, 0) + p.numel()
+    base = total - adapter
     return {
         "trainable": trainable,
         "total": total,
         "adapter": adapter,
-        "base": total - adapter,
+        "base": base,
         "trainable_percent": 100.0 * trainable / total if total else 0.0,
+        "trainable_percent_of_base": 100.0 * trainable / base if base else 0.0,
+        "trainable_by_kind": by_kind,
     }
+
+
+def parameter_report(model: nn.Module) -> str:
+    c = count_parameters(model)
+    lines = [
+        f"trainable params: {c['trainable']:,d} || all params: {c['total']:,d} || "
+        f"trainable%: {c['trainable_percent']:.4f} (of the base model's {c['base']:,d}: "
+        f"{c['trainable_percent_of_base']:.4f}%)"
+    ]
+    lines += [f"  {count:>12,d}  {kind}" for kind, count in c["trainable_by_kind"].items()]
+    return "\n".join(lines)

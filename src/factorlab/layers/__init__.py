@@ -1,6 +1,17 @@
 """Adapter layers: plain torch modules, readable top to bottom, no transformers import."""
 
 from factorlab.layers.base import AdapterLayer
+from factorlab.layers.bottleneck import BottleneckAdapterLayer
 from factorlab.layers.lora import LoRALinear
+from factorlab.layers.modules_to_save import ModulesToSave
+from factorlab.layers.phm import PHMFastWeights, PHMLinear, PHMRule
 
-__all__ = ["AdapterLayer", "LoRALinear"]
+__all__ = [
+    "AdapterLayer",
+    "BottleneckAdapterLayer",
+    "LoRALinear",
+    "ModulesToSave",
+    "PHMFastWeights",
+    "PHMLinear",
+    "PHMRule",
+]

@@ -16,6 +16,31 @@ from torch import nn
 from factorlab.errors import AdapterLoadError
 
 
+def copy_state_exact(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Copy ``tensors`` into the tensors of ``expected`` (views of live weights), bit for bit.
+
+    Every key must be present, none extra, every shape equal; otherwise nothing is copied and the
+    error (prefixed with ``where``) says what differs.
+    """
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise AdapterLoadError(
+            f"{where}: the adapter file's tensors do not match (missing {missing or 'none'}, "
+            f"unexpected {extra or 'none'})."
+        )
+    for key, target in expected.items():
+        if tensors[key].shape != target.shape:
+            raise AdapterLoadError(
+                f"{where}.{key}: the file holds shape {tuple(tensors[key].shape)} but this model's adapter "
+                f"expects {tuple(target.shape)}; was the adapter saved with another rank or for another "
+                "model size? Load it with the config it was saved with."
+            )
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+
+
 class AdapterLayer(nn.Module):
     """Base module + named adapters. Subclasses set ``adapter_weights`` and ``adapter_extras``."""
 
@@ -77,29 +102,8 @@ class AdapterLayer(nn.Module):
         return out
 
     def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
-        """Copy ``tensors`` (keys as from ``adapter_state_dict``) into adapter ``name``, exactly.
-
-        Every key must be present with the right shape; ``where`` names this layer in errors.
-        """
-        expected = self.adapter_state_dict(name)
-        missing = sorted(set(expected) - set(tensors))
-        extra = sorted(set(tensors) - set(expected))
-        if missing or extra:
-            raise AdapterLoadError(
-                f"{where}: the adapter file's tensors do not match this layer "
-                f"(missing {missing or 'none'}, unexpected {extra or 'none'})."
-            )
-        for key, target in expected.items():
-            source = tensors[key]
-            if source.shape != target.shape:
-                raise AdapterLoadError(
-                    f"{where}.{key}: the file holds shape {tuple(source.shape)} but this model's adapter "
-                    f"expects {tuple(target.shape)}; was the adapter saved with another rank or for "
-                    "another model size? Load it with the config it was saved with."
-                )
-        with torch.no_grad():
-            for key, target in expected.items():
-                target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+        """Copy ``tensors`` (keys as from ``adapter_state_dict``) into adapter ``name``, exactly."""
+        copy_state_exact(self.adapter_state_dict(name), tensors, where)
 
     # Merging is method-specific; methods that cannot merge keep these defaults.
     can_merge = False

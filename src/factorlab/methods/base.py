@@ -33,6 +33,8 @@ class AdapterConfig:
     """Modules never adapted, same matching rules as target_modules."""
     layers_to_transform: list[int] | None = None
     """Only adapt modules of these layer indices."""
+    modules_to_save: list[str] | None = None
+    """Whole modules (names, same matching) trained as copies along with the adapter and saved with it."""
     inference_mode: bool = field(default=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -52,7 +54,10 @@ class AdapterConfig:
         return cls(**data)
 
 
-LayerBuilder = Callable[[nn.Module, AdapterConfig, str, str, "AdapterLayer | None"], AdapterLayer]
+# (target module, config, adapter name, module name, existing layer or None, shared weights or None)
+LayerBuilder = Callable[
+    [nn.Module, AdapterConfig, str, str, "AdapterLayer | None", "nn.Module | None"], AdapterLayer
+]
 
 
 @dataclass(frozen=True)
@@ -61,9 +66,13 @@ class Method:
     config_cls: type[AdapterConfig]
     layer_cls: type[AdapterLayer]
     build_layer: LayerBuilder
-    """(target module, config, adapter name, module name, existing layer or None) -> layer to place."""
+    """(target, config, adapter name, module name, existing layer or None, shared or None) -> layer."""
     default_roles: Callable[[str | None], Sequence[str]]
     """Roles adapted when the config names no targets, given the model family."""
+    build_shared: Callable[[nn.Module, AdapterConfig, list[str]], nn.Module | None] | None = None
+    """(base model, config, target names) -> weights shared by all of the adapter's layers, or None."""
+    extra_modules_to_save: Callable[[nn.Module, AdapterConfig], list[str]] | None = None
+    """(base model, config) -> names of further modules trained as copies (e.g. LayerNorms)."""
 
 
 METHODS: dict[str, Method] = {}

@@ -12,7 +12,12 @@ from factorlab.methods.lora.config import LoraConfig
 
 
 def build_lora_layer(
-    target: nn.Module, config: LoraConfig, adapter_name: str, module_name: str, existing: LoRALinear | None
+    target: nn.Module,
+    config: LoraConfig,
+    adapter_name: str,
+    module_name: str,
+    existing: LoRALinear | None,
+    shared: nn.Module | None = None,
 ) -> LoRALinear:
     conv1d = is_conv1d(target)
     if config.fan_in_fan_out is not None and config.fan_in_fan_out != conv1d:

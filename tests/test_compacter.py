@@ -1,0 +1,281 @@
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from factorlab import (
+    AdaptedModel,
+    CompacterConfig,
+    CompacterPlusPlusConfig,
+    ConfigError,
+    FactorlabError,
+    PHMAdapterConfig,
+    adapt,
+    count_parameters,
+)
+from factorlab.layers import BottleneckAdapterLayer, ModulesToSave, PHMFastWeights, PHMLinear, PHMRule
+from tiny_models import build, inputs, logits
+
+TINY = {"reduction_factor": 8}  # tiny models have hidden size 64: bottleneck 8, divisible by phm_dim 4
+
+
+def reference(layer: PHMLinear, x: torch.Tensor) -> torch.Tensor:
+    """The definition: W = sum_i kron(A_i, B_i), materialised, then y = x W^T + b."""
+    a, b = layer.rule(), layer.fast.matrices()
+    w = sum(torch.kron(a[i], b[i]) for i in range(layer.phm_dim))
+    y = x @ w.T
+    return y + layer.bias if layer.bias is not None else y
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.sampled_from([1, 2, 3, 4]),
+    in_mult=st.integers(1, 5),
+    out_mult=st.integers(1, 5),
+    rank=st.sampled_from([1, 2, 3, None]),
+    bias=st.booleans(),
+    shared_rule=st.booleans(),
+    factorized_rule=st.booleans(),
+    shared_fast=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_phm_forward_and_gradients_equal_the_kronecker_reference(
+    n, in_mult, out_mult, rank, bias, shared_rule, factorized_rule, shared_fast, seed
+):
+    torch.manual_seed(seed)
+    d_in, d_out = n * in_mult, n * out_mult
+    rule = PHMRule(n, factorized_rule, init_range=1.0, dtype=torch.double) if shared_rule else None
+    fast = PHMFastWeights(n, out_mult, in_mult, rank, dtype=torch.double) if shared_fast else None
+    layer = PHMLinear(
+        d_in,
+        d_out,
+        n,
+        phm_rank=rank,
+        bias=bias,
+        rule=rule,
+        fast=fast,
+        rule_init_range=1.0,
+        factorized_rule=factorized_rule,
+        dtype=torch.double,
+    )
+    if layer.bias is not None:
+        torch.nn.init.normal_(layer.bias)
+    x = torch.randn(3, 4, d_in, dtype=torch.double, requires_grad=True)
+    params = [x, *layer.rule.parameters(), *layer.fast.parameters(), *([layer.bias] if bias else [])]
+    fast_y = layer(x)
+    ref_y = reference(layer, x)
+    torch.testing.assert_close(fast_y, ref_y, atol=1e-5, rtol=1e-5)
+    grad_out = torch.randn_like(fast_y)
+    fast_grads = torch.autograd.grad(fast_y, params, grad_out)
+    ref_grads = torch.autograd.grad(ref_y, params, grad_out)
+    for got, want in zip(fast_grads, ref_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5", "bert"])
+def test_fresh_compacter_starts_near_identity_and_training_lowers_the_loss(arch):
+    torch.manual_seed(0)
+    model = build(arch)
+    batch = inputs(arch)
+    base = logits(model, batch)
+    adapted = adapt(model, CompacterConfig(train_layer_norms=True, **TINY))  # the paper's recipe
+    fresh = logits(adapted, batch)
+    assert not torch.equal(fresh, base)  # the adapters run...
+    assert (fresh - base).abs().max() < 1e-4 * base.abs().max()  # ...and start near the identity map
+    labels = batch["decoder_input_ids"] if arch == "t5" else batch["input_ids"]
+    optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2)
+    adapted.train()
+    losses = []
+    for _ in range(40):
+        loss = adapted(**batch, labels=labels).loss
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert min(losses[-5:]) < losses[0] - 0.3, losses
+
+
+def test_t5_placement_and_one_shared_rule_for_encoder_and_decoder():
+    adapted = adapt(build("t5"), CompacterConfig(**TINY))
+    targets = adapted.adapter_targets["default"]
+    assert sorted({t.rsplit(".", 2)[-2] + "." + t.rsplit(".", 1)[-1] for t in targets}) == [
+        "DenseReluDense.wo",
+        "SelfAttention.o",
+    ]
+    assert {t.split(".")[0] for t in targets} == {"encoder", "decoder"}
+    assert not any("EncDecAttention" in t for t in targets)
+    rule = adapted.shared_adapter_weights["default"]["phm_rule"]
+    layers = [m for _, m in adapted.adapter_layers() if isinstance(m, BottleneckAdapterLayer)]
+    assert len(layers) == 8
+    for layer in layers:
+        assert layer.adapter_down["default"].rule is rule and layer.adapter_up["default"].rule is rule
+    pp = adapt(build("t5"), CompacterPlusPlusConfig(**TINY))
+    assert all(t.endswith("DenseReluDense.wo") for t in pp.adapter_targets["default"])
+
+
+def _t5_base_on_meta():
+    import transformers as tf
+
+    config = tf.T5Config(
+        d_model=768,
+        d_ff=3072,
+        num_layers=12,
+        num_decoder_layers=12,
+        num_heads=12,
+        d_kv=64,
+        vocab_size=32128,
+        feed_forward_proj="relu",
+    )
+    with torch.device("meta"):
+        return tf.T5ForConditionalGeneration(config)
+
+
+@pytest.mark.parametrize(
+    ("config", "expected"),
+    [
+        (CompacterConfig(train_layer_norms=True), 161_728),
+        (CompacterPlusPlusConfig(train_layer_norms=True), 104_704),
+        (PHMAdapterConfig(train_layer_norms=True), 398_976),
+    ],
+)
+def test_trainable_counts_reproduce_the_paper_on_t5_base(config, expected, capsys):
+    adapted = adapt(_t5_base_on_meta(), config)
+    counts = count_parameters(adapted)
+    assert counts["trainable"] == expected
+    assert counts["trainable_by_kind"]["trained copies of whole modules (e.g. LayerNorms)"] == 62 * 768
+    assert counts["base"] == 222_903_552
+    adapted.print_trainable_parameters()
+    assert f"trainable params: {expected:,d}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ["t5", "llama"])
+def test_save_load_is_bit_exact_including_the_shared_rule_and_layer_norms(arch, tmp_path):
+    torch.manual_seed(0)
+    batch = inputs(arch)
+    adapted = adapt(build(arch), CompacterConfig(train_layer_norms=True, **TINY))
+    with torch.no_grad():  # make every adapter weight non-trivial, as after training
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    expected = logits(adapted, batch)
+    adapted.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert torch.equal(
+        tensors["factorlab_shared.phm_rule.A"], adapted.shared_adapter_weights["default"]["phm_rule"].A
+    )
+    assert any(".modules_to_save." in k for k in tensors)
+    restored = AdaptedModel.from_pretrained(build(arch), tmp_path, is_trainable=True)
+    assert torch.equal(logits(restored, batch), expected)
+    for key, value in adapted.adapter_state_dict("default").items():
+        assert torch.equal(restored.adapter_state_dict("default")[key], value), key
+    with restored.disable_adapters():  # the LayerNorm copies never touched the base weights
+        assert torch.equal(logits(restored, batch), logits(build(arch), batch))
+
+
+def test_learn_phm_false_really_freezes_the_rule(tmp_path):
+    torch.manual_seed(0)
+    batch = inputs("llama")
+    adapted = adapt(build("llama"), CompacterConfig(learn_phm=False, **TINY))
+    rule = adapted.shared_adapter_weights["default"]["phm_rule"]
+    assert not list(rule.parameters())  # a buffer: no optimiser can see it
+    before = rule.A.clone()
+    optimizer = torch.optim.AdamW([p for p in adapted.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        loss = adapted(**batch, labels=batch["input_ids"]).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert torch.equal(rule.A, before)
+    adapted.save_pretrained(tmp_path)
+    restored = AdaptedModel.from_pretrained(build("llama"), tmp_path, is_trainable=True)
+    assert torch.equal(restored.shared_adapter_weights["default"]["phm_rule"].A, before)
+    assert torch.equal(logits(restored, batch), logits(adapted, batch))
+
+
+def test_every_option_does_what_it_says():
+    def layer_of(config):
+        adapted = adapt(build("llama"), config)
+        _name, layer = next(
+            (n, m) for n, m in adapted.adapter_layers() if isinstance(m, BottleneckAdapterLayer)
+        )
+        return adapted, layer.adapter_down["default"], layer.adapter_up["default"]
+
+    adapted, down, _ = layer_of(CompacterConfig(**TINY))
+    assert down.fast.s.shape == (4, 2, 1) and down.fast.t.shape == (4, 16, 1)  # 64 -> 8, n = 4, rank 1
+    assert down.bias is not None and down.rule is adapted.shared_adapter_weights["default"]["phm_rule"]
+    _, down, _ = layer_of(CompacterConfig(phm_rank=3, **TINY))
+    assert down.fast.s.shape == (4, 2, 3)
+    _, down, _ = layer_of(CompacterConfig(factorized_phm_W=False, **TINY))
+    assert down.fast.B.shape == (4, 2, 16) and not down.fast.factorized
+    _, down, _ = layer_of(CompacterConfig(shared_phm_rule=False, **TINY))
+    assert down.rule is down.own_rule and down.rule.A.std().item() == pytest.approx(1e-4, rel=0.3)
+    adapted, down, up = layer_of(CompacterConfig(shared_W_phm=True, **TINY))
+    shared = adapted.shared_adapter_weights["default"]
+    assert down.fast is shared["W_down"] and up.fast is shared["W_up"]
+    _, down, _ = layer_of(CompacterConfig(factorized_phm_rule=True, **TINY))
+    assert down.rule.A_left.shape == (4, 4, 1) and down.rule().shape == (4, 4, 4)
+    _, down, _ = layer_of(CompacterConfig(phm_bias=False, **TINY))
+    assert down.bias is None
+    _, down, _ = layer_of(CompacterConfig(phm_c_init="uniform", phm_init_range=0.5, **TINY))
+    assert down.rule.A.abs().max() <= 0.5 and down.rule.A.abs().max() > 0.3
+    _, down, _ = layer_of(CompacterConfig(hypercomplex_nonlinearity="normal", phm_init_range=0.01, **TINY))
+    assert down.fast.t.std().item() == pytest.approx(0.01, rel=0.3)
+    _, down, _ = layer_of(CompacterConfig(hypercomplex_nonlinearity="glorot-uniform", **TINY))
+    bound = 2**0.5 * (6 / (16 + 1)) ** 0.5  # xavier-uniform, gain sqrt(2), t_i is 16 x 1
+    assert down.fast.t.abs().max() <= bound
+    relu = logits(
+        adapt(build("llama"), CompacterConfig(non_linearity="relu", phm_init_range=1.0, **TINY)),
+        inputs("llama"),
+    )
+    ident = logits(
+        adapt(build("llama"), CompacterConfig(non_linearity="identity", phm_init_range=1.0, **TINY)),
+        inputs("llama"),
+    )
+    assert not torch.allclose(relu, ident)
+
+
+def test_compacter_cannot_merge_but_unloads_cleanly():
+    model = build("llama")
+    adapted = adapt(model, CompacterConfig(train_layer_norms=True, **TINY))
+    with pytest.raises(FactorlabError, match="cannot be merged"):
+        adapted.merge_and_unload()
+    plain = adapted.unload()
+    assert not any(isinstance(m, (BottleneckAdapterLayer, ModulesToSave)) for m in plain.modules())
+    assert torch.equal(logits(plain, inputs("llama")), logits(build("llama"), inputs("llama")))
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            CompacterConfig(reduction_factor=32),
+            r"phm_dim=4 does not divide bottleneck size=2.*Values that work: \[1, 2\]",
+        ),
+        (
+            CompacterConfig(reduction_factor=8, phm_dim=3),
+            r"phm_dim=3 does not divide hidden size=64, bottleneck size=8",
+        ),
+        (CompacterConfig(reduction_factor=128), r"reduction_factor=128 is larger than the hidden size 64"),
+    ],
+)
+def test_size_errors_name_the_dimension_and_the_fix(config, message):
+    model = build("llama")
+    with pytest.raises(ConfigError, match=message):
+        adapt(model, config)
+    assert not any(isinstance(m, BottleneckAdapterLayer) for m in model.modules())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"non_linearity": "sigmoidish"}, "unknown non_linearity"),
+        ({"hypercomplex_nonlinearity": "phm"}, "unknown hypercomplex_nonlinearity"),
+        ({"phm_c_init": "zeros"}, "unknown phm_c_init"),
+        ({"phm_rank": 0}, "phm_rank must be a positive integer"),
+    ],
+)
+def test_unknown_names_are_refused(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        CompacterConfig(**kwargs)
