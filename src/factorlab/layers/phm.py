@@ -8,11 +8,12 @@
 
 The forward never forms W. With x split into n blocks x_j of size in/n, output block p is
 
-    y_p = sum_i sum_j A_i[p, j] B_i x_j
+    y_p = sum_i sum_j A_i[p, j] s_i t_i^T x_j
 
-computed as three small contractions (t^T x, then A, then s), which costs O(n r (in + out) + n^3 r)
-per token instead of the O(in * out) of the dense matmul that the original code and AdapterHub
-run after materialising W. ``PHMLinear.weight`` materialises W for reference and export.
+The rule is folded into the factor on the smaller side (s for a down-projection, t for an
+up-projection), so a token costs n r max(in, out) + n^2 r min(in, out) multiply-adds instead of the
+in * out of the dense matmul that the original code and AdapterHub run after materialising W.
+``PHMLinear.weight`` materialises W for reference and export.
 
 Pure torch, no transformers import. Conventions: torch's (out, in) weight layout; initialisation
 names are AdapterHub's.
@@ -217,13 +218,20 @@ class PHMLinear(nn.Module):
         a = self.rule().to(x.dtype)  # (n_i, n_p, n_j): A_i[p, j]
         blocks = x.reshape(-1, n, d_in)  # x_j: (N, n_j, in/n), a view
         fast = self.fast
-        if fast.factorized:
+        if fast.factorized and d_out <= d_in:
+            # Down-projection: one GEMM over the (large) input computes t_i^T x_j for every i, j; the
+            # rule and s are folded into one small (n*n*r, out) matrix, applied with the bias fused.
             r = fast.rank
-            # t_i^T x_j for all i at once: one GEMM over the input, (N, n_j, n_i * r)
-            tx = blocks @ fast.t.permute(1, 0, 2).reshape(d_in, n * r)
-            # mix blocks with the rule: m[:, p, i, r] = sum_j A_i[p, j] (t_i^T x_j)[r]   (small)
-            mixed = torch.einsum("ipj,njir->npir", a, tx.view(-1, n, n, r)).reshape(-1, n, n * r)
-            # y_p = sum_i s_i m[:, p, i]: one GEMM to the output, (N, n_p, out/n)
+            tx = blocks @ fast.t.permute(1, 0, 2).reshape(d_in, n * r)  # (N, n_j, n_i * r)
+            fold = torch.einsum("ipj,ikr->jirpk", a, fast.s).reshape(n * n * r, n * d_out)
+            y = tx.reshape(-1, n * n * r) @ fold
+            y = y + self.bias if self.bias is not None else y
+        elif fast.factorized:
+            # Up-projection: the rule and t are folded into one small (in, n*n*r) matrix; one GEMM to the
+            # (large) output then applies s_i per output block p.
+            r = fast.rank
+            fold = torch.einsum("ipj,idr->jdpir", a, fast.t).reshape(n * d_in, n * n * r)
+            mixed = (blocks.reshape(-1, n * d_in) @ fold).view(-1, n, n * r)  # (N, n_p, n_i * r)
             y = self._output_gemm(mixed, fast.s.permute(0, 2, 1).reshape(n * r, d_out))
         elif d_in <= d_out:
             # mix first (the smaller side): v[:, p, i] = sum_j A_i[p, j] x_j, then y_p = sum_i B_i v[:, p, i]
