@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,6 +63,14 @@ class AdaptedModel(nn.Module):
             return type(self).forward(self, *args, **kwargs)
 
         functools.update_wrapper(forward, base_model.forward)
+        signature = inspect.signature(base_model.forward)
+        if "task_ids" not in signature.parameters:
+            params = list(signature.parameters.values())
+            extra = inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
+            cut = next(
+                (i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params)
+            )
+            forward.__signature__ = signature.replace(parameters=[*params[:cut], extra, *params[cut:]])
         object.__setattr__(self, "forward", forward)
 
     def __getattr__(self, name: str) -> Any:
@@ -73,11 +82,49 @@ class AdaptedModel(nn.Module):
             return getattr(self.base_model, name)
 
     # ---- running ------------------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args, task_ids: torch.Tensor | None = None, **kwargs):
+        """The base model's forward. ``task_ids`` (one per sample) route LoRA-Mixer adapters hard.
 
-    def generate(self, *args, **kwargs):
-        return self.base_model.generate(*args, **kwargs)
+        Adapters with an auxiliary loss (LoRA-Mixer's routing loss) add it to ``outputs.loss`` in
+        training mode; it is also kept as ``self.last_aux_loss``.
+        """
+        shared = self._forward_hooks_module()
+        if shared is None:
+            if task_ids is not None:
+                raise ConfigError("task_ids only applies to an active LoRA-Mixer adapter.")
+            return self.base_model(*args, **kwargs)
+        shared.begin_forward(task_ids, record=self.training)
+        try:
+            outputs = self.base_model(*args, **kwargs)
+        finally:
+            shared.end_forward()
+        if self.training:
+            layers = [m for _, m in self.adapter_layers() if self.active_adapter in m.adapter_names]
+            aux = shared.extra_loss(layers, self.active_adapter)
+            self.last_aux_loss = aux.detach()
+            if getattr(outputs, "loss", None) is not None:
+                outputs.loss = outputs.loss + aux
+        return outputs
+
+    def generate(self, *args, task_ids: torch.Tensor | None = None, **kwargs):
+        shared = self._forward_hooks_module()
+        if shared is None:
+            if task_ids is not None:
+                raise ConfigError("task_ids only applies to an active LoRA-Mixer adapter.")
+            return self.base_model.generate(*args, **kwargs)
+        shared.begin_forward(task_ids, record=False)
+        try:
+            return self.base_model.generate(*args, **kwargs)
+        finally:
+            shared.end_forward()
+
+    def _forward_hooks_module(self) -> nn.Module | None:
+        """The active adapter's shared module if it takes part in every forward (LoRA-Mixer)."""
+        name = self.active_adapter
+        if name is None or name not in self.shared_adapter_weights:
+            return None
+        shared = self.shared_adapter_weights[name]
+        return shared if hasattr(shared, "begin_forward") else None
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
@@ -197,9 +244,15 @@ class AdaptedModel(nn.Module):
         name = self.active_adapter
         if name is not None and not self.adapter_configs[name].inference_mode:
             for _, layer in self.adapter_layers():
-                trainable |= {id(p) for p in layer.adapter_parameters(name)}
+                trainable |= {id(p) for p in layer.trainable_adapter_parameters(name)}
             if name in self.shared_adapter_weights:
-                trainable |= {id(p) for p in self.shared_adapter_weights[name].parameters()}
+                shared = self.shared_adapter_weights[name]
+                params = (
+                    shared.trainable_parameters()
+                    if hasattr(shared, "trainable_parameters")
+                    else shared.parameters()
+                )
+                trainable |= {id(p) for p in params}
         for p in self.base_model.parameters():
             p.requires_grad_(id(p) in trainable)
         for adapter, module in self.shared_adapter_weights.items():

@@ -15,6 +15,8 @@ KINDS = (  # (substring of the parameter name, what it is), first match wins
     ("W_up", "PHM fast weights (shared)"),
     ("own_fast", "PHM fast weights s_i, t_i / B_i"),
     (".modules_to_save.", "trained copies of whole modules (e.g. LayerNorms)"),
+    (".experts.", "LoRA-Mixer experts (A, B)"),
+    ("router", "LoRA-Mixer routers"),
 )
 
 

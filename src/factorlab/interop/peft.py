@@ -8,10 +8,13 @@ and ``...lora_B.weight`` (out, r), no adapter name in the key.
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from factorlab.core.adapted import KEY_PREFIX, AdaptedModel, _refuse_adapted
@@ -65,11 +68,27 @@ def save_as_peft(adapted: AdaptedModel, path: str | os.PathLike, adapter_name: s
     return write_adapter_folder(path, peft_config, adapted.adapter_state_dict(name), {})
 
 
-def load_peft_lora(
-    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
-) -> AdaptedModel:
-    """Read a PEFT LoRA folder into factorlab; the result gives the same outputs as PEFT's model."""
-    _refuse_adapted(model)
+@dataclass
+class PeftLora:
+    """A PEFT LoRA folder, read and checked: per module (A (r, in), B (out, r)), rank and alpha."""
+
+    path: Path
+    config: dict
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ranks: dict[str, int]
+    alphas: dict[str, float]
+
+    @property
+    def use_rslora(self) -> bool:
+        return bool(self.config.get("use_rslora", False))
+
+    def scaling(self, module: str) -> float:
+        r = self.ranks[module]
+        return self.alphas[module] / (math.sqrt(r) if self.use_rslora else r)
+
+
+def read_peft_lora(path: str | os.PathLike) -> PeftLora:
+    """Read a PEFT LoRA folder; refuse anything that is not plain LoRA on linear layers."""
     data = read_adapter_config(path)
     peft_type = data.get("peft_type")
     if peft_type != "LORA":
@@ -83,7 +102,7 @@ def load_peft_lora(
                 f"{path} uses {what} ({flag}={data[flag]!r}), which factorlab does not support."
             )
     tensors = read_adapter_tensors(path)
-    parts: dict[str, dict[str, tuple[int, ...]]] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         m = _LORA_KEY.match(key)
         if m is None:
@@ -91,20 +110,21 @@ def load_peft_lora(
                 f"{path}: tensor {key!r} is not a LoRA A/B weight of a linear layer; factorlab reads LoRA on "
                 "linear layers only (no embedding, convolution or DoRA tensors)."
             )
-        parts.setdefault(m["module"], {})[m["part"]] = tuple(tensor.shape)
+        parts.setdefault(m["module"], {})[m["part"]] = tensor
     if not parts:
         raise AdapterLoadError(f"{path}/adapter_model.safetensors holds no LoRA tensors.")
-    rank_pattern, alpha_pattern = {}, {}
     r_default, alpha_default = int(data.get("r", 8)), data.get("lora_alpha", 8)
-    for module, shapes in parts.items():
-        if set(shapes) != {"A", "B"}:
+    weights, ranks, alphas = {}, {}, {}
+    for module, ab in parts.items():
+        if set(ab) != {"A", "B"}:
             raise AdapterLoadError(
-                f"{path}: module {module} has lora_{'A' if 'A' in shapes else 'B'} but not both."
+                f"{path}: module {module} has lora_{'A' if 'A' in ab else 'B'} but not both."
             )
-        rank = shapes["A"][0]
-        if shapes["B"][1] != rank:
+        rank = ab["A"].shape[0]
+        if ab["B"].shape[1] != rank:
             raise AdapterLoadError(
-                f"{path}: rank mismatch at {module}: lora_A has rank {rank} but lora_B has {shapes['B'][1]}."
+                f"{path}: rank mismatch at {module}: lora_A has rank {rank} but lora_B has "
+                f"{ab['B'].shape[1]}."
             )
         expected = int(pattern_value(data.get("rank_pattern") or {}, module, r_default))
         if expected != rank:
@@ -112,21 +132,35 @@ def load_peft_lora(
                 f"{path}: rank mismatch at {module}: adapter_config.json says r={expected}, the tensors have "
                 f"rank {rank}. The folder mixes files from different adapters."
             )
-        if rank != r_default:
-            rank_pattern[re.escape(module)] = rank
-        alpha = pattern_value(data.get("alpha_pattern") or {}, module, alpha_default)
-        if alpha != alpha_default:
-            alpha_pattern[re.escape(module)] = alpha
+        weights[module] = (ab["A"], ab["B"])
+        ranks[module] = rank
+        alphas[module] = pattern_value(data.get("alpha_pattern") or {}, module, alpha_default)
+    return PeftLora(Path(path), data, weights, ranks, alphas)
+
+
+def load_peft_lora(
+    model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+) -> AdaptedModel:
+    """Read a PEFT LoRA folder into factorlab; the result gives the same outputs as PEFT's model."""
+    _refuse_adapted(model)
+    peft_lora = read_peft_lora(path)
+    data = peft_lora.config
+    r_default, alpha_default = int(data.get("r", 8)), data.get("lora_alpha", 8)
     config = LoraConfig(
-        target_modules=sorted(parts),
+        target_modules=sorted(peft_lora.weights),
         r=r_default,
         lora_alpha=alpha_default,
         lora_dropout=data.get("lora_dropout", 0.0),
-        use_rslora=bool(data.get("use_rslora", False)),
-        rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern,
+        use_rslora=peft_lora.use_rslora,
+        rank_pattern={re.escape(m): r for m, r in peft_lora.ranks.items() if r != r_default},
+        alpha_pattern={re.escape(m): a for m, a in peft_lora.alphas.items() if a != alpha_default},
         inference_mode=not is_trainable,
     )
+    tensors = {
+        f"{KEY_PREFIX}{m}.lora_{part}.weight": t
+        for m, (a, b) in peft_lora.weights.items()
+        for part, t in (("A", a), ("B", b))
+    }
     adapted = AdaptedModel(model)
     try:
         try:

@@ -3,13 +3,16 @@
 from factorlab.layers.base import AdapterLayer
 from factorlab.layers.bottleneck import BottleneckAdapterLayer
 from factorlab.layers.lora import LoRALinear
+from factorlab.layers.mixer import ExpertBank, LoRAMixerLinear
 from factorlab.layers.modules_to_save import ModulesToSave
 from factorlab.layers.phm import PHMFastWeights, PHMLinear, PHMRule
 
 __all__ = [
     "AdapterLayer",
     "BottleneckAdapterLayer",
+    "ExpertBank",
     "LoRALinear",
+    "LoRAMixerLinear",
     "ModulesToSave",
     "PHMFastWeights",
     "PHMLinear",

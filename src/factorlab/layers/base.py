@@ -91,6 +91,10 @@ class AdapterLayer(nn.Module):
             if name in container:
                 yield from container[name].parameters()
 
+    def trainable_adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        """The parameters of adapter ``name`` that train when it is active (all, unless a method says)."""
+        return self.adapter_parameters(name)
+
     def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
         """This adapter's tensors, keyed without the adapter name (``lora_A.weight``)."""
         out = {}

@@ -10,8 +10,9 @@ from factorlab.methods.compacter import (
     PHMAdapterConfig,
 )
 from factorlab.methods.lora import LORA, LoraConfig
+from factorlab.methods.lora_mixer import LORA_MIXER, ExpertSpec, LoraMixerConfig
 
-for _method in (LORA, COMPACTER, COMPACTER_PLUS_PLUS, PHM_ADAPTER):
+for _method in (LORA, COMPACTER, COMPACTER_PLUS_PLUS, PHM_ADAPTER, LORA_MIXER):
     register_method(_method)
 
 __all__ = [
@@ -19,7 +20,9 @@ __all__ = [
     "AdapterConfig",
     "CompacterConfig",
     "CompacterPlusPlusConfig",
+    "ExpertSpec",
     "LoraConfig",
+    "LoraMixerConfig",
     "Method",
     "PHMAdapterConfig",
     "get_method",

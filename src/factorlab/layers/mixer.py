@@ -1,0 +1,264 @@
+"""LoRA-Mixer: routed LoRA experts inside a projection (Li et al., 2025, "serial" routing).
+
+    y = base(x) + sum_e w_e(x) * s_e * B_e A_e x
+
+    A_e (r_e, in), B_e (out, r_e), s_e = alpha_e / r_e (or / sqrt(r_e) with rsLoRA)
+    w(x) in R^E per token:
+        hard     one-hot of the sample's task id (task_ids, one per sample)
+        soft     softmax(router(x) / temperature)
+        topk     soft, keep the k largest, renormalise
+        uniform  1/E (the "average of the experts" baseline)
+
+All experts run in two GEMMs: experts are stacked (ranks padded to the largest, with a mask, so
+experts of different ranks coexist) and the routing weights scale the rank-space activations:
+
+    h = x A_cat^T            (N, E * r_max)    one GEMM for every expert's A
+    h = h * (w ⊗ s ⊗ mask)   per expert, per token
+    y = h B_cat              (N, out)          one GEMM for every expert's B
+
+Pure torch. The routing context (task ids, recorded router probabilities for the auxiliary
+loss) is a plain object shared by every mixer layer of one adapter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from factorlab.errors import ConfigError
+from factorlab.layers.base import AdapterLayer
+from factorlab.layers.lora import adapter_dtype
+
+ROUTINGS = ("hard", "soft", "topk", "uniform")
+
+
+@dataclass
+class RoutingState:
+    """Per-call routing inputs and per-layer records, shared by one adapter's mixer layers."""
+
+    num_experts: int
+    routing: str = "soft"
+    top_k: int = 2
+    temperature: float = 1.0
+    task_ids: torch.Tensor | None = None  # (batch,) for hard routing
+    record: bool = False  # keep this forward's routing (aux loss, inspection)
+    # one entry per mixer-layer call: router probabilities (None without a router), weights used,
+    # and tokens per sample (to map rows back to samples)
+    records: list[tuple[torch.Tensor | None, torch.Tensor, int]] = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.records.clear()
+
+
+def route(logits: torch.Tensor | None, state: RoutingState, batch: int, tokens: int) -> torch.Tensor:
+    """Routing weights (batch * tokens, E) for one projection call."""
+    E = state.num_experts
+    task_ids = state.task_ids
+    if task_ids is not None:  # hard routing (also forced by passing task_ids with another mode)
+        if task_ids.shape[0] != batch:
+            if batch % task_ids.shape[0]:
+                raise ConfigError(
+                    f"task_ids has {task_ids.shape[0]} entries but the batch has {batch} samples."
+                )
+            task_ids = task_ids.repeat_interleave(batch // task_ids.shape[0])  # beams / num_return_sequences
+        weights = F.one_hot(task_ids, E).to(torch.float32)
+        return weights.repeat_interleave(tokens, dim=0)
+    if state.routing == "hard":
+        raise ConfigError(
+            "routing='hard' needs task ids: pass task_ids=LongTensor[batch] to forward / generate."
+        )
+    if state.routing == "uniform":
+        return torch.full((batch * tokens, E), 1.0 / E)
+    probs = torch.softmax(logits.float() / state.temperature, dim=-1)
+    if state.routing == "soft" or state.top_k >= E:
+        return probs
+    top, index = probs.topk(state.top_k, dim=-1)
+    return torch.zeros_like(probs).scatter(-1, index, top / top.sum(-1, keepdim=True))
+
+
+class ExpertBank(nn.Module):
+    """E LoRA experts of one projection, stacked; ranks padded to r_max with a mask."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        ranks: list[int],
+        scalings: list[float],
+        init_lora_weights: bool | str = True,
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        if not ranks:
+            raise ConfigError("a LoRA-Mixer needs at least one expert.")
+        for e, r in enumerate(ranks):
+            if not isinstance(r, int) or r < 0:
+                raise ConfigError(f"expert {e}: rank must be a non-negative integer, got {r!r}.")
+        E, r_max = len(ranks), max(max(ranks), 1)
+        self.in_features, self.out_features = in_features, out_features
+        factory = {"device": device, "dtype": dtype}
+        self.A = nn.Parameter(torch.zeros(E, r_max, in_features, **factory))
+        self.B = nn.Parameter(torch.zeros(E, out_features, r_max, **factory))
+        mask = torch.zeros(E, r_max, **factory)
+        for e, r in enumerate(ranks):  # rank 0: the expert has no LoRA here (PEFT experts may skip modules)
+            mask[e, :r] = 1.0
+        self.register_buffer("rank_mask", mask)
+        self.register_buffer(
+            "scaling", torch.tensor([s if r else 0.0 for r, s in zip(ranks, scalings)], **factory)
+        )
+        with torch.no_grad():
+            for e, r in enumerate(ranks):
+                if r:
+                    if init_lora_weights == "gaussian":
+                        nn.init.normal_(self.A[e, :r], std=1 / r)
+                    else:
+                        nn.init.kaiming_uniform_(self.A[e, :r], a=math.sqrt(5))
+                    if init_lora_weights is False:
+                        nn.init.kaiming_uniform_(self.B[e, :, :r], a=math.sqrt(5))
+
+    @torch.no_grad()
+    def set_expert(self, expert: int, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+        """Copy one expert's LoRA (A (r, in), B (out, r)) in, exactly."""
+        r = int(self.rank_mask[expert].sum().item())
+        if tuple(lora_a.shape) != (r, self.in_features) or tuple(lora_b.shape) != (self.out_features, r):
+            raise ConfigError(
+                f"expert {expert}: LoRA shapes A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)} do not fit a "
+                f"rank-{r} expert on a {self.in_features} -> {self.out_features} projection."
+            )
+        self.A[expert, :r] = lora_a.to(self.A.dtype)
+        self.B[expert, :, :r] = lora_b.to(self.B.dtype)
+
+    def snapshot(self) -> None:
+        """Remember the current expert weights as theta_0 for the preservation penalty."""
+        self.register_buffer("A0", self.A.detach().clone(), persistent=False)
+        self.register_buffer("B0", self.B.detach().clone(), persistent=False)
+
+    def preservation(self) -> torch.Tensor:
+        """||theta - theta_0||^2 over this projection's experts (0 before any snapshot)."""
+        if getattr(self, "A0", None) is None:
+            return torch.zeros((), device=self.A.device)
+        return (self.A - self.A0).square().sum() + (self.B - self.B0).square().sum()
+
+    @property
+    def num_experts(self) -> int:
+        return self.A.shape[0]
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x (N, in), weights (N, E) -> sum_e weights_e s_e B_e A_e x, (N, out)."""
+        E, r = self.A.shape[:2]
+        h = (x @ self.A.reshape(E * r, -1).T).view(-1, E, r)  # A_e x for every expert: one GEMM
+        h = h * (weights.to(h.dtype) * self.scaling).unsqueeze(-1) * self.rank_mask
+        return h.reshape(-1, E * r) @ self.B.permute(0, 2, 1).reshape(E * r, -1)  # one GEMM
+
+    def delta_weight(self, expert: int) -> torch.Tensor:
+        """s_e B_e A_e, (out, in)."""
+        a = self.A[expert] * self.rank_mask[expert].unsqueeze(-1)
+        return self.scaling[expert] * (self.B[expert] @ a)
+
+
+class LoRAMixerLinear(AdapterLayer):
+    """A frozen linear layer plus routed LoRA experts, per adapter name."""
+
+    adapter_weights = ("experts", "router")
+    adapter_extras = ()
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
+        super().__init__(base_layer)
+        weight = base_layer.weight
+        self.fan_in_fan_out = fan_in_fan_out
+        self.in_features, self.out_features = (
+            (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
+        )
+        self.experts = nn.ModuleDict()
+        self.router = nn.ModuleDict()  # own routers; shared ones are referenced in _shared_routers
+        self._shared_routers: dict[str, nn.Module] = {}
+        self._routing: dict[str, RoutingState] = {}
+        self.trainable_parts: dict[str, set[str]] = {}  # per adapter: subset of {"experts", "router"}
+
+    def update_layer(
+        self, name: str, experts: ExpertBank, state: RoutingState, router: nn.Module | None = None
+    ) -> None:
+        """Add adapter ``name``. ``router`` None creates this projection's own router."""
+        if (experts.in_features, experts.out_features) != (self.in_features, self.out_features):
+            raise ConfigError(
+                f"expert bank is {experts.in_features} -> {experts.out_features} but the projection is "
+                f"{self.in_features} -> {self.out_features}."
+            )
+        self.experts[name] = experts
+        if router is None:
+            weight = self.base_layer.weight
+            own = nn.Linear(
+                self.in_features, experts.num_experts, device=weight.device, dtype=adapter_dtype(weight)
+            )
+            nn.init.zeros_(own.weight)  # start from uniform routing
+            nn.init.zeros_(own.bias)
+            self.router[name] = own
+        else:
+            self._shared_routers[name] = router
+        self._routing[name] = state
+        self.trainable_parts[name] = {"experts", "router"}
+
+    def delete_adapter(self, name: str) -> None:
+        super().delete_adapter(name)
+        self._shared_routers.pop(name, None)
+        self._routing.pop(name, None)
+        self.trainable_parts.pop(name, None)
+
+    def trainable_adapter_parameters(self, name: str):
+        parts = self.trainable_parts.get(name, set())
+        if "experts" in parts and name in self.experts:
+            yield from self.experts[name].parameters()
+        if "router" in parts and name in self.router:
+            yield from self.router[name].parameters()
+
+    def router_for(self, name: str) -> nn.Module:
+        return self.router[name] if name in self.router else self._shared_routers[name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        lead = x.shape[:-1]
+        batch = x.shape[0] if x.dim() > 1 else 1
+        tokens = math.prod(lead) // batch if lead else 1
+        for name in self.active_adapters:
+            experts, state = self.experts[name], self._routing[name]
+            flat = x.reshape(-1, self.in_features).to(experts.A.dtype)
+            needs_router = state.task_ids is None and state.routing in ("soft", "topk")
+            logits = self.router_for(name)(flat) if needs_router else None
+            weights = route(logits, state, batch, tokens).to(flat.device)
+            if state.record:
+                probs = (
+                    torch.softmax(logits.float() / state.temperature, dim=-1) if logits is not None else None
+                )
+                state.records.append((probs, weights.detach(), tokens))
+            delta = experts(flat, weights).view(*lead, self.out_features)
+            result = result + delta.to(result.dtype)
+        return result
+
+
+def routing_aux_loss(state: RoutingState, balance: float, specialization: float) -> torch.Tensor:
+    """alpha * sum_i pbar_i fbar_i  +  lambda * E_x[H(p(x))], averaged over the recorded layer calls.
+
+    pbar_i: mean router probability of expert i. fbar_i: share of tokens routed to expert i — each
+    token's top-1 expert under soft routing, its renormalised top-k weights under topk. Minimising
+    the first term balances the experts. The entropy term is ADDED (the paper prints a minus, which
+    would maximise per-token entropy against its stated goal of specialised routing): minimising it
+    makes each token's routing confident. Nothing is recorded under hard or uniform routing.
+    """
+    with_router = [(p, w) for p, w, _ in state.records if p is not None]
+    if not with_router:
+        return torch.zeros(())
+    total = torch.zeros((), device=with_router[0][0].device)
+    for p, w in with_router:
+        E = p.shape[-1]
+        assigned = w.float() if state.routing == "topk" else F.one_hot(p.argmax(-1), E).float()
+        pbar, fbar = p.mean(0), assigned.mean(0)
+        entropy = -(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean()
+        total = total + balance * (pbar * fbar).sum() + specialization * entropy
+    return total / len(with_router)

@@ -1,0 +1,4 @@
+from factorlab.methods.lora_mixer.config import ExpertSpec, LoraMixerConfig
+from factorlab.methods.lora_mixer.model import LORA_MIXER, routing_weights_per_sample, set_stage
+
+__all__ = ["LORA_MIXER", "ExpertSpec", "LoraMixerConfig", "routing_weights_per_sample", "set_stage"]

@@ -1,0 +1,158 @@
+"""LoraMixerConfig: routed LoRA experts inside projections (LoRA-Mixer, Li et al., 2025).
+
+Choices the paper leaves open, made here and documented:
+
+* Router granularity (``router_granularity``): "projection" (default) gives every adapted
+  projection its own router, fed with that projection's input — the most faithful reading of
+  per-projection "serial" routing; "layer" shares one router among the projections of a layer
+  (they must have the same input width); "shared" uses one router for the whole model.
+* Routing loss: ``balance_coef * sum_i pbar_i fbar_i + specialization_coef * mean token entropy``
+  — the entropy is ADDED, so minimising the loss makes routing confident (the paper's printed
+  minus sign would maximise entropy, against its stated goal); ``preservation_coef * sum
+  ||theta - theta_0||^2`` keeps experts near their stage-1 weights (theta_0 is taken when stage 2
+  starts, see ``factorlab.methods.lora_mixer.set_stage``).
+* A projection an expert does not adapt (plug-and-play experts with different target modules)
+  contributes nothing for that expert; routers still score all experts.
+* Passing ``task_ids`` to forward/generate routes hard for that call whatever ``routing`` says.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from factorlab.errors import ConfigError
+from factorlab.layers.mixer import ROUTINGS
+from factorlab.methods.base import AdapterConfig
+
+GRANULARITIES = ("projection", "layer", "shared")
+
+
+@dataclass
+class ExpertSpec:
+    """One expert: its name, rank and alpha, optionally its own targets or a PEFT folder."""
+
+    name: str
+    r: int = 8
+    lora_alpha: float = 16
+    use_rslora: bool = False
+    target_modules: list[str] | None = None
+    """Projections this expert adapts (names or suffixes); None: all of the mixer's targets."""
+    source: str | None = None
+    """A PEFT LoRA folder whose weights (and per-module ranks and alphas) this expert takes."""
+
+
+@dataclass
+class LoraMixerConfig(AdapterConfig):
+    """LoRA-Mixer. Defaults target the attention input and output projections (Mamba: in_proj,
+    out_proj)."""
+
+    method: ClassVar[str] = "lora_mixer"
+
+    num_experts: int = 4
+    """Number of experts E (ignored when ``experts`` lists them)."""
+    r: int = 8
+    """Rank of every expert unless ``experts`` says otherwise."""
+    lora_alpha: float = 16
+    use_rslora: bool = False
+    experts: list[ExpertSpec] | None = None
+    """Per-expert specs (names, ranks, targets, PEFT sources)."""
+    routing: str = "soft"
+    """"hard" (by task_ids), "soft" (dense softmax), "topk" (k largest, renormalised) or "uniform"."""
+    top_k: int = 2
+    temperature: float = 1.0
+    """Softmax temperature of the router."""
+    router_granularity: str = "projection"
+    """"projection", "layer" or "shared" (see the module docstring)."""
+    balance_coef: float = 0.01
+    """alpha of the balance term sum_i pbar_i fbar_i."""
+    specialization_coef: float = 0.01
+    """lambda of the per-token routing-entropy term (minimised: confident routing)."""
+    preservation_coef: float = 0.0
+    """beta of the preservation penalty sum ||theta - theta_0||^2 (stage 2)."""
+    freeze_experts: bool = False
+    """Train only the routers (plug-and-play with existing LoRA adapters)."""
+    init_lora_weights: bool | str = True
+    """As LoraConfig: kaiming A and zero B (True), "gaussian", or both random (False, for tests)."""
+
+    def __post_init__(self) -> None:
+        if self.experts is not None:
+            self.experts = [ExpertSpec(**e) if isinstance(e, dict) else e for e in self.experts]
+            if not self.experts:
+                raise ConfigError("experts is empty; give at least one expert.")
+            names = [e.name for e in self.experts]
+            if len(set(names)) != len(names):
+                raise ConfigError(f"expert names must be unique, got {names}.")
+            self.num_experts = len(self.experts)
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ConfigError(f"num_experts must be a positive integer, got {self.num_experts!r}.")
+        for spec in self.expert_specs():
+            if spec.source is None and (not isinstance(spec.r, int) or spec.r < 1):
+                raise ConfigError(f"expert {spec.name!r}: rank r must be a positive integer, got {spec.r!r}.")
+        if self.routing not in ROUTINGS:
+            raise ConfigError(f"routing must be one of {ROUTINGS}, got {self.routing!r}.")
+        if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
+            raise ConfigError(f"top_k must be in 1..num_experts={self.num_experts}, got {self.top_k!r}.")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}.")
+        if self.router_granularity not in GRANULARITIES:
+            raise ConfigError(
+                f"router_granularity must be one of {GRANULARITIES}, got {self.router_granularity!r}."
+            )
+        for name in ("balance_coef", "specialization_coef", "preservation_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+
+    def expert_specs(self) -> list[ExpertSpec]:
+        if self.experts is not None:
+            return list(self.experts)
+        return [
+            ExpertSpec(f"expert_{e}", self.r, self.lora_alpha, self.use_rslora)
+            for e in range(self.num_experts)
+        ]
+
+    def expert_names(self) -> list[str]:
+        return [e.name for e in self.expert_specs()]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        if self.experts is not None:
+            out["experts"] = [dataclasses.asdict(e) for e in self.experts]
+        return out
+
+    @classmethod
+    def from_peft_adapters(
+        cls, folders: list[str | os.PathLike], names: list[str] | None = None, **kwargs: Any
+    ) -> LoraMixerConfig:
+        """Experts from existing PEFT LoRA folders (ranks, alphas and target modules may differ).
+
+        Expert names are ``names`` or the folder names. Only the router trains (``freeze_experts``)
+        unless kwargs say otherwise. The weights are read when the config is applied with ``adapt``.
+        """
+        from factorlab.interop.peft import read_peft_lora
+
+        if not folders:
+            raise ConfigError("from_peft_adapters needs at least one PEFT LoRA folder.")
+        if names is not None and len(names) != len(folders):
+            raise ConfigError(f"{len(names)} names for {len(folders)} folders.")
+        experts, targets = [], set()
+        for i, folder in enumerate(folders):
+            lora = read_peft_lora(folder)  # validates: LoRA only, shapes, ranks
+            name = names[i] if names else Path(folder).resolve().name
+            experts.append(
+                ExpertSpec(
+                    name=name,
+                    r=int(lora.config.get("r", 8)),
+                    lora_alpha=lora.config.get("lora_alpha", 8),
+                    use_rslora=lora.use_rslora,
+                    target_modules=sorted(lora.weights),
+                    source=str(Path(folder).resolve()),
+                )
+            )
+            targets |= set(lora.weights)
+        kwargs.setdefault("freeze_experts", True)
+        kwargs.setdefault("target_modules", sorted(targets))
+        return cls(experts=experts, **kwargs)

@@ -1,0 +1,237 @@
+"""How LoRA-Mixer is injected, trained in stages, and inspected."""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from factorlab.core.targeting import is_conv1d, layer_index
+from factorlab.errors import ConfigError
+from factorlab.layers.base import AdapterLayer
+from factorlab.layers.lora import adapter_dtype
+from factorlab.layers.mixer import ExpertBank, LoRAMixerLinear, RoutingState, routing_aux_loss
+from factorlab.methods.base import Method
+from factorlab.methods.lora_mixer.config import LoraMixerConfig
+
+STAGES = ("experts", "router", "all")
+
+
+class MixerShared(nn.Module):
+    """What all mixer layers of one adapter share: routers (layer / shared granularity) and the
+    routing context. Also computes the adapter's auxiliary loss."""
+
+    def __init__(self, config: LoraMixerConfig):
+        super().__init__()
+        self.routers = nn.ModuleDict()
+        self.routing = RoutingState(config.num_experts, config.routing, config.top_k, config.temperature)
+        self.expert_names = config.expert_names()
+        self.coefs = (config.balance_coef, config.specialization_coef, config.preservation_coef)
+        self.train_router = True
+
+    def trainable_parameters(self):
+        return self.routers.parameters() if self.train_router else iter(())
+
+    # -- called by AdaptedModel around every forward / generate ---------------------------------
+    def begin_forward(self, task_ids: torch.Tensor | None, record: bool) -> None:
+        if task_ids is not None:
+            task_ids = torch.as_tensor(task_ids)
+            if task_ids.dtype not in (torch.int64, torch.int32) or task_ids.dim() != 1:
+                raise ConfigError(
+                    f"task_ids must be a 1-D integer tensor (one id per sample), got "
+                    f"{task_ids.dtype} of shape {tuple(task_ids.shape)}."
+                )
+            E = self.routing.num_experts
+            bad = task_ids[(task_ids < 0) | (task_ids >= E)]
+            if len(bad):
+                raise ConfigError(
+                    f"task id {int(bad[0])} is outside 0..{E - 1}; this adapter's experts are "
+                    f"{dict(enumerate(self.expert_names))}."
+                )
+            task_ids = task_ids.long()
+        self.routing.task_ids = task_ids
+        self.routing.record = record
+        self.routing.clear()
+
+    def end_forward(self) -> None:
+        self.routing.task_ids = None
+
+    def extra_loss(self, layers: list[LoRAMixerLinear], adapter_name: str) -> torch.Tensor:
+        balance, specialization, preservation = self.coefs
+        loss = routing_aux_loss(self.routing, balance, specialization)
+        if preservation > 0:
+            loss = loss + preservation * sum(layer.experts[adapter_name].preservation() for layer in layers)
+        return loss
+
+
+@functools.lru_cache(maxsize=32)
+def _read_peft(path: str, mtime: float):
+    from factorlab.interop.peft import read_peft_lora
+
+    return read_peft_lora(path)
+
+
+def _peft(path: str):
+    return _read_peft(path, Path(path, "adapter_model.safetensors").stat().st_mtime)
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def build_shared(base: nn.Module, config: LoraMixerConfig, names: list[str]) -> MixerShared:
+    shared = MixerShared(config)
+    E = config.num_experts
+    widths = {}
+    for name in names:
+        module = base.get_submodule(name)
+        module = module.base_layer if isinstance(module, AdapterLayer) else module
+        widths[name] = (
+            module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1],
+            module.weight,
+        )
+    groups: dict[str, list[str]] = {}
+    if config.router_granularity == "layer":
+        for name in names:
+            groups.setdefault(str(layer_index(name)), []).append(name)
+    elif config.router_granularity == "shared":
+        groups["all"] = list(names)
+    for key, members in groups.items():
+        sizes = {widths[n][0] for n in members}
+        if len(sizes) > 1:
+            raise ConfigError(
+                f"router_granularity={config.router_granularity!r} shares one router among projections with "
+                f"different input widths {sorted(sizes)} ({members[:3]}...); use "
+                "router_granularity='projection'."
+            )
+        weight = widths[members[0]][1]
+        router = nn.Linear(sizes.pop(), E, device=weight.device, dtype=adapter_dtype(weight))
+        nn.init.zeros_(router.weight)
+        nn.init.zeros_(router.bias)
+        shared.routers[key] = router
+    # Check every PEFT expert against the model before anything is injected.
+    for spec in config.expert_specs():
+        if spec.source is not None:
+            lora = _peft(spec.source)
+            for module, (a, b) in lora.weights.items():
+                if module not in widths:
+                    continue
+                target = base.get_submodule(module)
+                target = target.base_layer if isinstance(target, AdapterLayer) else target
+                w = target.weight
+                in_f, out_f = (w.shape[0], w.shape[1]) if is_conv1d(target) else (w.shape[1], w.shape[0])
+                if a.shape[1] != in_f or b.shape[0] != out_f:
+                    raise ConfigError(
+                        f"expert {spec.name!r} ({spec.source}) has LoRA shapes A {tuple(a.shape)}, B "
+                        f"{tuple(b.shape)} at {module}, which is a {in_f} -> {out_f} projection here: the "
+                        "adapter was trained for a different model."
+                    )
+    return shared
+
+
+def build_mixer_layer(
+    target: nn.Module,
+    config: LoraMixerConfig,
+    adapter_name: str,
+    module_name: str,
+    existing: LoRAMixerLinear | None,
+    shared: MixerShared | None = None,
+) -> LoRAMixerLinear:
+    layer = existing if existing is not None else LoRAMixerLinear(target, fan_in_fan_out=is_conv1d(target))
+    ranks, scalings, sources = [], [], []
+    for spec in config.expert_specs():
+        if spec.source is not None:
+            lora = _peft(spec.source)
+            present = module_name in lora.weights
+            ranks.append(lora.ranks[module_name] if present else 0)
+            scalings.append(lora.scaling(module_name) if present else 0.0)
+            sources.append(lora.weights.get(module_name))
+        else:
+            present = spec.target_modules is None or _matches(module_name, spec.target_modules)
+            ranks.append(spec.r if present else 0)
+            scalings.append(spec.lora_alpha / (math.sqrt(spec.r) if spec.use_rslora else spec.r))
+            sources.append(None)
+    weight = target.weight
+    bank = ExpertBank(
+        layer.in_features,
+        layer.out_features,
+        ranks,
+        scalings,
+        config.init_lora_weights,
+        device=weight.device,
+        dtype=adapter_dtype(weight),
+    )
+    for e, ab in enumerate(sources):
+        if ab is not None:  # PEFT's A (r, in), B (out, r); for Conv1D "in" is weight.shape[0], as here
+            bank.set_expert(e, *ab)
+    if config.router_granularity == "projection":
+        router = None
+    else:
+        key = "all" if config.router_granularity == "shared" else str(layer_index(module_name))
+        router = shared.routers[key]
+    layer.update_layer(adapter_name, bank, shared.routing, router)
+    if config.freeze_experts:
+        layer.trainable_parts[adapter_name] = {"router"}
+    return layer
+
+
+def default_mixer_roles(family: str | None) -> tuple[str, ...]:
+    if family in ("mamba", "falcon_mamba"):
+        return ("ssm_in", "ssm_out")
+    return ("attn_q", "attn_k", "attn_v", "attn_out")
+
+
+LORA_MIXER = Method(
+    "lora_mixer",
+    LoraMixerConfig,
+    LoRAMixerLinear,
+    build_mixer_layer,
+    default_mixer_roles,
+    build_shared=build_shared,
+)
+
+
+# ---- stages and inspection ------------------------------------------------------------------------
+
+
+def mixer_layers(adapted, adapter_name: str | None = None) -> list[LoRAMixerLinear]:
+    name = adapter_name or adapted.active_adapter
+    return [
+        m for _, m in adapted.adapter_layers() if isinstance(m, LoRAMixerLinear) and name in m.adapter_names
+    ]
+
+
+def set_stage(adapted, stage: str, adapter_name: str | None = None) -> None:
+    """Choose what trains: "experts" (stage 1, hard routing), "router" (stage 2 / plug-and-play),
+    or "all" (stage 2 with lightly tuned experts; theta_0 for the preservation penalty is taken now)."""
+    if stage not in STAGES:
+        raise ConfigError(f"stage must be one of {STAGES}, got {stage!r}.")
+    name = adapter_name or adapted.active_adapter
+    parts = {"experts": {"experts"}, "router": {"router"}, "all": {"experts", "router"}}[stage]
+    for layer in mixer_layers(adapted, name):
+        layer.trainable_parts[name] = set(parts)
+        if stage == "all":
+            layer.experts[name].snapshot()
+    adapted.shared_adapter_weights[name].train_router = "router" in parts
+    adapted._update_trainable()
+
+
+@torch.no_grad()
+def routing_weights_per_sample(adapted, batch: dict, adapter_name: str | None = None) -> torch.Tensor:
+    """Mean routing weight per expert for each sample of ``batch`` (averaged over tokens and
+    projections), (batch, E). Uses the adapter's routing (no task ids)."""
+    name = adapter_name or adapted.active_adapter
+    shared = adapted.shared_adapter_weights[name]
+    shared.begin_forward(None, record=True)
+    try:
+        adapted.base_model(**batch)
+    finally:
+        shared.end_forward()
+    per_call = []
+    for _probs, weights, tokens in shared.routing.records:
+        per_call.append(weights.view(-1, tokens, weights.shape[-1]).mean(1))
+    shared.routing.clear()
+    return torch.stack(per_call).mean(0)

@@ -1,0 +1,244 @@
+import peft
+import pytest
+import torch
+
+from factorlab import AdaptedModel, AdapterLoadError, ConfigError, LoraConfig, LoraMixerConfig, adapt
+from factorlab.layers import LoRALinear, LoRAMixerLinear
+from factorlab.layers.mixer import RoutingState, routing_aux_loss
+from factorlab.methods.lora_mixer import routing_weights_per_sample, set_stage
+from tiny_models import build, inputs, logits
+
+TARGETS = ["q_proj", "v_proj", "o_proj"]
+
+
+def mixer(routing="soft", **kwargs):
+    torch.manual_seed(0)
+    config = LoraMixerConfig(
+        num_experts=3,
+        r=4,
+        lora_alpha=8,
+        target_modules=TARGETS,
+        routing=routing,
+        init_lora_weights=False,
+        **kwargs,
+    )
+    return adapt(build("llama"), config)
+
+
+def lora_like_expert(adapted_mixer, expert: int):
+    """A plain LoRA model whose adapter is exactly expert ``expert`` of the mixer."""
+    lora = adapt(build("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
+    with torch.no_grad():
+        for name, layer in lora.adapter_layers():
+            bank = adapted_mixer.base_model.get_submodule(name).experts["default"]
+            layer.lora_A["default"].weight.copy_(bank.A[expert])
+            layer.lora_B["default"].weight.copy_(bank.B[expert])
+    return lora
+
+
+def test_hard_routing_equals_the_expert_alone():
+    batch = inputs("llama")
+    adapted = mixer("hard")
+    experts = [logits(lora_like_expert(adapted, e), batch) for e in range(3)]
+    assert not torch.allclose(experts[0], experts[1], atol=1e-3)
+    for e in range(3):
+        with torch.no_grad():
+            got = adapted(**batch, task_ids=torch.tensor([e, e])).logits
+        torch.testing.assert_close(got, experts[e], atol=1e-5, rtol=0)
+    with torch.no_grad():  # one id per sample
+        got = adapted(**batch, task_ids=torch.tensor([2, 0])).logits
+    torch.testing.assert_close(got[0], experts[2][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1], experts[0][1], atol=1e-5, rtol=0)
+
+
+def test_soft_routing_with_a_one_hot_router_equals_the_expert_alone():
+    batch = inputs("llama")
+    adapted = mixer("soft")
+    with torch.no_grad():
+        for _, layer in adapted.adapter_layers():
+            layer.router["default"].bias.copy_(torch.tensor([0.0, 1e4, 0.0]))  # softmax exactly one-hot
+    torch.testing.assert_close(
+        logits(adapted, batch), logits(lora_like_expert(adapted, 1), batch), atol=1e-5, rtol=0
+    )
+
+
+def test_topk_with_k_equal_to_e_is_soft_routing_and_topk_differs_from_soft_when_k_is_smaller():
+    batch = inputs("llama")
+    adapted = mixer("soft")
+    with torch.no_grad():
+        for _, layer in adapted.adapter_layers():
+            layer.router["default"].weight.normal_(std=0.5)
+    state = adapted.shared_adapter_weights["default"].routing
+    soft = logits(adapted, batch)
+    state.routing, state.top_k = "topk", 3
+    torch.testing.assert_close(logits(adapted, batch), soft, atol=1e-6, rtol=0)
+    state.top_k = 1
+    assert not torch.allclose(logits(adapted, batch), soft, atol=1e-4)
+
+
+def test_generate_with_cache_equals_generate_without():
+    adapted = mixer("topk", top_k=2)
+    with torch.no_grad():
+        for _, layer in adapted.adapter_layers():
+            layer.router["default"].weight.normal_(std=0.5)
+    prompt = inputs("llama", seq=5)["input_ids"]
+    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        cached = adapted.generate(prompt, use_cache=True, **kwargs)
+        uncached = adapted.generate(prompt, use_cache=False, **kwargs)
+        hard = adapted.generate(prompt, task_ids=torch.tensor([0, 1]), **kwargs)
+    assert torch.equal(cached, uncached)
+    assert hard.shape == cached.shape
+
+
+def _peft_folder(tmp_path, name, r, targets, seed, hidden=64):
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if hidden == 64:
+        model = build("llama")
+    else:
+        model = tf.LlamaForCausalLM(
+            tf.LlamaConfig(
+                hidden_size=hidden,
+                intermediate_size=2 * hidden,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                vocab_size=1000,
+            )
+        )
+    torch.manual_seed(seed)
+    pm = peft.get_peft_model(
+        model, peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False)
+    )
+    pm.save_pretrained(tmp_path / name)
+    return tmp_path / name, pm
+
+
+def test_experts_from_real_peft_folders_reproduce_each_adapter(tmp_path):
+    batch = inputs("llama")
+    specs = [("math", 2, ["q_proj", "v_proj"]), ("code", 8, ["q_proj", "o_proj"]), ("chat", 4, ["k_proj"])]
+    folders, expected = [], []
+    for i, (name, r, targets) in enumerate(specs):
+        folder, pm = _peft_folder(tmp_path, name, r, targets, seed=10 + i)
+        folders.append(folder)
+        expected.append(logits(pm, batch))
+    config = LoraMixerConfig.from_peft_adapters(folders)
+    assert config.expert_names() == ["math", "code", "chat"]
+    adapted = adapt(build("llama"), config)
+    assert {t.rsplit(".", 1)[-1] for t in adapted.adapter_targets["default"]} == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+    }
+    trainable = [n for n, p in adapted.named_parameters() if p.requires_grad]
+    assert trainable and all(".router." in n for n in trainable)  # plug-and-play: only routers train
+    for e in range(3):
+        with torch.no_grad():
+            got = adapted(**batch, task_ids=torch.tensor([e, e])).logits
+        torch.testing.assert_close(got, expected[e], atol=1e-5, rtol=0)
+
+
+def test_peft_expert_for_another_model_size_is_refused(tmp_path):
+    good, _ = _peft_folder(tmp_path, "good", 2, ["q_proj"], seed=1)
+    bad, _ = _peft_folder(tmp_path, "bad", 2, ["q_proj"], seed=2, hidden=128)
+    model = build("llama")
+    with pytest.raises(ConfigError, match=r"expert 'bad'.*trained for a different model"):
+        adapt(model, LoraMixerConfig.from_peft_adapters([good, bad]))
+    assert not any(isinstance(m, LoRAMixerLinear) for m in model.modules())
+
+
+def test_non_lora_peft_folder_is_refused(tmp_path):
+    ia3 = peft.get_peft_model(
+        build("llama"),
+        peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    )
+    ia3.save_pretrained(tmp_path / "ia3")
+    with pytest.raises(AdapterLoadError, match="PEFT IA3 adapter"):
+        LoraMixerConfig.from_peft_adapters([tmp_path / "ia3"])
+
+
+def test_task_id_errors():
+    batch = inputs("llama")
+    adapted = mixer("hard")
+    with pytest.raises(ConfigError, match=r"task id 3 is outside 0\.\.2"):
+        adapted(**batch, task_ids=torch.tensor([0, 3]))
+    with pytest.raises(ConfigError, match="needs task ids"):
+        adapted(**batch)
+    lora = adapt(build("llama"), LoraConfig())
+    with pytest.raises(ConfigError, match="only applies to an active LoRA-Mixer"):
+        lora(**batch, task_ids=torch.tensor([0, 0]))
+
+
+def test_save_load_is_bit_exact_for_every_router_granularity(tmp_path):
+    batch = inputs("llama")
+    for granularity in ("projection", "layer", "shared"):
+        adapted = mixer("topk", top_k=2, router_granularity=granularity)
+        with torch.no_grad():
+            for p in adapted.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.1)
+        expected = logits(adapted, batch)
+        adapted.save_pretrained(tmp_path / granularity)
+        restored = AdaptedModel.from_pretrained(build("llama"), tmp_path / granularity, is_trainable=True)
+        assert torch.equal(logits(restored, batch), expected), granularity
+    shared = adapted.shared_adapter_weights["default"].routers
+    assert list(shared) == ["all"]
+
+
+def test_shared_router_needs_equal_input_widths():
+    with pytest.raises(ConfigError, match="different input widths"):
+        adapt(build("mamba"), LoraMixerConfig(num_experts=2, router_granularity="shared"))
+    adapted = adapt(build("mamba"), LoraMixerConfig(num_experts=2))  # in_proj and out_proj, own routers
+    assert {t.rsplit(".", 1)[-1] for t in adapted.adapter_targets["default"]} == {"in_proj", "out_proj"}
+    assert logits(adapted, inputs("mamba")).shape == (2, 12, 1000)
+
+
+def test_stages_choose_what_trains():
+    adapted = mixer("soft")
+    trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    assert any(".experts." in n for n in trainable) and any(".router." in n for n in trainable)
+    set_stage(adapted, "experts")
+    assert all(".experts." in n for n, p in adapted.named_parameters() if p.requires_grad)
+    set_stage(adapted, "router")
+    trainable = [n for n, p in adapted.named_parameters() if p.requires_grad]
+    assert trainable and all(".router." in n for n in trainable)
+    set_stage(adapted, "all")
+    adapted.train()
+    batch = inputs("llama")
+    loss_before = adapted(**batch, labels=batch["input_ids"]).loss
+    shared = adapted.shared_adapter_weights["default"]
+    shared.coefs = (0.0, 0.0, 1.0)  # preservation only
+    with torch.no_grad():
+        for _, layer in adapted.adapter_layers():
+            layer.experts["default"].A.add_(0.1)
+    loss_after = adapted(**batch, labels=batch["input_ids"]).loss
+    assert adapted.last_aux_loss > 0 and loss_after > loss_before - 1  # the penalty counts the drift
+
+
+def test_routing_loss_terms():
+    E = 4
+    uniform = torch.full((10, E), 1 / E)
+    state = RoutingState(E, "soft")
+    state.records = [(uniform, uniform, 10)]
+    # balance: sum_i pbar_i fbar_i = sum_i (1/E) * fbar_i = 1/E; entropy = log E
+    torch.testing.assert_close(routing_aux_loss(state, 1.0, 0.0), torch.tensor(1 / E))
+    torch.testing.assert_close(
+        routing_aux_loss(state, 0.0, 1.0), torch.tensor(float(torch.log(torch.tensor(4.0))))
+    )
+    confident = torch.full((10, E), 1e-6)
+    confident[:, 0] = 1 - 3e-6
+    state.records = [(confident, confident, 10)]
+    assert routing_aux_loss(state, 0.0, 1.0) < 0.01  # confident routing: low specialization loss
+    assert routing_aux_loss(state, 1.0, 0.0) > 0.9  # but all tokens on one expert: high balance loss
+
+
+def test_routing_inspection_reports_per_sample_weights():
+    adapted = mixer("soft")
+    weights = routing_weights_per_sample(adapted, inputs("llama"))
+    assert weights.shape == (2, 3)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2))
+    assert isinstance(next(m for _, m in adapted.adapter_layers()), LoRAMixerLinear)
+    assert not isinstance(next(m for _, m in adapted.adapter_layers()), LoRALinear)
