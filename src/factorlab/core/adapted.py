@@ -101,7 +101,7 @@ class AdaptedModel(nn.Module):
         if self.training:
             layers = [m for _, m in self.adapter_layers() if self.active_adapter in m.adapter_names]
             aux = shared.extra_loss(layers, self.active_adapter)
-            self.last_aux_loss = aux.detach()
+            self.last_aux_loss = aux  # add it yourself in a custom loop that computes its own loss
             if getattr(outputs, "loss", None) is not None:
                 outputs.loss = outputs.loss + aux
         return outputs

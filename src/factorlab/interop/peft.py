@@ -39,33 +39,51 @@ def save_as_peft(adapted: AdaptedModel, path: str | os.PathLike, adapter_name: s
         raise ConfigError(f"no adapter named {name!r}; adapters: {sorted(adapted.adapter_configs)}.")
     config = adapted.adapter_configs[name]
     if not isinstance(config, LoraConfig):
-        raise ConfigError(
-            f"PEFT has no {config.method!r} method; only LoRA adapters can be saved in PEFT format."
-        )
-    layers = {n: layer for n, layer in adapted.adapter_layers() if name in layer.adapter_names}
-    ranks = {n: layer.r[name] for n, layer in layers.items()}
-    alphas = {n: config.alpha_for(n) for n in layers}
-    base_config = getattr(adapted.base_model, "config", None)
+        raise ConfigError(f"PEFT has no {config.method!r} method; only LoRA adapters can be saved in PEFT format.")
+    if config.modules_to_save:
+        raise ConfigError("modules_to_save cannot be written in PEFT's LoRA format by factorlab yet.")
+    modules = {}
+    for module, layer in adapted.adapter_layers():
+        if name in layer.adapter_names:
+            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+            modules[module] = (a, b, config.alpha_for(module), layer.fan_in_fan_out)
+    return write_peft_lora(path, modules, adapted.base_model, config.use_rslora, config.lora_dropout)
+
+
+def write_peft_lora(path: str | os.PathLike, modules: dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]],
+                    base_model: nn.Module, use_rslora: bool = False, lora_dropout: float = 0.0) -> Path:
+    """A PEFT LoRA folder from per-module (A (r, in), B (out, r), alpha, fan_in_fan_out)."""
+    if not modules:
+        raise ConfigError("no LoRA modules to write.")
+    ranks = {m: a.shape[0] for m, (a, _, _, _) in modules.items()}
+    alphas = {m: alpha for m, (_, _, alpha, _) in modules.items()}
+    r = max(set(ranks.values()), key=list(ranks.values()).count)  # the most common rank / alpha
+    alpha = max(set(alphas.values()), key=list(alphas.values()).count)
+    base_config = getattr(base_model, "config", None)
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None,
-        "r": config.r,
-        "lora_alpha": config.lora_alpha,
-        "lora_dropout": config.lora_dropout,
-        "use_rslora": config.use_rslora,
-        "target_modules": sorted(layers),  # exact names: PEFT matches name == target too
-        "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": lora_dropout,
+        "use_rslora": use_rslora,
+        "target_modules": sorted(modules),  # exact names: PEFT matches name == target too
+        "fan_in_fan_out": any(f for _, _, _, f in modules.values()),
         "bias": "none",
         "init_lora_weights": True,
         "inference_mode": True,
         "modules_to_save": None,
         "layers_to_transform": None,
-        "rank_pattern": {re.escape(n): r for n, r in ranks.items() if r != config.r},
-        "alpha_pattern": {re.escape(n): a for n, a in alphas.items() if a != config.lora_alpha},
+        "rank_pattern": {re.escape(m): v for m, v in ranks.items() if v != r},
+        "alpha_pattern": {re.escape(m): v for m, v in alphas.items() if v != alpha},
         "use_dora": False,
     }
-    return write_adapter_folder(path, peft_config, adapted.adapter_state_dict(name), {})
+    tensors = {}
+    for m, (a, b, _, _) in modules.items():
+        tensors[f"{KEY_PREFIX}{m}.lora_A.weight"] = a
+        tensors[f"{KEY_PREFIX}{m}.lora_B.weight"] = b
+    return write_adapter_folder(path, peft_config, tensors, {})
 
 
 @dataclass

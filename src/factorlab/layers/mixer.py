@@ -80,6 +80,13 @@ def route(logits: torch.Tensor | None, state: RoutingState, batch: int, tokens: 
     return torch.zeros_like(probs).scatter(-1, index, top / top.sum(-1, keepdim=True))
 
 
+def init_router(router: nn.Linear, std: float = 0.02) -> None:
+    """Near-uniform routing with the symmetry broken: at exactly uniform routing the entropy term's
+    gradient is zero, so a zero-initialised router would leave confident routing to chance."""
+    nn.init.normal_(router.weight, std=std)
+    nn.init.zeros_(router.bias)
+
+
 class ExpertBank(nn.Module):
     """E LoRA experts of one projection, stacked; ranks padded to r_max with a mask."""
 
@@ -195,8 +202,7 @@ class LoRAMixerLinear(AdapterLayer):
             own = nn.Linear(
                 self.in_features, experts.num_experts, device=weight.device, dtype=adapter_dtype(weight)
             )
-            nn.init.zeros_(own.weight)  # start from uniform routing
-            nn.init.zeros_(own.bias)
+            init_router(own)
             self.router[name] = own
         else:
             self._shared_routers[name] = router

