@@ -22,6 +22,10 @@ ocr_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(ocr_app, name="ocr")
+mixer_app = typer.Typer(
+    help="LoRA-Mixer: routed LoRA experts inside attention (and Mamba) projections.", no_args_is_help=True
+)
+app.add_typer(mixer_app, name="mixer")
 
 
 def friendly_errors(fn):
@@ -201,6 +205,116 @@ def ocr_theory(
     result = ocr.theory(base, out, solver)
     typer.echo(ocr.theory_report(result))
     typer.echo(f"wrote {out}/theory.json, theory.png, report.md")
+
+
+# ---- LoRA-Mixer ---------------------------------------------------------------------------------
+
+Preset = Annotated[str, typer.Option(help="quick (tiny model, synthetic tasks) or smollm2 (reasoning-gym).")]
+Tasks = Annotated[str | None, typer.Option(help="Comma-separated task names [default: the preset's].")]
+Model = Annotated[
+    str | None, typer.Option(help="tiny, smollm2 or a local causal-LM folder [default: preset's].")
+]
+Rank = Annotated[int | None, typer.Option("--r", help="Rank of the single LoRA and of every expert.")]
+ExpertSteps = Annotated[int | None, typer.Option(help="Steps of the single LoRA and of stage 1.")]
+RouterSteps = Annotated[int | None, typer.Option(help="Router training steps (stage 2).")]
+
+
+def _mixer_config(
+    preset: str,
+    tasks: str | None,
+    model: str | None,
+    r: int | None,
+    steps: int | None,
+    router_steps: int | None,
+    seeds: list[int],
+):
+    from factorlab.recipes.mixer import MixerExperimentConfig
+
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
+    return MixerExperimentConfig.preset_config(
+        preset, tasks=task_list, model=model, r=r, steps=steps, router_steps=router_steps, seeds=seeds
+    )
+
+
+@mixer_app.command("run")
+@friendly_errors
+def mixer_run(
+    preset: Preset = "quick",
+    tasks: Tasks = None,
+    model: Model = None,
+    r: Rank = None,
+    steps: ExpertSteps = None,
+    router_steps: RouterSteps = None,
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/mixer"),
+) -> None:
+    """Compare base, one LoRA on the mixed data, per-task LoRA (oracle), the uniform average of the
+    experts and LoRA-Mixer, per task and seed; report routing usage and router accuracy."""
+    from factorlab.recipes.mixer import run_experiment
+
+    cfg = _mixer_config(preset, tasks, model, r, steps, router_steps, _int_list(seeds))
+    result = run_experiment(cfg, out)
+    typer.echo((out / "table.md").read_text())
+    typer.echo(f"router accuracy {result['router_accuracy']:.3f}; {result['verdict']}")
+    typer.echo(f"wrote {out}/report.md, results.json, table.*, accuracy.png, routing.png, mixer/, experts/")
+
+
+@mixer_app.command("train")
+@friendly_errors
+def mixer_train(
+    preset: Preset = "quick",
+    tasks: Tasks = None,
+    model: Model = None,
+    r: Rank = None,
+    steps: ExpertSteps = None,
+    router_steps: RouterSteps = None,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/mixer-train"),
+) -> None:
+    """Joint workflow: stage 1 trains one expert per task (hard routing), stage 2 the routers."""
+    from factorlab.recipes.mixer import joint
+
+    result = joint(_mixer_config(preset, tasks, model, r, steps, router_steps, [seed]), out)
+    typer.echo((out / "table.md").read_text())
+    typer.echo(f"router accuracy {result['router_accuracy']:.3f}")
+    typer.echo(f"wrote {out}/report.md, mixer/ (factorlab adapter), experts/<task>/ (PEFT LoRA), base/")
+
+
+@mixer_app.command("plug")
+@friendly_errors
+def mixer_plug(
+    base: Annotated[Path, typer.Option(help="The base model folder the adapters were trained on.")],
+    adapters: Annotated[str, typer.Option(help="Comma-separated PEFT LoRA folders, one per task.")],
+    preset: Preset = "quick",
+    tasks: Annotated[
+        str | None, typer.Option(help="Task of each adapter, same order [default: folder names].")
+    ] = None,
+    router_steps: RouterSteps = None,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/mixer-plug"),
+) -> None:
+    """Plug-and-play: route between existing PEFT LoRA adapters; only the routers train."""
+    import json
+
+    from factorlab.recipes.mixer import plug
+
+    folders = [Path(a.strip()) for a in adapters.split(",") if a.strip()]
+    task_names = tasks or ",".join(f.name for f in folders)
+    saved = base / "factorlab_tasks.json"
+    cfg = _mixer_config(
+        preset, task_names, str(base) if preset != "quick" else None, None, None, router_steps, [seed]
+    )
+    if preset == "quick" and saved.exists():  # the tiny preset's vocabulary depends on the full task list
+        trained = json.loads(saved.read_text())["tasks"]
+        if sorted(trained) != sorted(cfg.tasks):
+            raise typer.BadParameter(f"the base was trained with tasks {trained}; adapters give {cfg.tasks}.")
+        cfg = _mixer_config(preset, ",".join(trained), None, None, None, router_steps, [seed])
+        by_task = dict(zip(task_names.split(","), folders))
+        folders = [by_task[t] for t in trained]
+    result = plug(cfg, base, folders, out)
+    typer.echo((out / "table.md").read_text())
+    typer.echo(f"router accuracy {result['router_accuracy']:.3f}")
+    typer.echo(f"wrote {out}/report.md, results.json, routing.png, mixer/")
 
 
 @app.command("demo")

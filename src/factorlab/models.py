@@ -58,13 +58,14 @@ def smollm2_folder() -> Path:
 
 
 def resolve_model_path(spec: str) -> Path:
-    """"smollm2" or a local folder -> a folder ``from_pretrained`` can read offline."""
+    """ "smollm2" or a local folder -> a folder ``from_pretrained`` can read offline."""
     if spec == "smollm2":
         return smollm2_folder()
     path = Path(spec)
     if not (path / "config.json").exists():
         raise ConfigError(
-            f"model {spec!r} is neither 'tiny', 'smollm2' nor a local Hugging Face model folder with a config.json."
+            f"model {spec!r} is neither 'tiny', 'smollm2' nor a local Hugging Face model folder "
+            "with a config.json."
         )
     return path
 

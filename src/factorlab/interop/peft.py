@@ -39,7 +39,9 @@ def save_as_peft(adapted: AdaptedModel, path: str | os.PathLike, adapter_name: s
         raise ConfigError(f"no adapter named {name!r}; adapters: {sorted(adapted.adapter_configs)}.")
     config = adapted.adapter_configs[name]
     if not isinstance(config, LoraConfig):
-        raise ConfigError(f"PEFT has no {config.method!r} method; only LoRA adapters can be saved in PEFT format.")
+        raise ConfigError(
+            f"PEFT has no {config.method!r} method; only LoRA adapters can be saved in PEFT format."
+        )
     if config.modules_to_save:
         raise ConfigError("modules_to_save cannot be written in PEFT's LoRA format by factorlab yet.")
     modules = {}
@@ -50,8 +52,13 @@ def save_as_peft(adapted: AdaptedModel, path: str | os.PathLike, adapter_name: s
     return write_peft_lora(path, modules, adapted.base_model, config.use_rslora, config.lora_dropout)
 
 
-def write_peft_lora(path: str | os.PathLike, modules: dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]],
-                    base_model: nn.Module, use_rslora: bool = False, lora_dropout: float = 0.0) -> Path:
+def write_peft_lora(
+    path: str | os.PathLike,
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float, bool]],
+    base_model: nn.Module,
+    use_rslora: bool = False,
+    lora_dropout: float = 0.0,
+) -> Path:
     """A PEFT LoRA folder from per-module (A (r, in), B (out, r), alpha, fan_in_fan_out)."""
     if not modules:
         raise ConfigError("no LoRA modules to write.")

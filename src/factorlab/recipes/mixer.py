@@ -29,7 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -58,7 +58,7 @@ class SyntheticTasks:
     """Tiny tasks with single-token answers; task k uses its own symbols and its own separator,
     so the router can tell tasks apart token by token."""
 
-    RULES = {
+    RULES: ClassVar[dict] = {
         "first": lambda x: x[:, 0],
         "last": lambda x: x[:, -1],
         "max": lambda x: x.max(1).values,
@@ -132,8 +132,17 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task_ids": task_ids}
 
 
-def train(model: nn.Module, data: Sequence[Sequence[Example]], steps: int, lr: float, batch_size: int,
-          seed: int, hard: bool, pad_id: int, progress=None) -> list[float]:
+def train(
+    model: nn.Module,
+    data: Sequence[Sequence[Example]],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    hard: bool,
+    pad_id: int,
+    progress=None,
+) -> list[float]:
     """AdamW on batches mixed uniformly over tasks. ``hard`` passes the task ids (stage 1)."""
     rng = random.Random(seed)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -161,8 +170,14 @@ def train(model: nn.Module, data: Sequence[Sequence[Example]], steps: int, lr: f
 
 
 @torch.no_grad()
-def predict(model: nn.Module, examples: Sequence[Example], pad_id: int, task_ids: torch.Tensor | None = None,
-            max_new_tokens: int = 1, batch_size: int = 128) -> list[list[int]]:
+def predict(
+    model: nn.Module,
+    examples: Sequence[Example],
+    pad_id: int,
+    task_ids: torch.Tensor | None = None,
+    max_new_tokens: int = 1,
+    batch_size: int = 128,
+) -> list[list[int]]:
     """Greedy answers. Single-token answers come from one forward; longer ones from generate()."""
     model.eval()
     out: list[list[int]] = []
@@ -171,7 +186,9 @@ def predict(model: nn.Module, examples: Sequence[Example], pad_id: int, task_ids
         kwargs = {} if task_ids is None else {"task_ids": task_ids[start : start + batch_size]}
         if max_new_tokens == 1:
             batch = collate([dataclasses.replace(e, answer=[]) for e in chunk], pad_id)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs).logits
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs
+            ).logits
             last = batch["attention_mask"].sum(1) - 1
             out += [[int(t)] for t in logits[torch.arange(len(chunk)), last].argmax(-1)]
         else:  # left-pad prompts for generation
@@ -181,14 +198,21 @@ def predict(model: nn.Module, examples: Sequence[Example], pad_id: int, task_ids
             for i, e in enumerate(chunk):
                 ids[i, width - len(e.prompt) :] = torch.tensor(e.prompt)
                 mask[i, width - len(e.prompt) :] = 1
-            generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                       do_sample=False, pad_token_id=pad_id, **kwargs)
+            generated = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+                **kwargs,
+            )
             out += [row[width:].tolist() for row in generated]
     return out
 
 
-def accuracy(model, tasks, examples: Sequence[Example], pad_id: int, hard: bool = False,
-             max_new_tokens: int = 1) -> float:
+def accuracy(
+    model, tasks, examples: Sequence[Example], pad_id: int, hard: bool = False, max_new_tokens: int = 1
+) -> float:
     task_ids = torch.tensor([e.task for e in examples]) if hard else None
     predictions = predict(model, examples, pad_id, task_ids, max_new_tokens)
     return sum(tasks.score(e, p) for e, p in zip(examples, predictions)) / len(examples)
@@ -230,11 +254,22 @@ class MixerExperimentConfig:
         if name == "quick":
             base = cls()
         elif name == "smollm2":
-            base = cls(preset="smollm2", model="smollm2",
-                       tasks=["basic_arithmetic", "letter_counting", "spell_backward", "caesar_cipher"],
-                       r=8, lora_alpha=16, lr=1e-3, steps=400, router_lr=5e-3, router_steps=100,
-                       router_examples_per_task=200, train_examples_per_task=1000, eval_examples_per_task=100,
-                       batch_size=8, max_new_tokens=16)
+            base = cls(
+                preset="smollm2",
+                model="smollm2",
+                tasks=["basic_arithmetic", "letter_counting", "spell_backward", "caesar_cipher"],
+                r=8,
+                lora_alpha=16,
+                lr=1e-3,
+                steps=400,
+                router_lr=5e-3,
+                router_steps=100,
+                router_examples_per_task=200,
+                train_examples_per_task=1000,
+                eval_examples_per_task=100,
+                batch_size=8,
+                max_new_tokens=16,
+            )
         else:
             raise ConfigError(f"unknown preset {name!r}; choose quick or smollm2.")
         return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
@@ -245,9 +280,17 @@ def build_base(cfg: MixerExperimentConfig, tasks, seed: int) -> nn.Module:
         import transformers as tf
 
         torch.manual_seed(seed)
-        config = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2, vocab_size=tasks.vocab_size, bos_token_id=0,
-                                eos_token_id=0, pad_token_id=0)
+        config = tf.LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=tasks.vocab_size,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
         return tf.LlamaForCausalLM(config).eval()
     from factorlab.models import load_causal_lm
 
@@ -266,27 +309,56 @@ def make_tasks(cfg: MixerExperimentConfig):
 # ---- the two workflows --------------------------------------------------------------------------------
 
 
-def train_joint(model: nn.Module, data: Sequence[Sequence[Example]], mixer: LoraMixerConfig, steps: int,
-                lr: float, router_steps: int, router_lr: float, router_data: Sequence[Sequence[Example]],
-                batch_size: int = 64, seed: int = 0, pad_id: int = 0, progress=None) -> AdaptedModel:
+def train_joint(
+    model: nn.Module,
+    data: Sequence[Sequence[Example]],
+    mixer: LoraMixerConfig,
+    steps: int,
+    lr: float,
+    router_steps: int,
+    router_lr: float,
+    router_data: Sequence[Sequence[Example]],
+    batch_size: int = 64,
+    seed: int = 0,
+    pad_id: int = 0,
+    progress=None,
+) -> AdaptedModel:
     """Workflow 1: stage 1 trains expert e on data[e] (hard routing); stage 2 trains the routers
     (and, with ``preservation_coef > 0``, lightly tunes the experts under the preservation penalty).
     ``progress(stage, step)`` is called as training advances."""
     if len(data) != mixer.num_experts:
         raise ConfigError(f"{len(data)} task datasets for {mixer.num_experts} experts; give one per expert.")
-    report = (lambda stage: (lambda s: progress(stage, s))) if progress else (lambda stage: None)
+    report = (lambda stage: lambda s: progress(stage, s)) if progress else (lambda stage: None)
     adapted = adapt(model, mixer)
     set_stage(adapted, "experts")
     train(adapted, data, steps, lr, batch_size, seed, hard=True, pad_id=pad_id, progress=report("experts"))
     set_stage(adapted, "all" if mixer.preservation_coef > 0 else "router")
-    train(adapted, router_data, router_steps, router_lr, batch_size, seed + 1, hard=False, pad_id=pad_id,
-          progress=report("router"))
+    train(
+        adapted,
+        router_data,
+        router_steps,
+        router_lr,
+        batch_size,
+        seed + 1,
+        hard=False,
+        pad_id=pad_id,
+        progress=report("router"),
+    )
     return adapted
 
 
-def train_router_on_peft(model: nn.Module, folders: Sequence[str | Path], router_data: Sequence[Sequence[Example]],
-                         steps: int, lr: float, batch_size: int = 64, seed: int = 0, pad_id: int = 0,
-                         names: list[str] | None = None, **mixer_kwargs: Any) -> AdaptedModel:
+def train_router_on_peft(
+    model: nn.Module,
+    folders: Sequence[str | Path],
+    router_data: Sequence[Sequence[Example]],
+    steps: int,
+    lr: float,
+    batch_size: int = 64,
+    seed: int = 0,
+    pad_id: int = 0,
+    names: list[str] | None = None,
+    **mixer_kwargs: Any,
+) -> AdaptedModel:
     """Workflow 2: experts from existing PEFT LoRA folders (frozen); only the routers train."""
     adapted = adapt(model, LoraMixerConfig.from_peft_adapters(list(folders), names, **mixer_kwargs))
     train(adapted, router_data, steps, lr, batch_size, seed, hard=False, pad_id=pad_id)
@@ -295,8 +367,14 @@ def train_router_on_peft(model: nn.Module, folders: Sequence[str | Path], router
 
 # ---- the comparison -------------------------------------------------------------------------------------
 
-SYSTEMS = ("base", "single LoRA (mixed data)", "per-task LoRA (oracle)", "uniform average of experts",
-           "LoRA-Mixer (soft)", "LoRA-Mixer (top-k)")
+SYSTEMS = (
+    "base",
+    "single LoRA (mixed data)",
+    "per-task LoRA (oracle)",
+    "uniform average of experts",
+    "LoRA-Mixer (soft)",
+    "LoRA-Mixer (top-k)",
+)
 
 
 def run_experiment(cfg: MixerExperimentConfig, out: str | Path, export: bool = True) -> dict[str, Any]:
@@ -311,7 +389,9 @@ def run_experiment(cfg: MixerExperimentConfig, out: str | Path, export: bool = T
         for si, seed in enumerate(cfg.seeds):
             data = [tasks.examples(k, cfg.train_examples_per_task, seed) for k in range(len(cfg.tasks))]
             router_data = [d[: cfg.router_examples_per_task] for d in data]
-            evals = [tasks.examples(k, cfg.eval_examples_per_task, 10_000 + seed) for k in range(len(cfg.tasks))]
+            evals = [
+                tasks.examples(k, cfg.eval_examples_per_task, 10_000 + seed) for k in range(len(cfg.tasks))
+            ]
             base = build_base(cfg, tasks, seed)
 
             def score(model, system, hard=False, seed=seed, evals=evals):
@@ -320,29 +400,61 @@ def run_experiment(cfg: MixerExperimentConfig, out: str | Path, export: bool = T
                     records.append({"seed": seed, "system": system, "task": name, "accuracy": acc})
 
             score(base, "base")
-            single = adapt(copy.deepcopy(base), LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha,
-                                                           target_modules=_single_targets(cfg, base)))
-            train(single, data, cfg.steps, cfg.lr, cfg.batch_size, seed, False, pad_id,
-                  lambda s, j=3 * si: bars.update(j, s))
+            single = adapt(
+                copy.deepcopy(base),
+                LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=_single_targets(cfg, base)),
+            )
+            train(
+                single,
+                data,
+                cfg.steps,
+                cfg.lr,
+                cfg.batch_size,
+                seed,
+                False,
+                pad_id,
+                lambda s, j=3 * si: bars.update(j, s),
+            )
             score(single, "single LoRA (mixed data)")
 
             mixer_config = LoraMixerConfig(
                 experts=[{"name": n, "r": cfg.r, "lora_alpha": cfg.lora_alpha} for n in cfg.tasks],
-                target_modules=cfg.target_modules, routing="soft", top_k=min(cfg.top_k, len(cfg.tasks)),
-                balance_coef=cfg.balance_coef, specialization_coef=cfg.specialization_coef,
+                target_modules=cfg.target_modules,
+                routing="soft",
+                top_k=min(cfg.top_k, len(cfg.tasks)),
+                balance_coef=cfg.balance_coef,
+                specialization_coef=cfg.specialization_coef,
             )
             mixer = adapt(copy.deepcopy(base), mixer_config)
             set_stage(mixer, "experts")
-            train(mixer, data, cfg.steps, cfg.lr, cfg.batch_size, seed, True, pad_id,
-                  lambda s, j=3 * si + 1: bars.update(j, s))
+            train(
+                mixer,
+                data,
+                cfg.steps,
+                cfg.lr,
+                cfg.batch_size,
+                seed,
+                True,
+                pad_id,
+                lambda s, j=3 * si + 1: bars.update(j, s),
+            )
             score(mixer, "per-task LoRA (oracle)", hard=True)
             state = mixer.shared_adapter_weights["default"].routing
             state.routing = "uniform"
             score(mixer, "uniform average of experts")
             state.routing = "soft"
             set_stage(mixer, "router")
-            train(mixer, router_data, cfg.router_steps, cfg.router_lr, cfg.batch_size, seed + 1, False, pad_id,
-                  lambda s, j=3 * si + 2: bars.update(j, s))
+            train(
+                mixer,
+                router_data,
+                cfg.router_steps,
+                cfg.router_lr,
+                cfg.batch_size,
+                seed + 1,
+                False,
+                pad_id,
+                lambda s, j=3 * si + 2: bars.update(j, s),
+            )
             score(mixer, "LoRA-Mixer (soft)")
             usage, router_acc = routing_report(mixer, evals, pad_id)
             usage_by_seed.append(usage)
@@ -373,8 +485,9 @@ def routing_report(mixer: AdaptedModel, evals: Sequence[Sequence[Example]], pad_
     usage, correct, total = [], 0, 0
     for k, examples in enumerate(evals):
         batch = collate([dataclasses.replace(e, answer=[]) for e in examples], pad_id)
-        weights = routing_weights_per_sample(mixer, {"input_ids": batch["input_ids"],
-                                                     "attention_mask": batch["attention_mask"]})
+        weights = routing_weights_per_sample(
+            mixer, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        )
         usage.append(weights.mean(0))
         correct += int((weights.argmax(-1) == k).sum())
         total += len(examples)
@@ -385,6 +498,7 @@ def _export(out: Path, base: nn.Module, mixer: AdaptedModel, cfg: MixerExperimen
     """The base (tiny preset), the trained mixer, and each expert as a standalone PEFT LoRA folder."""
     if cfg.model == "tiny":
         base.save_pretrained(out / "base")
+        write_json(out / "base" / "factorlab_tasks.json", {"tasks": cfg.tasks})
     mixer.save_pretrained(out / "mixer")
     for e, name in enumerate(cfg.tasks):
         export_expert_as_peft(mixer, e, out / "experts" / name)
@@ -393,9 +507,16 @@ def _export(out: Path, base: nn.Module, mixer: AdaptedModel, cfg: MixerExperimen
 def _write_results(out: Path, cfg, records, usage_by_seed, router_acc_by_seed, seconds) -> dict[str, Any]:
     from factorlab.recipes import mixer_plots
 
-    write_json(out / "results.json", {"config": dataclasses.asdict(cfg), "records": records,
-                                      "router_accuracy": router_acc_by_seed,
-                                      "usage": [u.tolist() for u in usage_by_seed], "seconds": seconds})
+    write_json(
+        out / "results.json",
+        {
+            "config": dataclasses.asdict(cfg),
+            "records": records,
+            "router_accuracy": router_acc_by_seed,
+            "usage": [u.tolist() for u in usage_by_seed],
+            "seconds": seconds,
+        },
+    )
     by_task = aggregate(records, ["system", "task"], ["accuracy"])
     rows = []
     for system in SYSTEMS:
@@ -409,23 +530,33 @@ def _write_results(out: Path, cfg, records, usage_by_seed, router_acc_by_seed, s
                 per_seed.setdefault(rec["seed"], []).append(rec["accuracy"])
         row["mean"] = aggregate([{"m": sum(v) / len(v)} for v in per_seed.values()], [], ["m"])[0]["m"]
         rows.append(row)
-    columns = [Column("system", "system"), *(Column(t, t, "{:.3f}") for t in cfg.tasks), Column("mean", "mean", "{:.3f}")]
+    columns = [
+        Column("system", "system"),
+        *(Column(t, t, "{:.3f}") for t in cfg.tasks),
+        Column("mean", "mean", "{:.3f}"),
+    ]
     table = write_table(rows, columns, out / "table")
     usage = torch.stack(usage_by_seed).mean(0)
     mixer_plots.accuracy_bars(rows, cfg.tasks, out / "accuracy.png")
     mixer_plots.usage_heatmap(usage, cfg.tasks, out / "routing.png")
     router_acc = sum(router_acc_by_seed) / len(router_acc_by_seed)
-    usage_rows = [{"task": t, **{f"→ {e}": float(usage[k, j]) for j, e in enumerate(cfg.tasks)}}
-                  for k, t in enumerate(cfg.tasks)]
-    usage_table = write_table(usage_rows, [Column("task", "task"), *(Column(f"→ {e}", f"→ {e}", "{:.2f}")
-                                                                      for e in cfg.tasks)], out / "routing")
+    usage_rows = [
+        {"task": t, **{f"→ {e}": float(usage[k, j]) for j, e in enumerate(cfg.tasks)}}
+        for k, t in enumerate(cfg.tasks)
+    ]
+    usage_table = write_table(
+        usage_rows,
+        [Column("task", "task"), *(Column(f"→ {e}", f"→ {e}", "{:.2f}") for e in cfg.tasks)],
+        out / "routing",
+    )
     verdict = mixer_verdict(rows, cfg.tasks)
     report = [
         f"# LoRA-Mixer multi-task comparison ({cfg.preset} preset)",
         "",
-        f"Model {cfg.model}; tasks {', '.join(cfg.tasks)}; seeds {cfg.seeds}; rank {cfg.r}; {cfg.steps} steps for "
-        f"the single LoRA and for stage 1, {cfg.router_steps} router steps on {cfg.router_examples_per_task} "
-        f"examples per task; {cfg.eval_examples_per_task} test examples per task. {seconds:.0f} s.",
+        f"Model {cfg.model}; tasks {', '.join(cfg.tasks)}; seeds {cfg.seeds}; rank {cfg.r}; "
+        f"{cfg.steps} steps for the single LoRA and for stage 1, {cfg.router_steps} router steps on "
+        f"{cfg.router_examples_per_task} examples per task; {cfg.eval_examples_per_task} test examples "
+        f"per task. {seconds:.0f} s.",
         "",
         "Accuracy (mean ± std over seeds):",
         "",
@@ -434,7 +565,8 @@ def _write_results(out: Path, cfg, records, usage_by_seed, router_acc_by_seed, s
         "",
         "![accuracy](accuracy.png)",
         "",
-        f"## Routing\n\nRouter accuracy against task labels: **{router_acc:.3f}** (chance {1 / len(cfg.tasks):.3f}). "
+        f"## Routing\n\nRouter accuracy against task labels: **{router_acc:.3f}** "
+        f"(chance {1 / len(cfg.tasks):.3f}). "
         "Mean routing weight of each task's samples (rows) on each expert (columns):",
         "",
         usage_table,
@@ -442,7 +574,13 @@ def _write_results(out: Path, cfg, records, usage_by_seed, router_acc_by_seed, s
         "",
     ]
     atomic_write_text(out / "report.md", "\n".join(report))
-    return {"rows": rows, "router_accuracy": router_acc, "usage": usage, "records": records, "verdict": verdict}
+    return {
+        "rows": rows,
+        "router_accuracy": router_acc,
+        "usage": usage,
+        "records": records,
+        "verdict": verdict,
+    }
 
 
 def mixer_verdict(rows: list[dict[str, Any]], tasks: Sequence[str]) -> str:
@@ -450,5 +588,139 @@ def mixer_verdict(rows: list[dict[str, Any]], tasks: Sequence[str]) -> str:
     mixer = next(r for r in rows if r["system"] == "LoRA-Mixer (soft)")
     better = [t for t in tasks if mixer[t].mean > single[t].mean]
     worse = [t for t in tasks if mixer[t].mean < single[t].mean]
-    return (f"LoRA-Mixer (soft) beats the single LoRA on {better or 'no task'} and is behind it on "
-            f"{worse or 'no task'}.")
+    return (
+        f"LoRA-Mixer (soft) beats the single LoRA on {better or 'no task'} and is behind it on "
+        f"{worse or 'no task'}."
+    )
+
+
+# ---- the two workflows as recipes (CLI) ------------------------------------------------------------
+
+
+def joint(cfg: MixerExperimentConfig, out: str | Path) -> dict[str, Any]:
+    """`factorlab mixer train`: the joint workflow on one seed; saves the mixer, each expert as a PEFT
+    folder and (tiny model) the base, and reports per-task accuracy and routing."""
+    out = Path(out)
+    tasks, pad_id = make_tasks(cfg)
+    seed = cfg.seeds[0]
+    data = [tasks.examples(k, cfg.train_examples_per_task, seed) for k in range(len(cfg.tasks))]
+    evals = [tasks.examples(k, cfg.eval_examples_per_task, 10_000 + seed) for k in range(len(cfg.tasks))]
+    base = build_base(cfg, tasks, seed)
+    mixer_config = LoraMixerConfig(
+        experts=[{"name": n, "r": cfg.r, "lora_alpha": cfg.lora_alpha} for n in cfg.tasks],
+        target_modules=cfg.target_modules,
+        routing="soft",
+        top_k=min(cfg.top_k, len(cfg.tasks)),
+        balance_coef=cfg.balance_coef,
+        specialization_coef=cfg.specialization_coef,
+    )
+    with StepBars("joint training") as bars:
+        bars.start(
+            ["stage 1: experts (hard routing)", "stage 2: routers (soft routing)"],
+            [cfg.steps, cfg.router_steps],
+        )
+        adapted = train_joint(
+            copy.deepcopy(base),
+            data,
+            mixer_config,
+            cfg.steps,
+            cfg.lr,
+            cfg.router_steps,
+            cfg.router_lr,
+            [d[: cfg.router_examples_per_task] for d in data],
+            cfg.batch_size,
+            seed,
+            pad_id,
+            progress=lambda stage, s: bars.update(0 if stage == "experts" else 1, s),
+        )
+    _export(out, base, adapted, cfg)
+    accuracies = {
+        t: accuracy(adapted, tasks, evals[k], pad_id, max_new_tokens=cfg.max_new_tokens)
+        for k, t in enumerate(cfg.tasks)
+    }
+    usage, router_acc = routing_report(adapted, evals, pad_id)
+    return _workflow_report(out, "joint training", cfg, accuracies, usage, router_acc)
+
+
+def plug(
+    cfg: MixerExperimentConfig, base_path: str | Path, adapters: Sequence[str | Path], out: str | Path
+) -> dict[str, Any]:
+    """`factorlab mixer plug`: route between existing PEFT LoRA folders; only the routers train.
+    ``cfg.tasks`` names the task each adapter was trained for, in the same order."""
+    out = Path(out)
+    if len(adapters) != len(cfg.tasks):
+        raise ConfigError(f"{len(adapters)} adapters but {len(cfg.tasks)} tasks; give one task per adapter.")
+    tasks, pad_id = make_tasks(cfg)
+    seed = cfg.seeds[0]
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_path).eval()
+    router_data = [tasks.examples(k, cfg.router_examples_per_task, seed) for k in range(len(cfg.tasks))]
+    evals = [tasks.examples(k, cfg.eval_examples_per_task, 10_000 + seed) for k in range(len(cfg.tasks))]
+    with console.status("training the routers"):
+        adapted = train_router_on_peft(
+            base,
+            adapters,
+            router_data,
+            cfg.router_steps,
+            cfg.router_lr,
+            cfg.batch_size,
+            seed,
+            pad_id,
+            names=list(cfg.tasks),
+            routing="soft",
+            top_k=min(cfg.top_k, len(cfg.tasks)),
+            balance_coef=cfg.balance_coef,
+            specialization_coef=cfg.specialization_coef,
+        )
+    adapted.save_pretrained(out / "mixer")
+    accuracies = {
+        t: accuracy(adapted, tasks, evals[k], pad_id, max_new_tokens=cfg.max_new_tokens)
+        for k, t in enumerate(cfg.tasks)
+    }
+    oracle = {
+        t: accuracy(adapted, tasks, evals[k], pad_id, hard=True, max_new_tokens=cfg.max_new_tokens)
+        for k, t in enumerate(cfg.tasks)
+    }
+    usage, router_acc = routing_report(adapted, evals, pad_id)
+    return _workflow_report(
+        out, "plug-and-play (frozen PEFT experts)", cfg, accuracies, usage, router_acc, oracle
+    )
+
+
+def _workflow_report(
+    out: Path, title: str, cfg, accuracies, usage, router_acc, oracle=None
+) -> dict[str, Any]:
+    from factorlab.recipes import mixer_plots
+
+    rows = [
+        {"task": t, "accuracy": accuracies[t], **({"oracle": oracle[t]} if oracle else {})} for t in cfg.tasks
+    ]
+    columns = [Column("task", "task"), Column("accuracy", "LoRA-Mixer accuracy", "{:.3f}")]
+    if oracle:
+        columns.append(Column("oracle", "expert alone (task id given)", "{:.3f}"))
+    table = write_table(rows, columns, out / "table")
+    mixer_plots.usage_heatmap(usage, cfg.tasks, out / "routing.png")
+    result = {
+        "accuracy": accuracies,
+        "oracle": oracle,
+        "router_accuracy": router_acc,
+        "usage": usage.tolist(),
+    }
+    write_json(out / "results.json", result)
+    atomic_write_text(
+        out / "report.md",
+        "\n".join(
+            [
+                f"# LoRA-Mixer: {title}",
+                "",
+                table,
+                f"Router accuracy against task labels: **{router_acc:.3f}** "
+                f"(chance {1 / len(cfg.tasks):.3f}).",
+                "",
+                "![routing](routing.png)",
+                "",
+            ]
+        ),
+    )
+    return result

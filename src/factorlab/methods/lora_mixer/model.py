@@ -251,7 +251,12 @@ def export_expert_as_peft(adapted, expert: int, path, adapter_name: str | None =
             continue
         # alpha such that alpha / r reproduces the expert's scaling (rsLoRA folded into alpha)
         alpha = float(bank.scaling[expert]) * r
-        modules[module] = (bank.A[expert, :r].detach(), bank.B[expert, :, :r].detach(), alpha, layer.fan_in_fan_out)
+        modules[module] = (
+            bank.A[expert, :r].detach(),
+            bank.B[expert, :, :r].detach(),
+            alpha,
+            layer.fan_in_fan_out,
+        )
     if not modules:
         raise ConfigError(f"expert {expert} adapts no projection.")
     return write_peft_lora(path, modules, adapted.base_model)
