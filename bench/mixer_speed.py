@@ -81,7 +81,8 @@ def part_a(args) -> None:
             best[name] = min(best[name], median_time(steps[name], args.reps))
     single, mixer = best.values()
     print(
-        f"(A) training step, batch {args.batch} x seq {args.seq}, median of {args.reps}, best of {args.rounds}"
+        f"(A) training step, batch {args.batch} x seq {args.seq}, "
+        f"median of {args.reps}, best of {args.rounds}"
     )
     for name, t in best.items():
         print(f"    {name:<26} {1000 * t:8.1f} ms")
@@ -151,7 +152,8 @@ def part_b(args) -> None:
     fwd_tokens = args.batch * args.seq
     gen_tokens = args.gen_batch * args.new_tokens
     print(
-        f"(B) throughput against X-LoRA, 8 adapters r=8 on {TARGETS}: forward batch {args.batch} x seq {args.seq}; "
+        f"(B) throughput against X-LoRA, 8 adapters r=8 on {TARGETS}: "
+        f"forward batch {args.batch} x seq {args.seq}; "
         f"generate {args.new_tokens} tokens for {args.gen_batch} prompts of {args.prompt}"
     )
     x_fwd, x_gen = best["X-LoRA (peft)"]
