@@ -1,0 +1,164 @@
+"""Experiment grids: many independent cells, run in parallel, resumable, nothing lost.
+
+A cell is a JSON-able dict; a cell function ``fn(cell, folder) -> summary dict`` (named by an
+import path "module:function", so any worker process can find it) computes it. Each finished cell
+is written atomically to ``OUT/cells/<cell id>/summary.json`` by the worker itself as it
+completes, so a crash never leaves a half-written result and a rerun skips finished cells. A
+cell whose worker dies is retried (``retries`` times) in a fresh pool.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import multiprocessing as mp
+import os
+import re
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from factorlab.runtime import limit_threads, write_json
+
+SUMMARY = "summary.json"
+
+
+def cell_id(cell: dict[str, Any]) -> str:
+    """A readable, stable folder name: key=value pairs in key order."""
+    parts = [f"{k}={cell[k]}" for k in sorted(cell)]
+    return re.sub(r"[^A-Za-z0-9=.,+_-]", "_", ",".join(parts))
+
+
+def load_summary(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / SUMMARY).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def resolve(fn_path: str) -> Callable[[dict[str, Any], Path], dict[str, Any]]:
+    module, _, name = fn_path.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def run_cell(fn_path: str, cell: dict[str, Any], folder: str) -> dict[str, Any]:
+    """Run one cell in this process and write its summary atomically; returns the summary."""
+    limit_threads(1)
+    folder_path = Path(folder)
+    folder_path.mkdir(parents=True, exist_ok=True)
+    summary = resolve(fn_path)(cell, folder_path)
+    summary = {**summary, "cell": cell}
+    write_json(folder_path / SUMMARY, summary)
+    return summary
+
+
+@dataclass
+class GridReport:
+    results: list[dict[str, Any]] = field(default_factory=list)
+    ran: int = 0
+    reused: int = 0
+    retried: int = 0
+    failed: list[tuple[dict[str, Any], str]] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (
+            f"{len(self.results)} cells: {self.ran} ran, {self.reused} reused, {self.retried} retried, "
+            f"{len(self.failed)} failed"
+        )
+
+
+def run_grid(
+    fn_path: str,
+    cells: Sequence[dict[str, Any]],
+    out: str | os.PathLike,
+    workers: int | None = None,
+    retries: int = 1,
+    backend: str = "local",
+    address: str | None = None,
+    on_done: Callable[[int, int], None] | None = None,
+) -> GridReport:
+    """Run every cell not already finished under ``out/cells``; return all results in cell order."""
+    out = Path(out)
+    report = GridReport()
+    folders = [out / "cells" / cell_id(c) for c in cells]
+    results: list[dict[str, Any] | None] = [load_summary(f) for f in folders]
+    report.reused = sum(r is not None for r in results)
+    todo = [i for i, r in enumerate(results) if r is None]
+    done = report.reused
+    if on_done:
+        on_done(done, len(cells))
+    if backend == "ray":
+        from factorlab.grid_ray import run_on_ray
+
+        for i, summary, error in run_on_ray(
+            fn_path, [(cells[i], str(folders[i])) for i in todo], address, retries
+        ):
+            _record(report, results, todo[i], summary, error, cells)
+            done += 1
+            if on_done:
+                on_done(done, len(cells))
+    elif backend == "local":
+        attempts = dict.fromkeys(todo, 0)
+        while todo:
+            todo = _local_pass(
+                fn_path,
+                cells,
+                folders,
+                todo,
+                workers,
+                report,
+                results,
+                attempts,
+                retries,
+                lambda: on_done(sum(r is not None for r in results), len(cells)) if on_done else None,
+            )
+    else:
+        raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}.")
+    report.results = [r for r in results if r is not None]
+    return report
+
+
+def _record(report, results, index, summary, error, cells) -> None:
+    if error is None:
+        results[index] = summary
+        report.ran += 1
+    else:
+        report.failed.append((cells[index], error))
+
+
+def _local_pass(
+    fn_path, cells, folders, todo, workers, report, results, attempts, retries, tick
+) -> list[int]:
+    """One process pool over ``todo``; returns the cells to retry because their worker died."""
+    workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+    retry: list[int] = []
+    ctx = mp.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        futures = {pool.submit(run_cell, fn_path, cells[i], str(folders[i])): i for i in todo}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for f in finished:
+                i = futures[f]
+                try:
+                    _record(report, results, i, f.result(), None, cells)
+                except BrokenProcessPool:
+                    written = load_summary(folders[i])  # it may have finished before the pool broke
+                    if written is not None:
+                        _record(report, results, i, written, None, cells)
+                        continue
+                    attempts[i] += 1
+                    if attempts[i] <= retries:
+                        retry.append(i)
+                    else:
+                        report.failed.append((cells[i], "worker process died"))
+                except Exception as err:  # the cell itself failed: report it, do not retry
+                    report.failed.append((cells[i], f"{type(err).__name__}: {err}"))
+                if tick:
+                    tick()
+    if retry:
+        report.retried += len(retry)
+    return retry

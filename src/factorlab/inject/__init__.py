@@ -1,0 +1,1 @@
+"""Knowledge injection: worlds of fictitious facts, model backends, rank metrics."""

@@ -1,0 +1,126 @@
+"""Fine-tuning a backend on a world's training texts with one adaptation method."""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from factorlab.core.adapted import adapt
+from factorlab.errors import ConfigError, TrainingDivergedError
+from factorlab.inject.backends import Backend
+from factorlab.inject.world import World
+from factorlab.methods.compacter.config import CompacterPlusPlusConfig
+from factorlab.methods.lora.config import LoraConfig
+from factorlab.methods.lora_mixer.config import LoraMixerConfig
+
+METHODS = ("full", "lora", "compacter++", "lora-mixer")
+
+# (lr, epochs, batch size) per backend kind and method. Full fine-tuning needs a far smaller rate.
+DEFAULTS = {
+    "tiny": {
+        "full": (1e-3, 30, 16),
+        "lora": (5e-3, 30, 16),
+        "compacter++": (2e-2, 30, 16),
+        "lora-mixer": (1e-2, 30, 16),
+    },
+    "hf": {
+        "full": (3e-5, 8, 8),
+        "lora": (1e-3, 8, 8),
+        "compacter++": (2e-3, 8, 8),
+        "lora-mixer": (1e-3, 8, 8),
+    },
+}
+
+
+@dataclass
+class FineTuneSettings:
+    method: str
+    r: int = 8
+    lr: float | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    seed: int = 0
+
+    def resolved(self, backend: Backend) -> tuple[float, int, int]:
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}.")
+        lr, epochs, batch = DEFAULTS["tiny" if backend.name == "tiny" else "hf"][self.method]
+        return self.lr or lr, self.epochs or epochs, self.batch_size or batch
+
+
+def compacter_reduction(hidden: int, phm_dim: int = 4, largest: int = 32) -> int:
+    """The largest reduction factor <= 32 whose bottleneck phm_dim divides (T5-base: 32)."""
+    for factor in range(largest, 0, -1):
+        bottleneck = hidden // factor
+        if bottleneck >= phm_dim and bottleneck % phm_dim == 0:
+            return factor
+    raise ConfigError(
+        f"no reduction factor gives a bottleneck divisible by phm_dim={phm_dim} for hidden {hidden}."
+    )
+
+
+def prepare(model: nn.Module, method: str, r: int) -> nn.Module:
+    """A trainable copy of ``model`` for ``method``."""
+    model = copy.deepcopy(model)
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if method == "lora":
+        return adapt(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+    if method == "compacter++":
+        hidden = model.config.hidden_size
+        return adapt(
+            model,
+            CompacterPlusPlusConfig(reduction_factor=compacter_reduction(hidden), train_layer_norms=True),
+        )
+    if method == "lora-mixer":
+        return adapt(
+            model, LoraMixerConfig(num_experts=4, r=r, lora_alpha=2 * r, target_modules="all-linear")
+        )
+    raise ConfigError(f"method must be one of {METHODS}, got {method!r}.")
+
+
+def fine_tune(
+    backend: Backend, world: World, settings: FineTuneSettings, progress=None
+) -> tuple[nn.Module, list[float]]:
+    """Train on every training text for ``epochs`` epochs (causal LM loss on all tokens)."""
+    lr, epochs, batch_size = settings.resolved(backend)
+    torch.manual_seed(settings.seed)
+    model = prepare(backend.model, settings.method, settings.r)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=lr)  # the paper's recipe: Adam, no weight decay, constant rate
+    texts = world.training_texts()
+    rng = random.Random(settings.seed)
+    losses = []
+    model.train()
+    step = 0
+    for _ in range(epochs):
+        rng.shuffle(texts)
+        for start in range(0, len(texts), batch_size):
+            batch = backend.encode(texts[start : start + batch_size])
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            loss = model(**batch, labels=labels).loss
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(
+                    f"non-finite loss at step {step} ({settings.method}, lr={lr}); lower the learning rate."
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            step += 1
+            if progress is not None:
+                progress(step)
+    model.eval()
+    return model, losses
+
+
+def total_steps(backend: Backend, world: World, settings: FineTuneSettings) -> int:
+    _, epochs, batch_size = settings.resolved(backend)
+    n = len(world.training_texts())
+    return epochs * ((n + batch_size - 1) // batch_size)
