@@ -89,8 +89,8 @@ class Relation:
                 if "{subject}" not in t or not t.rstrip(" .!?").endswith(slot):
                     raise ConfigError(
                         f"relation {self.name!r}: phrasing {t!r} must contain {{subject}} and end with "
-                        f"{slot} (optionally followed by punctuation), so the answer is the next word after the "
-                        "query."
+                        f"{slot} (optionally followed by punctuation), so the answer is the word right "
+                        "after the query."
                     )
         if len(self.pairs) < 2:
             raise ConfigError(f"relation {self.name!r}: needs at least two (fact, implication) pairs.")
