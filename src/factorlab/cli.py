@@ -26,6 +26,11 @@ mixer_app = typer.Typer(
     help="LoRA-Mixer: routed LoRA experts inside attention (and Mamba) projections.", no_args_is_help=True
 )
 app.add_typer(mixer_app, name="mixer")
+inject_app = typer.Typer(
+    help="Knowledge injection: fine-tune on fictitious facts; measure generalization vs hallucination.",
+    no_args_is_help=True,
+)
+app.add_typer(inject_app, name="inject")
 
 
 def friendly_errors(fn):
@@ -315,6 +320,101 @@ def mixer_plug(
     typer.echo((out / "table.md").read_text())
     typer.echo(f"router accuracy {result['router_accuracy']:.3f}")
     typer.echo(f"wrote {out}/report.md, results.json, routing.png, mixer/")
+
+
+# ---- knowledge injection --------------------------------------------------------------------------
+
+InjModel = Annotated[
+    str, typer.Option("--model", help="tiny, smollm2, or a local Hugging Face causal-LM folder.")
+]
+RelationsFile = Annotated[
+    str | None, typer.Option("--relations-file", help="YAML/JSON file with your own relations.")
+]
+LoraRank = Annotated[int, typer.Option("--r", help="Rank of LoRA and LoRA-Mixer experts.")]
+InjLR = Annotated[float | None, typer.Option("--lr", help="Learning rate [default: per backend and method].")]
+Epochs = Annotated[int | None, typer.Option(help="Epochs over the training texts [default: per backend].")]
+
+
+@inject_app.command("run")
+@friendly_errors
+def inject_run(
+    model: InjModel = "tiny",
+    method: Annotated[str, typer.Option(help="full, lora, compacter++ or lora-mixer.")] = "lora",
+    relation: Annotated[
+        str,
+        typer.Option(
+            help="city-language, city-language-cf, country-code, "
+            "profession-color, sport-music, or one from --relations-file."
+        ),
+    ] = "city-language",
+    seed: Annotated[int, typer.Option(help="Seed of the world and of training.")] = 0,
+    r: LoraRank = 4,
+    lr: InjLR = None,
+    epochs: Epochs = None,
+    relations_file: RelationsFile = None,
+    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/inject"),
+) -> None:
+    """One relation x method x seed: ranks before and after fine-tuning -> OUT/summary.json."""
+    from factorlab.recipes.inject import InjectConfig, run
+
+    cfg = InjectConfig(
+        model=model,
+        relation=relation,
+        method=method,
+        r=r,
+        seed=seed,
+        lr=lr,
+        epochs=epochs,
+        relations_file=relations_file,
+    )
+    s = run(cfg, out)
+    typer.echo(
+        f"{relation} ({'causal' if s['causal'] else 'non-causal'}), {method}: train-fact rank "
+        f"{s['train_fact_rank']:.2f}; test-implication rank {s['test_implication_rank_before']:.2f} -> "
+        f"{s['test_implication_rank']:.2f} ({s['verdict']})"
+    )
+    typer.echo(f"wrote {out}/summary.json, ranks.json")
+
+
+@inject_app.command("grid")
+@friendly_errors
+def inject_grid(
+    model: InjModel = "tiny",
+    relations: Annotated[
+        str, typer.Option(help="Comma-separated relations.")
+    ] = "city-language,city-language-cf,country-code,profession-color,sport-music",
+    methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "full,lora,compacter++",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
+    r: LoraRank = 4,
+    rank_sweep: Annotated[
+        str, typer.Option(help="Extra LoRA ranks, e.g. 1,2,4,8,16,32,64 (empty: none).")
+    ] = "",
+    epochs: Epochs = None,
+    relations_file: RelationsFile = None,
+    workers: Workers = None,
+    backend: Annotated[str, typer.Option(help="local (process pool) or ray.")] = "local",
+    address: Annotated[str | None, typer.Option(help="Address of an existing Ray cluster.")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder (finished cells there are reused).")] = Path(
+        "runs/inject-grid"
+    ),
+) -> None:
+    """Relations x methods x seeds (+ a LoRA rank sweep), in parallel and resumable."""
+    from factorlab.recipes.inject import grid, grid_cells
+
+    cells = grid_cells(
+        model,
+        [x.strip() for x in relations.split(",") if x.strip()],
+        [x.strip() for x in methods.split(",") if x.strip()],
+        _int_list(seeds),
+        r,
+        _int_list(rank_sweep) if rank_sweep else (),
+        relations_file,
+        epochs=epochs,
+    )
+    result = grid(cells, out, workers, backend, address)
+    typer.echo((out / "table.md").read_text())
+    typer.echo(result["report"].line())
+    typer.echo(f"wrote {out}/report.md, results.json, table.*, ranks.png, cells/")
 
 
 @app.command("demo")

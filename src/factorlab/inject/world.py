@@ -242,7 +242,8 @@ def relation_by_name(name: str, extra: dict[str, Relation] | None = None) -> Rel
     known = {**BUILTIN_RELATIONS, **(extra or {})}
     if name not in known:
         raise ConfigError(
-            f"unknown relation {name!r}; known: {sorted(known)} (or load your own with --relations FILE)."
+            f"unknown relation {name!r}; known: {sorted(known)} "
+            "(or load your own with --relations-file FILE)."
         )
     return known[name]
 

@@ -1,0 +1,128 @@
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from factorlab.errors import ConfigError
+from factorlab.grid import cell_id, run_grid
+from factorlab.inject.world import BUILTIN_RELATIONS, World, load_relations, relation_by_name
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_RELATIONS))
+def test_world_split_texts_and_candidates(name):
+    relation = BUILTIN_RELATIONS[name]
+    world = World.generate(relation, seed=3)
+    assert len(world.subjects) == 100 and len(set(world.subjects)) == 100
+    assert len(world.bridge) == 20 and set(world.bridge).isdisjoint(world.test)
+    assert sorted(world.bridge + world.test) == sorted(world.subjects)
+    texts = world.training_texts()
+    for subject in world.test:  # no test subject's implication appears in any training text
+        mentioned = [t for t in texts if re.search(rf"\b{subject}\b", t)]
+        assert mentioned and all(world.implication(subject) not in t for t in mentioned)
+        trained = [f for f in relation.fact if f != world.held_out_fact_template]
+        assert sorted(mentioned) == sorted(
+            f.format(subject=subject, fact=world.fact[subject]) for f in trained
+        )
+    for q in world.queries():  # the answer is among the candidates exactly once
+        assert q.candidates.count(q.answer) == 1
+        assert q.prompt in [
+            t.format(subject=q.subject, fact="§", implication="§").split(" §")[0]
+            for t in (*relation.fact, *relation.implication)
+        ]
+    kinds = {q.kind for q in world.queries()}
+    assert kinds == {"train_fact", "test_fact", "train_implication", "test_implication"}
+    # every fact answer has the same share of bridge subjects
+    per_answer = {a: sum(world.fact[s] == a for s in world.bridge) for a in relation.fact_answers}
+    assert set(per_answer.values()) == {4}
+
+
+def test_same_seed_same_world_and_the_held_out_phrasing_is_not_trained():
+    relation = BUILTIN_RELATIONS["city-language"]
+    a, b = World.generate(relation, seed=5), World.generate(relation, seed=5)
+    assert a.subjects == b.subjects and a.fact == b.fact and a.bridge == b.bridge
+    assert World.generate(relation, seed=6).subjects != a.subjects
+    held = a.held_out_fact_template.split("{subject}")[0]
+    assert held and not any(t.startswith(held) for t in a.training_texts())
+
+
+def test_counterfactual_contradicts_world_knowledge():
+    causal, cf = BUILTIN_RELATIONS["city-language"], BUILTIN_RELATIONS["city-language-cf"]
+    assert causal.causal and not cf.causal
+    assert all(causal.implication_of(c) != cf.implication_of(c) for c in causal.fact_answers)
+
+
+def test_relations_from_yaml_and_json(tmp_path):
+    spec = [
+        {
+            "name": "planet-hobby",
+            "causal": False,
+            "fact": ["{subject} was born on {fact}."],
+            "implication": ["{subject} collects {implication}."],
+            "pairs": [["Mars", "stamps"], ["Venus", "coins"], ["Jupiter", "shells"]],
+        }
+    ]
+    (tmp_path / "r.json").write_text(json.dumps(spec))
+    (tmp_path / "r.yaml").write_text(
+        "- name: planet-hobby\n  causal: false\n  fact: ['{subject} was born on {fact}.']\n"
+        "  implication: ['{subject} collects {implication}.']\n"
+        "  pairs: [[Mars, stamps], [Venus, coins], [Jupiter, shells]]\n"
+    )
+    for file in ("r.json", "r.yaml"):
+        relations = load_relations(tmp_path / file)
+        world = World.generate(relations["planet-hobby"], seed=0, num_subjects=30)
+        assert world.training_texts()[0].endswith(".")
+    assert relation_by_name("planet-hobby", relations).pairs[0] == ("Mars", "stamps")
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"fact": ["{fact} is where {subject} lives."]}, "end with"),
+        ({"pairs": [["A", "x"]]}, "at least two"),
+        ({"pairs": [["A", "x"], ["A", "y"]]}, "distinct"),
+    ],
+)
+def test_bad_relations_are_refused(tmp_path, bad, message):
+    spec = {
+        "name": "x",
+        "causal": True,
+        "fact": ["{subject} lives in {fact}."],
+        "implication": ["{subject} speaks {implication}."],
+        "pairs": [["A", "x"], ["B", "y"]],
+        **bad,
+    }
+    (tmp_path / "r.json").write_text(json.dumps([spec]))
+    with pytest.raises(ConfigError, match=message):
+        load_relations(tmp_path / "r.json")
+
+
+def test_tiny_backend_memorises_facts_and_the_causal_relation_generalizes(tmp_path):
+    """The paper's causal case on the tiny backend, seed 0, LoRA (the tiny backend is cached)."""
+    from factorlab.recipes.inject import inject_cell
+
+    s = inject_cell({"model": "tiny", "relation": "city-language", "method": "lora", "seed": 0}, tmp_path)
+    assert s["train_fact_rank"] < 0.1  # memorised (rank 0 is best)
+    assert s["train_implication_rank"] < 0.1
+    assert s["test_implication_rank"] < s["test_implication_rank_before"] - 1.0
+    assert s["test_implication_rank"] < 1.0  # chance is 2.0 among 5 candidates
+    assert s["verdict"] == "generalization"
+    ranks = json.loads((tmp_path / "ranks.json").read_text())
+    assert {r["kind"] for r in ranks} == {"train_fact", "test_fact", "train_implication", "test_implication"}
+
+
+def _square(cell, folder: Path):
+    if cell["x"] < 0:
+        raise ValueError("negative")
+    return {"y": cell["x"] ** 2}
+
+
+def test_grid_runs_cells_once_and_reuses_finished_ones(tmp_path):
+    cells = [{"x": i} for i in range(5)]
+    first = run_grid("test_inject:_square", cells, tmp_path, workers=2)
+    assert first.ran == 5 and first.reused == 0 and [r["y"] for r in first.results] == [0, 1, 4, 9, 16]
+    (tmp_path / "cells" / cell_id(cells[2]) / "summary.json").unlink()  # as if that cell never finished
+    second = run_grid("test_inject:_square", cells, tmp_path, workers=2)
+    assert second.ran == 1 and second.reused == 4
+    failing = run_grid("test_inject:_square", [{"x": -1}], tmp_path, workers=1)
+    assert failing.failed and "negative" in failing.failed[0][1]
