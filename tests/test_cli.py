@@ -100,6 +100,6 @@ def test_demo_quick_writes_a_report(tmp_path):
     result = runner.invoke(app, ["demo", "--quick", "--out", str(tmp_path / "demo")])
     assert result.exit_code == 0, result.output
     report = (tmp_path / "demo" / "report.md").read_text()
-    assert "Factorized generalizes" in report and "max-margin" in report
+    assert "Factorized generalizes" in report and "max-margin" in report and "Knowledge injection" in report
     for png in ("ocr/curves.png", "rank-sweep/accuracy_vs_dh.png", "theory/theory.png"):
         assert (tmp_path / "demo" / png).exists()

@@ -17,7 +17,7 @@ from typing import Any
 
 from factorlab.ocr.train import OCRConfig
 from factorlab.progress import console
-from factorlab.recipes import ocr
+from factorlab.recipes import inject, ocr
 from factorlab.runtime import atomic_write_text
 
 
@@ -33,7 +33,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> Path:
     out = Path(out)
     started = time.perf_counter()
     steps = 300 if quick else 2000
-    console.rule("1/3  factorized vs combined, causal vs spurious")
+    console.rule("1/4  factorized vs combined, causal vs spurious")
     main = ocr.sweep(
         OCRConfig(steps=steps),
         d_hs=[128, 4],
@@ -42,7 +42,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> Path:
         out=out / "ocr",
         associations=("causal", "spurious"),
     )
-    console.rule("2/3  rank sweep")
+    console.rule("2/4  rank sweep")
     sweep_steps = 200 if quick else 3000
     ocr.sweep(
         OCRConfig(steps=sweep_steps),
@@ -51,13 +51,19 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False) -> Path:
         seeds=[0] if quick else [0, 1, 2],
         out=out / "rank-sweep",
     )
-    console.rule("3/3  max-margin analysis")
+    console.rule("3/4  max-margin analysis")
     theory = ocr.theory(
         OCRConfig(groups=4, subjects_per_group=4, steps=300 if quick else 3000), out / "theory"
     )
+    console.rule("4/4  knowledge injection on the tiny backend")
+    cells = inject.grid_cells(
+        "tiny", ["city-language", "city-language-cf"], ["full", "lora"], [0], r=4, epochs=2 if quick else None
+    )
+    injection = inject.grid(cells, out / "inject")
 
     report = out / "report.md"
-    atomic_write_text(report, _report(out, main, theory, steps, sweep_steps, time.perf_counter() - started))
+    text = _report(out, main, theory, steps, sweep_steps, time.perf_counter() - started)
+    atomic_write_text(report, text + _injection_section(injection))
     console.print(f"\n[bold green]demo finished[/] — report: {report.resolve()}")
     return report
 
@@ -108,4 +114,24 @@ def _report(out: Path, main, theory, steps: int, sweep_steps: int, seconds: floa
         "",
         ocr.theory_report(theory).split("\n", 2)[2].replace("(theory.png)", "(theory/theory.png)"),
     ]
+    return "\n".join(lines)
+
+
+def _injection_section(injection: dict[str, Any]) -> str:
+    lines = [
+        "",
+        "## 4. Knowledge injection: the same mechanism in a language model",
+        "",
+        "A small Llama, pretrained by factorlab on a generated corpus that teaches which language each "
+        "city speaks, is fine-tuned on facts about 100 fictitious people; the implication is shown for "
+        "20 of them. Mean rank (0 = best, chance 2.0) of the associated implication for the other 80:",
+        "",
+    ]
+    for r in injection["records"]:
+        lines.append(
+            f"- {r['relation']} ({'causal' if r['causal'] else 'counterfactual'}), {r['method']}: "
+            f"{r['test_implication_rank_before']:.2f} before -> **{r['test_implication_rank']:.2f}** after: "
+            f"{r['verdict']}"
+        )
+    lines += ["", "Full table: `inject/report.md`.", "", "![injection ranks](inject/ranks.png)", ""]
     return "\n".join(lines)
