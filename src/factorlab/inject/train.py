@@ -40,6 +40,9 @@ DEFAULTS = {
 class FineTuneSettings:
     method: str
     r: int = 8
+    lora_alpha: float = 8.0
+    """Fixed across ranks (PEFT's default): the update scale alpha / r shrinks as r grows, which keeps
+    Adam's effective step size comparable between ranks of a sweep."""
     lr: float | None = None
     epochs: int | None = None
     batch_size: int | None = None
@@ -63,7 +66,7 @@ def compacter_reduction(hidden: int, phm_dim: int = 4, largest: int = 32) -> int
     )
 
 
-def prepare(model: nn.Module, method: str, r: int) -> nn.Module:
+def prepare(model: nn.Module, method: str, r: int, lora_alpha: float = 8.0) -> nn.Module:
     """A trainable copy of ``model`` for ``method``."""
     model = copy.deepcopy(model)
     if method == "full":
@@ -71,7 +74,7 @@ def prepare(model: nn.Module, method: str, r: int) -> nn.Module:
             p.requires_grad_(True)
         return model
     if method == "lora":
-        return adapt(model, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear"))
+        return adapt(model, LoraConfig(r=r, lora_alpha=lora_alpha, target_modules="all-linear"))
     if method == "compacter++":
         hidden = model.config.hidden_size
         return adapt(
@@ -80,7 +83,7 @@ def prepare(model: nn.Module, method: str, r: int) -> nn.Module:
         )
     if method == "lora-mixer":
         return adapt(
-            model, LoraMixerConfig(num_experts=4, r=r, lora_alpha=2 * r, target_modules="all-linear")
+            model, LoraMixerConfig(num_experts=4, r=r, lora_alpha=lora_alpha, target_modules="all-linear")
         )
     raise ConfigError(f"method must be one of {METHODS}, got {method!r}.")
 
@@ -91,7 +94,7 @@ def fine_tune(
     """Train on every training text for ``epochs`` epochs (causal LM loss on all tokens)."""
     lr, epochs, batch_size = settings.resolved(backend)
     torch.manual_seed(settings.seed)
-    model = prepare(backend.model, settings.method, settings.r)
+    model = prepare(backend.model, settings.method, settings.r, settings.lora_alpha)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)  # the paper's recipe: Adam, no weight decay, constant rate
     texts = world.training_texts()

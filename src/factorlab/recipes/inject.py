@@ -40,6 +40,7 @@ class InjectConfig:
     relation: str = "city-language"
     method: str = "lora"
     r: int = 4
+    lora_alpha: float = 8.0
     seed: int = 0
     lr: float | None = None
     epochs: int | None = None
@@ -88,7 +89,7 @@ def inject_cell(cell: dict[str, Any], folder: Path, progress=None) -> dict[str, 
     world = World.generate(relation, cfg.seed, cfg.num_subjects, cfg.bridge_fraction)
     queries = world.queries()
     before = backend.ranks(backend.model, queries)
-    settings = FineTuneSettings(cfg.method, cfg.r, cfg.lr, cfg.epochs, seed=cfg.seed)
+    settings = FineTuneSettings(cfg.method, cfg.r, cfg.lora_alpha, cfg.lr, cfg.epochs, seed=cfg.seed)
     model, losses = fine_tune(backend, world, settings, progress)
     after = backend.ranks(model, queries)
     summary: dict[str, Any] = {}
@@ -139,7 +140,7 @@ def run(cfg: InjectConfig, out: str | Path) -> dict[str, Any]:
         relation_by_name(cfg.relation, cfg.extra_relations()), cfg.seed, cfg.num_subjects, cfg.bridge_fraction
     )
     steps = total_steps(
-        backend, world, FineTuneSettings(cfg.method, cfg.r, cfg.lr, cfg.epochs, seed=cfg.seed)
+        backend, world, FineTuneSettings(cfg.method, cfg.r, cfg.lora_alpha, cfg.lr, cfg.epochs, seed=cfg.seed)
     )
     with StepBars(f"{cfg.method} on {cfg.relation}") as bars:
         bars.start([f"{cfg.method}, {cfg.relation}, seed {cfg.seed}"], [steps])
@@ -171,6 +172,8 @@ def grid_cells(
                     cells.append(
                         {"model": model, "relation": relation, "method": "lora", "r": rank, "seed": seed}
                     )
+    for cell in cells:  # the scale is part of the cell id: results with another scale are never reused
+        cell["lora_alpha"] = 8.0
     for cell in cells:
         if relations_file:
             cell["relations_file"] = relations_file
