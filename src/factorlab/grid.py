@@ -84,6 +84,8 @@ def run_grid(
     out = Path(out)
     report = GridReport()
     folders = [out / "cells" / cell_id(c) for c in cells]
+    for stale in out.glob("cells/*/.*.tmp"):  # left by a writer that was killed mid-write
+        stale.unlink(missing_ok=True)
     results: list[dict[str, Any] | None] = [load_summary(f) for f in folders]
     report.reused = sum(r is not None for r in results)
     todo = [i for i, r in enumerate(results) if r is None]
@@ -93,10 +95,12 @@ def run_grid(
     if backend == "ray":
         from factorlab.grid_ray import run_on_ray
 
-        for i, summary, error in run_on_ray(
-            fn_path, [(cells[i], str(folders[i])) for i in todo], address, retries
-        ):
-            _record(report, results, todo[i], summary, error, cells)
+        jobs = [(cells[i], str(folders[i])) for i in todo]
+        for j, summary, error, attempts in run_on_ray(fn_path, jobs, address, retries, workers):
+            if error is not None and load_summary(folders[todo[j]]) is not None:  # died after writing
+                summary, error = load_summary(folders[todo[j]]), None
+            _record(report, results, todo[j], summary, error, cells)
+            report.retried += attempts - 1
             done += 1
             if on_done:
                 on_done(done, len(cells))

@@ -5,17 +5,22 @@ from __future__ import annotations
 import copy
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from factorlab.checkpoint import load_checkpoint, save_checkpoint
 from factorlab.core.adapted import adapt
+from factorlab.distributed import init_from_env, is_main, rank, world_size
 from factorlab.errors import ConfigError, TrainingDivergedError
 from factorlab.inject.backends import Backend
 from factorlab.inject.world import World
 from factorlab.methods.compacter.config import CompacterPlusPlusConfig
 from factorlab.methods.lora.config import LoraConfig
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
+from factorlab.training import lm_loss
 
 METHODS = ("full", "lora", "compacter++", "lora-mixer")
 
@@ -89,36 +94,65 @@ def prepare(model: nn.Module, method: str, r: int, lora_alpha: float = 8.0) -> n
 
 
 def fine_tune(
-    backend: Backend, world: World, settings: FineTuneSettings, progress=None
+    backend: Backend,
+    world: World,
+    settings: FineTuneSettings,
+    progress=None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 50,
+    stop_after: int | None = None,
 ) -> tuple[nn.Module, list[float]]:
-    """Train on every training text for ``epochs`` epochs (causal LM loss on all tokens)."""
+    """Train on every training text for ``epochs`` epochs (causal LM loss on all tokens).
+
+    Runs unchanged under torchrun / accelerate launch: each global batch is sharded over the
+    ranks and the loss is normalised by the global token count, so the loss curve equals one
+    process's with the same global batch. With ``checkpoint_dir`` it saves every
+    ``checkpoint_every`` steps (rank 0 only) and resumes from the last checkpoint; the data order
+    is a pure function of (seed, epoch), so a resumed run ends with the same weights as an
+    uninterrupted one. ``stop_after`` stops early (to test resuming).
+    """
     lr, epochs, batch_size = settings.resolved(backend)
+    distributed = init_from_env()
+    world_ranks, my_rank = world_size(), rank()
+    if batch_size < world_ranks:
+        raise ConfigError(f"batch_size={batch_size} is smaller than the {world_ranks} processes; raise it.")
     torch.manual_seed(settings.seed)
     model = prepare(backend.model, settings.method, settings.r, settings.lora_alpha)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)  # the paper's recipe: Adam, no weight decay, constant rate
+    losses: list[float] = []
+    start = 0
+    if checkpoint_dir is not None:
+        meta = load_checkpoint(checkpoint_dir, model, optimizer)
+        if meta is not None:
+            start, losses = meta["step"], list(meta["extra"]["losses"])
+    net = DistributedDataParallel(model) if distributed else model
     texts = world.training_texts()
-    rng = random.Random(settings.seed)
-    losses = []
+    per_epoch = (len(texts) + batch_size - 1) // batch_size
     model.train()
-    step = 0
-    for _ in range(epochs):
-        rng.shuffle(texts)
-        for start in range(0, len(texts), batch_size):
-            batch = backend.encode(texts[start : start + batch_size])
-            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-            loss = model(**batch, labels=labels).loss
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(
-                    f"non-finite loss at step {step} ({settings.method}, lr={lr}); lower the learning rate."
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            step += 1
-            if progress is not None:
-                progress(step)
+    for step in range(start, epochs * per_epoch):
+        epoch, index = divmod(step, per_epoch)
+        order = list(range(len(texts)))
+        random.Random(settings.seed * 100_003 + epoch).shuffle(order)
+        batch = [texts[i] for i in order[index * batch_size : (index + 1) * batch_size]]
+        enc = backend.encode(batch[my_rank::world_ranks])
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        try:
+            loss, logged = lm_loss(net, model, enc, labels)
+        except TrainingDivergedError:
+            raise TrainingDivergedError(
+                f"non-finite loss at step {step} ({settings.method}, lr={lr}); lower the learning rate."
+            ) from None
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(logged)
+        if checkpoint_dir is not None and (step + 1) % checkpoint_every == 0 and is_main():
+            save_checkpoint(checkpoint_dir, model, optimizer, step + 1, {"losses": losses})
+        if progress is not None:
+            progress(step + 1)
+        if stop_after is not None and step + 1 >= stop_after:
+            break
     model.eval()
     return model, losses
 

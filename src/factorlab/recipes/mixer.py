@@ -33,8 +33,11 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from factorlab.checkpoint import load_checkpoint, save_checkpoint
 from factorlab.core.adapted import AdaptedModel, adapt
+from factorlab.distributed import init_from_env, is_main, rank, world_size
 from factorlab.errors import ConfigError
 from factorlab.methods.lora.config import LoraConfig
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
@@ -42,6 +45,7 @@ from factorlab.methods.lora_mixer.model import export_expert_as_peft, routing_we
 from factorlab.progress import StepBars, console
 from factorlab.reporting import Column, aggregate, write_table
 from factorlab.runtime import atomic_write_text, write_json
+from factorlab.training import lm_loss
 
 # ---- tasks ------------------------------------------------------------------------------------------
 
@@ -142,27 +146,41 @@ def train(
     hard: bool,
     pad_id: int,
     progress=None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 100,
 ) -> list[float]:
-    """AdamW on batches mixed uniformly over tasks. ``hard`` passes the task ids (stage 1)."""
-    rng = random.Random(seed)
+    """AdamW on batches mixed uniformly over tasks. ``hard`` passes the task ids (stage 1).
+
+    Runs unchanged under torchrun / accelerate launch (each global batch is sharded over the
+    ranks, see factorlab.training.lm_loss); with ``checkpoint_dir`` it checkpoints on rank 0 and
+    resumes. Batches are a pure function of (seed, step), so resuming reproduces the same run.
+    """
+    distributed = init_from_env()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("nothing to train: no parameter requires grad.")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     pool = [e for task in data for e in task]
-    losses = []
+    losses: list[float] = []
+    start = 0
+    if checkpoint_dir is not None:
+        meta = load_checkpoint(checkpoint_dir, model, optimizer)
+        if meta is not None:
+            start, losses = meta["step"], list(meta["extra"]["losses"])
+    net = DistributedDataParallel(model) if distributed else model
     model.train()
-    for step in range(steps):
-        batch = collate(rng.sample(pool, min(batch_size, len(pool))), pad_id)
+    for step in range(start, steps):
+        examples = random.Random(seed * 100_003 + step).sample(pool, min(batch_size, len(pool)))
+        batch = collate(examples[rank() :: world_size()], pad_id)
         task_ids = batch.pop("task_ids")
-        out = model(**batch, **({"task_ids": task_ids} if hard else {}))
-        loss = out.loss
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss at step {step}; lower the learning rate (lr={lr}).")
+        labels = batch.pop("labels")
+        loss, logged = lm_loss(net, model, batch, labels, **({"task_ids": task_ids} if hard else {}))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(loss.item())
+        losses.append(logged)
+        if checkpoint_dir is not None and (step + 1) % checkpoint_every == 0 and is_main():
+            save_checkpoint(checkpoint_dir, model, optimizer, step + 1, {"losses": losses})
         if progress is not None:
             progress(step + 1)
     model.eval()

@@ -1,0 +1,3 @@
+from factorlab.cli import app
+
+app()
