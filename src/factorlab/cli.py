@@ -70,6 +70,10 @@ Association = Annotated[
 ]
 EvalEvery = Annotated[int | None, typer.Option(help="Steps between evaluations [default: steps // 50].")]
 Workers = Annotated[int | None, typer.Option(help="Worker processes [default: CPU count].")]
+GridBackend = Annotated[str, typer.Option(help="local (process pool on this machine) or ray.")]
+RayAddress = Annotated[
+    str | None, typer.Option(help="Address of an existing Ray cluster [default: start a local one].")
+]
 
 
 @ocr_app.command("run")
@@ -153,7 +157,11 @@ def ocr_sweep(
     association: Association = "causal",
     eval_every: EvalEvery = None,
     workers: Workers = None,
-    out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/ocr-sweep"),
+    backend: GridBackend = "local",
+    address: RayAddress = None,
+    out: Annotated[Path, typer.Option(help="Output folder (finished groups there are reused).")] = Path(
+        "runs/ocr-sweep"
+    ),
 ) -> None:
     """Rank sweep over d_h (and combined) x seeds; same-shape runs train as one batched model."""
     from factorlab.ocr.train import OCRConfig
@@ -178,7 +186,15 @@ def ocr_sweep(
     for value in d_hs:  # validate every d_h before any training starts
         OCRConfig(**{**base.__dict__, "d_h": value})
     ocr.sweep(
-        base, d_hs, combined, [seed + i for i in range(seeds)], out, workers, associations=(association,)
+        base,
+        d_hs,
+        combined,
+        [seed + i for i in range(seeds)],
+        out,
+        workers,
+        associations=(association,),
+        backend=backend,
+        address=address,
     )
     typer.echo((out / "table.md").read_text())
     typer.echo(f"wrote {out}/report.md, results.json, table.{{md,csv,json}}, curves.png, accuracy_vs_dh.png")
@@ -251,6 +267,11 @@ def mixer_run(
     steps: ExpertSteps = None,
     router_steps: RouterSteps = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
+    workers: Annotated[
+        int, typer.Option(help="Parallel seeds (1: in this process, with progress bars).")
+    ] = 1,
+    backend: GridBackend = "local",
+    address: RayAddress = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/mixer"),
 ) -> None:
     """Compare base, one LoRA on the mixed data, per-task LoRA (oracle), the uniform average of the
@@ -258,7 +279,7 @@ def mixer_run(
     from factorlab.recipes.mixer import run_experiment
 
     cfg = _mixer_config(preset, tasks, model, r, steps, router_steps, _int_list(seeds))
-    result = run_experiment(cfg, out)
+    result = run_experiment(cfg, out, workers=workers, backend=backend, address=address)
     typer.echo((out / "table.md").read_text())
     typer.echo(f"router accuracy {result['router_accuracy']:.3f}; {result['verdict']}")
     typer.echo(f"wrote {out}/report.md, results.json, table.*, accuracy.png, routing.png, mixer/, experts/")
@@ -392,8 +413,8 @@ def inject_grid(
     epochs: Epochs = None,
     relations_file: RelationsFile = None,
     workers: Workers = None,
-    backend: Annotated[str, typer.Option(help="local (process pool) or ray.")] = "local",
-    address: Annotated[str | None, typer.Option(help="Address of an existing Ray cluster.")] = None,
+    backend: GridBackend = "local",
+    address: RayAddress = None,
     out: Annotated[Path, typer.Option(help="Output folder (finished cells there are reused).")] = Path(
         "runs/inject-grid"
     ),

@@ -9,6 +9,7 @@ cell whose worker dies is retried (``retries`` times) in a fresh pool.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 import multiprocessing as mp
@@ -27,9 +28,13 @@ SUMMARY = "summary.json"
 
 
 def cell_id(cell: dict[str, Any]) -> str:
-    """A readable, stable folder name: key=value pairs in key order."""
+    """A readable, stable folder name: key=value pairs in key order (long ones end in a hash)."""
     parts = [f"{k}={cell[k]}" for k in sorted(cell)]
-    return re.sub(r"[^A-Za-z0-9=.,+_-]", "_", ",".join(parts))
+    name = re.sub(r"[^A-Za-z0-9=.,+_-]", "_", ",".join(parts))
+    if len(name) > 120:
+        digest = hashlib.sha1(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:16]
+        name = f"{name[:80]}-{digest}"
+    return name
 
 
 def load_summary(folder: Path) -> dict[str, Any] | None:
@@ -80,7 +85,11 @@ def run_grid(
     address: str | None = None,
     on_done: Callable[[int, int], None] | None = None,
 ) -> GridReport:
-    """Run every cell not already finished under ``out/cells``; return all results in cell order."""
+    """Run every cell not already finished under ``out/cells``; return all results in cell order.
+
+    ``backend``: "local" (a process pool of ``workers`` processes; ``workers=1`` runs in this
+    process) or "ray" (a local Ray instance, or the cluster at ``address``).
+    """
     out = Path(out)
     report = GridReport()
     folders = [out / "cells" / cell_id(c) for c in cells]
@@ -104,6 +113,14 @@ def run_grid(
             done += 1
             if on_done:
                 on_done(done, len(cells))
+    elif backend == "local" and workers == 1:  # in this process: cells may show their own progress
+        for i in todo:
+            try:
+                _record(report, results, i, run_cell(fn_path, cells[i], str(folders[i])), None, cells)
+            except Exception as err:
+                report.failed.append((cells[i], f"{type(err).__name__}: {err}"))
+            if on_done:
+                on_done(sum(r is not None for r in results), len(cells))
     elif backend == "local":
         attempts = dict.fromkeys(todo, 0)
         while todo:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ from factorlab.checkpoint import load_checkpoint, save_checkpoint
 from factorlab.core.adapted import AdaptedModel, adapt
 from factorlab.distributed import init_from_env, is_main, rank, world_size
 from factorlab.errors import ConfigError
+from factorlab.grid import cell_id, run_grid
 from factorlab.methods.lora.config import LoraConfig
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
 from factorlab.methods.lora_mixer.model import export_expert_as_peft, routing_weights_per_sample, set_stage
@@ -395,95 +397,110 @@ SYSTEMS = (
 )
 
 
-def run_experiment(cfg: MixerExperimentConfig, out: str | Path, export: bool = True) -> dict[str, Any]:
-    out = Path(out)
+def seed_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Grid cell: every system of the comparison for one seed (see factorlab.grid)."""
+    cfg = MixerExperimentConfig(**cell["config"])
+    seed = cell["seed"]
     tasks, pad_id = make_tasks(cfg)
     records: list[dict[str, Any]] = []
-    usage_by_seed, router_acc_by_seed = [], []
+    data = [tasks.examples(k, cfg.train_examples_per_task, seed) for k in range(len(cfg.tasks))]
+    router_data = [d[: cfg.router_examples_per_task] for d in data]
+    evals = [tasks.examples(k, cfg.eval_examples_per_task, 10_000 + seed) for k in range(len(cfg.tasks))]
+    base = build_base(cfg, tasks, seed)
+
+    def score(model, system, hard=False):
+        for k, name in enumerate(cfg.tasks):
+            acc = accuracy(model, tasks, evals[k], pad_id, hard, cfg.max_new_tokens)
+            records.append({"seed": seed, "system": system, "task": name, "accuracy": acc})
+
+    with StepBars(f"LoRA-Mixer, seed {seed}") as bars:
+        bars.start(
+            ["single LoRA", "experts (hard routing)", "router"], [cfg.steps, cfg.steps, cfg.router_steps]
+        )
+        score(base, "base")
+        targets = _single_targets(cfg, base)
+        single = adapt(
+            copy.deepcopy(base), LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=targets)
+        )
+        train(
+            single, data, cfg.steps, cfg.lr, cfg.batch_size, seed, False, pad_id, lambda s: bars.update(0, s)
+        )
+        score(single, "single LoRA (mixed data)")
+
+        mixer_config = LoraMixerConfig(
+            experts=[{"name": n, "r": cfg.r, "lora_alpha": cfg.lora_alpha} for n in cfg.tasks],
+            target_modules=cfg.target_modules,
+            routing="soft",
+            top_k=min(cfg.top_k, len(cfg.tasks)),
+            balance_coef=cfg.balance_coef,
+            specialization_coef=cfg.specialization_coef,
+        )
+        mixer = adapt(copy.deepcopy(base), mixer_config)
+        set_stage(mixer, "experts")
+        train(mixer, data, cfg.steps, cfg.lr, cfg.batch_size, seed, True, pad_id, lambda s: bars.update(1, s))
+        score(mixer, "per-task LoRA (oracle)", hard=True)
+        state = mixer.shared_adapter_weights["default"].routing
+        state.routing = "uniform"
+        score(mixer, "uniform average of experts")
+        state.routing = "soft"
+        set_stage(mixer, "router")
+        train(
+            mixer,
+            router_data,
+            cfg.router_steps,
+            cfg.router_lr,
+            cfg.batch_size,
+            seed + 1,
+            False,
+            pad_id,
+            lambda s: bars.update(2, s),
+        )
+    score(mixer, "LoRA-Mixer (soft)")
+    usage, router_acc = routing_report(mixer, evals, pad_id)
+    state.routing = "topk"
+    score(mixer, "LoRA-Mixer (top-k)")
+    state.routing = "soft"
+    if cell.get("export"):
+        _export(folder, base, mixer, cfg)
+    return {"records": records, "usage": usage.tolist(), "router_accuracy": router_acc}
+
+
+def run_experiment(
+    cfg: MixerExperimentConfig,
+    out: str | Path,
+    export: bool = True,
+    workers: int | None = 1,
+    backend: str = "local",
+    address: str | None = None,
+) -> dict[str, Any]:
+    """The comparison over ``cfg.seeds``: one grid cell per seed (parallel, resumable, Ray-capable).
+
+    The first seed's base, mixer and experts (as PEFT folders) are exported to ``out``.
+    """
+    out = Path(out)
     started = time.perf_counter()
-    with StepBars("LoRA-Mixer") as bars:
-        jobs = [f"seed {s}: {job}" for s in cfg.seeds for job in ("single LoRA", "experts", "router")]
-        bars.start(jobs, [cfg.steps, cfg.steps, cfg.router_steps] * len(cfg.seeds))
-        for si, seed in enumerate(cfg.seeds):
-            data = [tasks.examples(k, cfg.train_examples_per_task, seed) for k in range(len(cfg.tasks))]
-            router_data = [d[: cfg.router_examples_per_task] for d in data]
-            evals = [
-                tasks.examples(k, cfg.eval_examples_per_task, 10_000 + seed) for k in range(len(cfg.tasks))
-            ]
-            base = build_base(cfg, tasks, seed)
-
-            def score(model, system, hard=False, seed=seed, evals=evals):
-                for k, name in enumerate(cfg.tasks):
-                    acc = accuracy(model, tasks, evals[k], pad_id, hard, cfg.max_new_tokens)
-                    records.append({"seed": seed, "system": system, "task": name, "accuracy": acc})
-
-            score(base, "base")
-            single = adapt(
-                copy.deepcopy(base),
-                LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=_single_targets(cfg, base)),
-            )
-            train(
-                single,
-                data,
-                cfg.steps,
-                cfg.lr,
-                cfg.batch_size,
-                seed,
-                False,
-                pad_id,
-                lambda s, j=3 * si: bars.update(j, s),
-            )
-            score(single, "single LoRA (mixed data)")
-
-            mixer_config = LoraMixerConfig(
-                experts=[{"name": n, "r": cfg.r, "lora_alpha": cfg.lora_alpha} for n in cfg.tasks],
-                target_modules=cfg.target_modules,
-                routing="soft",
-                top_k=min(cfg.top_k, len(cfg.tasks)),
-                balance_coef=cfg.balance_coef,
-                specialization_coef=cfg.specialization_coef,
-            )
-            mixer = adapt(copy.deepcopy(base), mixer_config)
-            set_stage(mixer, "experts")
-            train(
-                mixer,
-                data,
-                cfg.steps,
-                cfg.lr,
-                cfg.batch_size,
-                seed,
-                True,
-                pad_id,
-                lambda s, j=3 * si + 1: bars.update(j, s),
-            )
-            score(mixer, "per-task LoRA (oracle)", hard=True)
-            state = mixer.shared_adapter_weights["default"].routing
-            state.routing = "uniform"
-            score(mixer, "uniform average of experts")
-            state.routing = "soft"
-            set_stage(mixer, "router")
-            train(
-                mixer,
-                router_data,
-                cfg.router_steps,
-                cfg.router_lr,
-                cfg.batch_size,
-                seed + 1,
-                False,
-                pad_id,
-                lambda s, j=3 * si + 2: bars.update(j, s),
-            )
-            score(mixer, "LoRA-Mixer (soft)")
-            usage, router_acc = routing_report(mixer, evals, pad_id)
-            usage_by_seed.append(usage)
-            router_acc_by_seed.append(router_acc)
-            state.routing = "topk"
-            score(mixer, "LoRA-Mixer (top-k)")
-            state.routing = "soft"
-            if export and si == 0:
-                _export(out, base, mixer, cfg)
-    seconds = time.perf_counter() - started
-    return _write_results(out, cfg, records, usage_by_seed, router_acc_by_seed, seconds)
+    cells = [
+        {
+            "config": dataclasses.asdict(dataclasses.replace(cfg, seeds=[seed])),
+            "seed": seed,
+            "export": export and i == 0,
+        }
+        for i, seed in enumerate(cfg.seeds)
+    ]
+    grid = run_grid(
+        "factorlab.recipes.mixer:seed_cell", cells, out, workers, backend=backend, address=address
+    )
+    if grid.failed:
+        raise RuntimeError(f"{len(grid.failed)} seed(s) failed: {grid.failed[0][1]}")
+    if export:  # copy the first seed's artefacts next to the report
+        first = out / "cells" / cell_id(cells[0])
+        for name in ("base", "mixer", "experts"):
+            if (first / name).exists():
+                shutil.copytree(first / name, out / name, dirs_exist_ok=True)
+    records = [r for res in grid.results for r in res["records"]]
+    usage_by_seed = [torch.tensor(res["usage"]) for res in grid.results]
+    router_acc_by_seed = [res["router_accuracy"] for res in grid.results]
+    return _write_results(out, cfg, records, usage_by_seed, router_acc_by_seed, time.perf_counter() - started)
 
 
 def _single_targets(cfg: MixerExperimentConfig, base: nn.Module):

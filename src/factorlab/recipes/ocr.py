@@ -9,10 +9,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from factorlab.grid import run_grid
 from factorlab.ocr import plots
 from factorlab.ocr import theory as mm
 from factorlab.ocr.task import OCRWorld
-from factorlab.ocr.train import SUMMARY_KEYS, OCRConfig, RunResult, train_runs
+from factorlab.ocr.train import SUMMARY_KEYS, OCRConfig, RunResult, group_runs, train_batched, train_runs
 from factorlab.progress import StepBars, console
 from factorlab.reporting import Column, aggregate, write_table
 from factorlab.runtime import atomic_write_text, write_json, write_jsonl
@@ -96,6 +97,12 @@ def sweep_configs(
     return configs
 
 
+def train_group_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Grid cell: one batched group of same-shape runs (see factorlab.grid)."""
+    results = train_batched([OCRConfig(**c) for c in cell["runs"]])
+    return {"runs": [{"summary": r.summary, "history": r.history} for r in results]}
+
+
 def sweep(
     base: OCRConfig,
     d_hs: Sequence[int],
@@ -104,17 +111,40 @@ def sweep(
     out: str | Path,
     workers: int | None = None,
     associations: Sequence[str] = ("causal",),
+    backend: str = "local",
+    address: str | None = None,
 ) -> list[dict[str, Any]]:
     """Rank sweep: every (d_h, seed) and optionally the combined model, same-shape runs batched.
 
+    Each batched group is one grid cell (factorlab.grid): run in parallel on a local process pool or
+    on Ray, written atomically as it finishes, and reused when the sweep is run again.
     Writes results.json (one record per run), metrics.jsonl (every evaluation of every run),
     table.{md,csv,json} (mean ± std over seeds), curves.png, accuracy_vs_dh.png and report.md.
     """
     out = Path(out)
     configs = sweep_configs(base, d_hs, combined, seeds, associations)
+    groups = [[configs[i] for i in g] for g in group_runs(configs)]
+    cells = [{"runs": [dataclasses.asdict(c) for c in g]} for g in groups]
     started = time.perf_counter()
-    results = train_with_progress(configs, workers)
+    with StepBars("OCR sweep") as bars:
+        bars.start([f"{len(cells)} batched groups of {len(configs)} runs"], [len(cells)])
+        grid = run_grid(
+            "factorlab.recipes.ocr:train_group_cell",
+            cells,
+            out,
+            workers,
+            backend=backend,
+            address=address,
+            on_done=lambda done, total: bars.update(0, done),
+        )
+    if grid.failed:
+        raise RuntimeError(f"{len(grid.failed)} OCR groups failed: {grid.failed[0][1]}")
     wall = time.perf_counter() - started
+    results = [
+        RunResult(OCRConfig(**c), run["history"], run["summary"])
+        for cell, res in zip(cells, grid.results)
+        for c, run in zip(cell["runs"], res["runs"])
+    ]
     records = [record(r) for r in results]
     write_json(out / "results.json", records)
     write_jsonl(
@@ -158,7 +188,17 @@ def sweep(
         "",
     ]
     atomic_write_text(out / "report.md", "\n".join(report))
-    write_json(out / "sweep.json", {"wall_seconds": wall, "runs": len(configs), "workers": workers})
+    write_json(
+        out / "sweep.json",
+        {
+            "wall_seconds": wall,
+            "runs": len(configs),
+            "workers": workers,
+            "backend": backend,
+            "groups_ran": grid.ran,
+            "groups_reused": grid.reused,
+        },
+    )
     return records
 
 
