@@ -21,7 +21,7 @@ $(VENV)/.core-installed: pyproject.toml | $(PY)
 
 $(VENV)/.dev-installed: pyproject.toml | $(PY)
 	$(PIP) install $(TORCH_PIN)
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,ray]"
 	touch $(VENV)/.core-installed $@
 
 install: $(VENV)/.core-installed
