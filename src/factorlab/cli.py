@@ -389,6 +389,10 @@ def inject_run(
         relations_file=relations_file,
     )
     s = run(cfg, out)
+    from factorlab.distributed import is_main
+
+    if not is_main():  # under torchrun / accelerate, rank 0 reports
+        return
     typer.echo(
         f"{relation} ({'causal' if s['causal'] else 'non-causal'}), {method}: train-fact rank "
         f"{s['train_fact_rank']:.2f}; test-implication rank {s['test_implication_rank_before']:.2f} -> "

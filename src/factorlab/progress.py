@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from rich.console import Console
@@ -25,6 +26,7 @@ class StepBars:
             TimeElapsedColumn(),
             console=console,
             transient=False,
+            disable=os.environ.get("RANK", "0") != "0",  # one set of bars under torchrun / accelerate
         )
         self._tasks: list = []
 

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from factorlab.distributed import is_main
 from factorlab.errors import ConfigError
 from factorlab.grid import run_grid
 from factorlab.inject.backends import Backend, load_backend
@@ -114,9 +115,8 @@ def inject_cell(cell: dict[str, Any], folder: Path, progress=None) -> dict[str, 
             "training_texts": len(world.training_texts()),
         },
     }
-    write_json(
-        folder / "ranks.json",
-        [
+    if is_main():  # under torchrun / accelerate only rank 0 writes
+        rows = [
             {
                 "kind": q.kind,
                 "subject": q.subject,
@@ -126,8 +126,8 @@ def inject_cell(cell: dict[str, Any], folder: Path, progress=None) -> dict[str, 
                 "rank": a,
             }
             for q, b, a in zip(queries, before, after)
-        ],
-    )
+        ]
+        write_json(folder / "ranks.json", rows)
     return summary
 
 
@@ -145,7 +145,8 @@ def run(cfg: InjectConfig, out: str | Path) -> dict[str, Any]:
     with StepBars(f"{cfg.method} on {cfg.relation}") as bars:
         bars.start([f"{cfg.method}, {cfg.relation}, seed {cfg.seed}"], [steps])
         summary = inject_cell(dataclasses.asdict(cfg), out, progress=lambda s: bars.update(0, s))
-    write_json(out / "summary.json", summary)
+    if is_main():
+        write_json(out / "summary.json", summary)
     return summary
 
 
