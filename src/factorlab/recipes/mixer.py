@@ -500,7 +500,8 @@ def run_experiment(
     records = [r for res in grid.results for r in res["records"]]
     usage_by_seed = [torch.tensor(res["usage"]) for res in grid.results]
     router_acc_by_seed = [res["router_accuracy"] for res in grid.results]
-    return _write_results(out, cfg, records, usage_by_seed, router_acc_by_seed, time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return _write_results(out, cfg, records, usage_by_seed, router_acc_by_seed, seconds, grid.line())
 
 
 def _single_targets(cfg: MixerExperimentConfig, base: nn.Module):
@@ -539,7 +540,9 @@ def _export(out: Path, base: nn.Module, mixer: AdaptedModel, cfg: MixerExperimen
         export_expert_as_peft(mixer, e, out / "experts" / name)
 
 
-def _write_results(out: Path, cfg, records, usage_by_seed, router_acc_by_seed, seconds) -> dict[str, Any]:
+def _write_results(
+    out: Path, cfg, records, usage_by_seed, router_acc_by_seed, seconds, grid_line: str = ""
+) -> dict[str, Any]:
     from factorlab.recipes import mixer_plots
 
     write_json(
@@ -588,6 +591,7 @@ def _write_results(out: Path, cfg, records, usage_by_seed, router_acc_by_seed, s
     report = [
         f"# LoRA-Mixer multi-task comparison ({cfg.preset} preset)",
         "",
+        f"{grid_line.replace('cells', 'seeds')}. " if grid_line else "",
         f"Model {cfg.model}; tasks {', '.join(cfg.tasks)}; seeds {cfg.seeds}; rank {cfg.r}; "
         f"{cfg.steps} steps for the single LoRA and for stage 1, {cfg.router_steps} router steps on "
         f"{cfg.router_examples_per_task} examples per task; {cfg.eval_examples_per_task} test examples "

@@ -175,7 +175,8 @@ def sweep(
         f"{len(configs)} runs ({len(d_hs)} factorized d_h values{' + combined' if combined else ''} × "
         f"{len(seeds)} seeds × {len(associations)} association(s)), {base.steps} steps each, "
         f"trained in {wall:.0f} s wall-clock.",
-        "Same-shape runs trained as one batched model. Accuracy is argmax over the whole vocabulary on a",
+        f"Same-shape runs trained as one batched model ({grid.line().replace('cells', 'groups')}). "
+        "Accuracy is argmax over the whole vocabulary on a",
         f"fixed evaluation set covering every subject; chance on test implications is 1/{base.groups}.",
         "",
         table,
