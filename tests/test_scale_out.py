@@ -57,3 +57,63 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(bac
         assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
     for name, value in one["weights"].items():
         assert two["weights"][name] == pytest.approx(value, rel=1e-3, abs=1e-4)
+
+
+def test_accelerate_launch_matches_one_process(backend, tmp_path):
+    pytest.importorskip("accelerate")
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
+    script = str(HERE / "ddp_finetune.py")
+    subprocess.run([sys.executable, script, str(tmp_path / "one.json")], check=True, env=env, timeout=300)
+    launch = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "29518",
+    ]
+    subprocess.run([*launch, script, str(tmp_path / "two.json")], check=True, env=env, timeout=300)
+    one = json.loads((tmp_path / "one.json").read_text())["losses"]
+    two = json.loads((tmp_path / "two.json").read_text())["losses"]
+    assert len(one) == len(two) and all(b == pytest.approx(a, rel=1e-4, abs=1e-5) for a, b in zip(one, two))
+
+
+def test_mixer_training_resumes_to_the_same_weights(tmp_path):
+    import copy
+
+    from factorlab import LoraMixerConfig, adapt
+    from factorlab.methods.lora_mixer import set_stage
+    from factorlab.recipes.mixer import MixerExperimentConfig, SyntheticTasks, build_base, train
+
+    cfg = MixerExperimentConfig()
+    tasks = SyntheticTasks(cfg.tasks)
+    data = [tasks.examples(k, 200, 0) for k in range(4)]
+    base = build_base(cfg, tasks, 0)
+
+    def fresh():
+        torch.manual_seed(0)
+        mixer = adapt(copy.deepcopy(base), LoraMixerConfig(num_experts=4, r=2))
+        set_stage(mixer, "experts")
+        return mixer
+
+    straight = fresh()
+    losses = train(straight, data, 20, 3e-3, 16, seed=0, hard=True, pad_id=0)
+    resumed = fresh()
+    train(
+        resumed, data, 10, 3e-3, 16, seed=0, hard=True, pad_id=0, checkpoint_dir=tmp_path, checkpoint_every=5
+    )
+    resumed = fresh()  # a new process would start from scratch and find the checkpoint
+    again = train(
+        resumed, data, 20, 3e-3, 16, seed=0, hard=True, pad_id=0, checkpoint_dir=tmp_path, checkpoint_every=5
+    )
+    assert again == losses
+    for (n, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), n
