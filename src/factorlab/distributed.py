@@ -43,7 +43,3 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
     return value
 
-
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()
