@@ -68,4 +68,3 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
-
