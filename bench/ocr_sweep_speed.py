@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 
 import torch
 
+from factorlab.grid import run_grid
 from factorlab.ocr.train import OCRConfig, train_runs
-from factorlab.recipes.ocr import sweep_configs
+from factorlab.recipes.ocr import group_cells, sweep_configs
 
 
 def main() -> None:
@@ -44,12 +46,27 @@ def main() -> None:
         ("batched, 1 process", dict(workers=1, batch=True)),
         (f"batched, {args.workers} workers", dict(workers=args.workers, batch=True)),
     ]
+
+    def train(workers: int, batch: bool) -> list[dict]:
+        """In this process, or as parallel grid cells exactly as `factorlab ocr sweep` runs them."""
+        if workers == 1:
+            return [r.summary for r in train_runs(configs, batch=batch)]
+        cells = group_cells(configs, batch)
+        with tempfile.TemporaryDirectory() as out:
+            grid = run_grid("factorlab.recipes.ocr:train_group_cell", cells, out, workers)
+        by_config = {
+            OCRConfig(**c): run["summary"]
+            for cell, res in zip(cells, grid.results)
+            for c, run in zip(cell["runs"], res["runs"])
+        }
+        return [by_config[c] for c in configs]
+
     timings, outcomes = {}, {}
     for name, kwargs in modes:
         started = time.perf_counter()
-        results = train_runs(configs, **kwargs)
+        summaries = train(**kwargs)
         timings[name] = time.perf_counter() - started
-        outcomes[name] = [(r.summary["test_impl_acc"], r.summary["nuclear_norm"]) for r in results]
+        outcomes[name] = [(s["test_impl_acc"], s["nuclear_norm"]) for s in summaries]
         print(f"{name:<28} {timings[name]:8.1f} s", flush=True)
 
     baseline = timings[modes[0][0]]

@@ -52,7 +52,7 @@ def test_identity_init_matches_the_paper():
 
 def test_factorized_generalizes_and_combined_does_not():
     """The paper's central claim at its default settings, seed 42, 2,000 steps."""
-    factorized, combined = train_runs([OCRConfig(), OCRConfig(param="combined")], workers=1)
+    factorized, combined = train_runs([OCRConfig(), OCRConfig(param="combined")])
     for result in (factorized, combined):
         assert result.summary["train_fact_acc"] >= 0.99
         assert result.summary["train_impl_acc"] >= 0.99
@@ -88,15 +88,25 @@ def test_batched_training_gives_the_same_numbers_as_single_runs():
     assert batched[0].summary["nuclear_norm"] != pytest.approx(batched[1].summary["nuclear_norm"], rel=1e-6)
 
 
-def test_parallel_workers_give_the_same_results_as_in_process():
+def test_parallel_grid_cells_give_the_same_results_as_in_process(tmp_path):
+    from factorlab.grid import run_grid
+    from factorlab.recipes.ocr import group_cells
+
     configs = [OCRConfig(d_h=d, steps=60, eval_every=30, seed=s) for d in (4, 16) for s in (0, 1)]
     configs.append(OCRConfig(param="combined", steps=60, eval_every=30, seed=0))
-    serial = train_runs(configs, workers=1)
-    parallel = train_runs(configs, workers=2)
-    for a, b in zip(serial, parallel):
-        assert a.config == b.config
-        torch.testing.assert_close(a.w_ov, b.w_ov, rtol=1e-5, atol=1e-6)
-        assert a.summary["test_impl_acc"] == b.summary["test_impl_acc"]
+    serial = {r.config: r.summary for r in train_runs(configs)}
+    cells = group_cells(configs)
+    assert len(cells) == 3 and cells[0]["runs"][0]["param"] == "combined"  # the costliest group first
+    grid = run_grid("factorlab.recipes.ocr:train_group_cell", cells, tmp_path, workers=2)
+    parallel = {
+        OCRConfig(**c): run["summary"]
+        for cell, res in zip(cells, grid.results)
+        for c, run in zip(cell["runs"], res["runs"])
+    }
+    assert parallel.keys() == serial.keys()
+    for config, summary in serial.items():
+        for key in ("test_impl_acc", "train_fact_acc", "nuclear_norm", "frobenius_norm"):
+            assert parallel[config][key] == pytest.approx(summary[key], rel=1e-6), key
 
 
 def test_divergence_stops_training_instead_of_continuing_with_nans():

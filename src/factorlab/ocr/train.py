@@ -6,19 +6,15 @@ dimension and every step is a few batched matmuls. Each run still sees exactly t
 weights and AdamW updates it would see alone (AdamW is elementwise; each run's loss is its own
 mean), so batched and one-at-a-time training give the same numbers up to float rounding.
 
-Groups of different shapes run in parallel worker processes, one torch thread each.
+Groups of different shapes run in parallel as grid cells (factorlab.grid, via the sweep recipe).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import multiprocessing as mp
-import os
-import queue
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,7 +24,7 @@ import torch.nn.functional as F
 from factorlab.errors import ConfigError, TrainingDivergedError
 from factorlab.ocr.model import INITS, PARAMETRIZATIONS, BatchedAttentionOnly
 from factorlab.ocr.task import SPLITS, OCRTaskConfig, OCRWorld
-from factorlab.runtime import generator, limit_threads
+from factorlab.runtime import generator
 
 DATA_CHUNK_STEPS = 100  # batches generated per call; fixed so every run's data stream is the same
 EVAL_SAMPLES_PER_SUBJECT = 8
@@ -306,61 +302,32 @@ def group_runs(configs: Sequence[OCRConfig], batch: bool = True) -> list[list[in
     return list(groups.values())
 
 
-def _group_cost(configs: Sequence[OCRConfig]) -> float:
+def group_cost(configs: Sequence[OCRConfig]) -> float:
+    """Rough work of one batched group: matmul width plus a per-step floor, times runs and steps."""
     c = configs[0]
-    return c.steps * len(configs) * (c.hidden_dim + 32)  # matmul work plus a per-step floor
-
-
-def _worker(group_id: int, configs: list[OCRConfig], progress_queue) -> tuple[int, list[RunResult]]:
-    limit_threads(1)
-    return group_id, train_batched(configs, lambda step: progress_queue.put((group_id, step)))
+    return c.steps * len(configs) * (c.hidden_dim + 32)
 
 
 def train_runs(
     configs: Sequence[OCRConfig],
-    workers: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
     on_start: Callable[[list[list[OCRConfig]]], None] | None = None,
     batch: bool = True,
 ) -> list[RunResult]:
-    """Train every config; same-shape runs batched, groups spread over ``workers`` processes.
+    """Train every config in this process, same-shape runs batched (``batch=False``: each alone, the
+    baseline bench/ocr_sweep_speed.py measures). Parallel and resumable runs go through
+    ``factorlab.recipes.ocr.sweep`` (one grid cell per batched group).
 
-    ``batch=False`` trains every run alone (the slow baseline that bench/ocr_sweep_speed.py measures).
     ``on_start(groups)`` is called once with the runs of each group; ``on_progress(group, step)``
     as groups advance. Results come back in input order.
     """
     index_groups = group_runs(configs, batch)
-    # Longest first, so the slowest group does not start last.
-    index_groups.sort(key=lambda g: -_group_cost([configs[i] for i in g]))
     groups = [[configs[i] for i in g] for g in index_groups]
     if on_start is not None:
         on_start(groups)
-    workers = min(workers or os.cpu_count() or 1, len(groups))
-    by_group: dict[int, list[RunResult]] = {}
-    if workers <= 1:
-        for gid, group in enumerate(groups):
-            by_group[gid] = train_batched(
-                group, None if on_progress is None else (lambda s, gid=gid: on_progress(gid, s))
-            )
-    else:
-        ctx = mp.get_context("spawn")
-        with ctx.Manager() as manager, ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            progress_queue = manager.Queue()
-            futures = [pool.submit(_worker, gid, group, progress_queue) for gid, group in enumerate(groups)]
-            pending = set(futures)
-            while pending:
-                try:
-                    gid, step = progress_queue.get(timeout=0.2)
-                    if on_progress is not None:
-                        on_progress(gid, step)
-                except queue.Empty:
-                    pass
-                for f in [f for f in pending if f.done()]:
-                    pending.discard(f)
-                    gid, results = f.result()  # re-raises a worker's error here
-                    by_group[gid] = results
     out: list[RunResult | None] = [None] * len(configs)
-    for gid, g in enumerate(index_groups):
-        for i, result in zip(g, by_group[gid]):
+    for gid, (g, group) in enumerate(zip(index_groups, groups)):
+        progress = None if on_progress is None else (lambda s, gid=gid: on_progress(gid, s))
+        for i, result in zip(g, train_batched(group, progress)):
             out[i] = result
     return out  # type: ignore[return-value]

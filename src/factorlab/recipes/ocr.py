@@ -13,7 +13,15 @@ from factorlab.grid import run_grid
 from factorlab.ocr import plots
 from factorlab.ocr import theory as mm
 from factorlab.ocr.task import OCRWorld
-from factorlab.ocr.train import SUMMARY_KEYS, OCRConfig, RunResult, group_runs, train_batched, train_runs
+from factorlab.ocr.train import (
+    SUMMARY_KEYS,
+    OCRConfig,
+    RunResult,
+    group_cost,
+    group_runs,
+    train_batched,
+    train_runs,
+)
 from factorlab.progress import StepBars, console
 from factorlab.reporting import Column, aggregate, write_table
 from factorlab.runtime import atomic_write_text, write_json, write_jsonl
@@ -35,15 +43,15 @@ RESULT_COLUMNS = [
 TABLE_METRICS = [*SUMMARY_KEYS, "effective_rank", "seconds"]
 
 
-def train_with_progress(configs: Sequence[OCRConfig], workers: int | None = None) -> list[RunResult]:
-    """``train_runs`` with one progress bar per batched group."""
+def train_with_progress(configs: Sequence[OCRConfig]) -> list[RunResult]:
+    """``train_runs`` (in this process) with one progress bar per batched group."""
     with StepBars() as bars:
 
         def on_start(groups):
             names = [f"{g[0].label} ×{len(g)}" for g in groups]
             bars.start(names, [g[0].steps for g in groups])
 
-        return train_runs(configs, workers=workers, on_progress=bars.update, on_start=on_start)
+        return train_runs(configs, on_progress=bars.update, on_start=on_start)
 
 
 def record(result: RunResult) -> dict[str, Any]:
@@ -65,7 +73,7 @@ def record(result: RunResult) -> dict[str, Any]:
 def run(config: OCRConfig, out: str | Path) -> dict[str, Any]:
     """Train one model; write metrics.jsonl, summary.json and curves.png into ``out``."""
     out = Path(out)
-    result = train_with_progress([config], workers=1)[0]
+    result = train_with_progress([config])[0]
     write_jsonl(out / "metrics.jsonl", result.history)
     write_json(out / "summary.json", result.summary)
     title = f"{config.label}, {config.init} init, {config.association} association, seed {config.seed}"
@@ -97,6 +105,14 @@ def sweep_configs(
     return configs
 
 
+def group_cells(configs: Sequence[OCRConfig], batch: bool = True) -> list[dict[str, Any]]:
+    """One grid cell per batched group (``batch=False``: per run), the costliest first so the slowest
+    group does not start last."""
+    groups = [[configs[i] for i in g] for g in group_runs(configs, batch)]
+    groups.sort(key=lambda g: -group_cost(g))
+    return [{"runs": [dataclasses.asdict(c) for c in g]} for g in groups]
+
+
 def train_group_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Grid cell: one batched group of same-shape runs (see factorlab.grid)."""
     results = train_batched([OCRConfig(**c) for c in cell["runs"]])
@@ -123,8 +139,7 @@ def sweep(
     """
     out = Path(out)
     configs = sweep_configs(base, d_hs, combined, seeds, associations)
-    groups = [[configs[i] for i in g] for g in group_runs(configs)]
-    cells = [{"runs": [dataclasses.asdict(c) for c in g]} for g in groups]
+    cells = group_cells(configs)
     started = time.perf_counter()
     with StepBars("OCR sweep") as bars:
         bars.start([f"{len(cells)} batched groups of {len(configs)} runs"], [len(cells)])
@@ -140,11 +155,12 @@ def sweep(
     if grid.failed:
         raise RuntimeError(f"{len(grid.failed)} OCR groups failed: {grid.failed[0][1]}")
     wall = time.perf_counter() - started
-    results = [
-        RunResult(OCRConfig(**c), run["history"], run["summary"])
+    by_config = {
+        OCRConfig(**c): RunResult(OCRConfig(**c), run["history"], run["summary"])
         for cell, res in zip(cells, grid.results)
         for c, run in zip(cell["runs"], res["runs"])
-    ]
+    }
+    results = [by_config[c] for c in configs]  # the sweep's order, not the cells' (costliest first)
     records = [record(r) for r in results]
     write_json(out / "results.json", records)
     write_jsonl(
@@ -221,7 +237,7 @@ def theory(base: OCRConfig, out: str | Path, solver: str | None = None) -> dict[
     configs = [
         dataclasses.replace(base, param=p, d_h=None, fixed_attention=True) for p in ("factorized", "combined")
     ]
-    trained = train_with_progress(configs, workers=1)
+    trained = train_with_progress(configs)
     result: dict[str, Any] = {
         "instance": {
             "groups": task.groups,
