@@ -6,6 +6,8 @@
 2. A small rank sweep over d_h with several seeds.
 3. The max-margin analysis: trained factorized models point to the nuclear-norm solution,
    combined ones to the Frobenius-norm solution, whose test margin is zero.
+4. Knowledge injection on the tiny backend: fine-tuning on fictitious facts generalizes a causal
+   link and hallucinates a counterfactual one (full fine-tuning and LoRA).
 """
 
 from __future__ import annotations
