@@ -9,18 +9,16 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from factorlab.checkpoint import load_checkpoint, save_checkpoint
 from factorlab.core.adapted import adapt
-from factorlab.distributed import init_from_env, is_main, rank, world_size
-from factorlab.errors import ConfigError, TrainingDivergedError
+from factorlab.distributed import init_from_env, rank, world_size
+from factorlab.errors import ConfigError
 from factorlab.inject.backends import Backend
 from factorlab.inject.world import World
 from factorlab.methods.compacter.config import CompacterPlusPlusConfig
 from factorlab.methods.lora.config import LoraConfig
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
-from factorlab.training import lm_loss
+from factorlab.training import run_training
 
 METHODS = ("full", "lora", "compacter++", "lora-mixer")
 
@@ -112,48 +110,35 @@ def fine_tune(
     uninterrupted one. ``stop_after`` stops early (to test resuming).
     """
     lr, epochs, batch_size = settings.resolved(backend)
-    distributed = init_from_env()
-    world_ranks, my_rank = world_size(), rank()
-    if batch_size < world_ranks:
-        raise ConfigError(f"batch_size={batch_size} is smaller than the {world_ranks} processes; raise it.")
+    init_from_env()
+    if batch_size < world_size():
+        raise ConfigError(f"batch_size={batch_size} is smaller than the {world_size()} processes; raise it.")
     torch.manual_seed(settings.seed)
     model = prepare(backend.model, settings.method, settings.r, settings.lora_alpha)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=lr)  # the paper's recipe: Adam, no weight decay, constant rate
-    losses: list[float] = []
-    start = 0
-    if checkpoint_dir is not None:
-        meta = load_checkpoint(checkpoint_dir, model, optimizer)
-        if meta is not None:
-            start, losses = meta["step"], list(meta["extra"]["losses"])
-    net = DistributedDataParallel(model) if distributed else model
     texts = world.training_texts()
     per_epoch = (len(texts) + batch_size - 1) // batch_size
-    model.train()
-    for step in range(start, epochs * per_epoch):
+
+    def batch_for_step(step: int):
         epoch, index = divmod(step, per_epoch)
         order = list(range(len(texts)))
         random.Random(settings.seed * 100_003 + epoch).shuffle(order)
         batch = [texts[i] for i in order[index * batch_size : (index + 1) * batch_size]]
-        enc = backend.encode(batch[my_rank::world_ranks])
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        try:
-            loss, logged = lm_loss(net, model, enc, labels)
-        except TrainingDivergedError:
-            raise TrainingDivergedError(
-                f"non-finite loss at step {step} ({settings.method}, lr={lr}); lower the learning rate."
-            ) from None
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(logged)
-        if checkpoint_dir is not None and (step + 1) % checkpoint_every == 0 and is_main():
-            save_checkpoint(checkpoint_dir, model, optimizer, step + 1, {"losses": losses})
-        if progress is not None:
-            progress(step + 1)
-        if stop_after is not None and step + 1 >= stop_after:
-            break
-    model.eval()
+        enc = backend.encode(batch[rank() :: world_size()])
+        return enc, enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100), {}
+
+    losses = run_training(
+        model,
+        optimizer,
+        epochs * per_epoch,
+        batch_for_step,
+        checkpoint_dir,
+        checkpoint_every,
+        progress,
+        stop_after,
+        context=f"{settings.method}, lr={lr}",
+    )
     return model, losses
 
 

@@ -34,11 +34,9 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from factorlab.checkpoint import load_checkpoint, save_checkpoint
 from factorlab.core.adapted import AdaptedModel, adapt
-from factorlab.distributed import init_from_env, is_main, rank, world_size
+from factorlab.distributed import rank, world_size
 from factorlab.errors import ConfigError
 from factorlab.grid import cell_id, run_grid
 from factorlab.methods.lora.config import LoraConfig
@@ -47,7 +45,7 @@ from factorlab.methods.lora_mixer.model import export_expert_as_peft, routing_we
 from factorlab.progress import StepBars, console
 from factorlab.reporting import Column, aggregate, write_table
 from factorlab.runtime import atomic_write_text, write_json
-from factorlab.training import lm_loss
+from factorlab.training import run_training
 
 # ---- tasks ------------------------------------------------------------------------------------------
 
@@ -157,36 +155,28 @@ def train(
     ranks, see factorlab.training.lm_loss); with ``checkpoint_dir`` it checkpoints on rank 0 and
     resumes. Batches are a pure function of (seed, step), so resuming reproduces the same run.
     """
-    distributed = init_from_env()
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ConfigError("nothing to train: no parameter requires grad.")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     pool = [e for task in data for e in task]
-    losses: list[float] = []
-    start = 0
-    if checkpoint_dir is not None:
-        meta = load_checkpoint(checkpoint_dir, model, optimizer)
-        if meta is not None:
-            start, losses = meta["step"], list(meta["extra"]["losses"])
-    net = DistributedDataParallel(model) if distributed else model
-    model.train()
-    for step in range(start, steps):
+
+    def batch_for_step(step: int):
         examples = random.Random(seed * 100_003 + step).sample(pool, min(batch_size, len(pool)))
         batch = collate(examples[rank() :: world_size()], pad_id)
-        task_ids = batch.pop("task_ids")
-        labels = batch.pop("labels")
-        loss, logged = lm_loss(net, model, batch, labels, **({"task_ids": task_ids} if hard else {}))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(logged)
-        if checkpoint_dir is not None and (step + 1) % checkpoint_every == 0 and is_main():
-            save_checkpoint(checkpoint_dir, model, optimizer, step + 1, {"losses": losses})
-        if progress is not None:
-            progress(step + 1)
-    model.eval()
-    return losses
+        task_ids, labels = batch.pop("task_ids"), batch.pop("labels")
+        return batch, labels, {"task_ids": task_ids} if hard else {}
+
+    return run_training(
+        model,
+        optimizer,
+        steps,
+        batch_for_step,
+        checkpoint_dir,
+        checkpoint_every,
+        progress,
+        context=f"lr={lr}",
+    )
 
 
 @torch.no_grad()
@@ -268,6 +258,17 @@ class MixerExperimentConfig:
     balance_coef: float = 0.01
     specialization_coef: float = 0.1
     max_new_tokens: int = 1
+
+    def mixer_config(self) -> LoraMixerConfig:
+        """One expert per task (named after it), soft routing, this experiment's routing loss."""
+        return LoraMixerConfig(
+            experts=[{"name": n, "r": self.r, "lora_alpha": self.lora_alpha} for n in self.tasks],
+            target_modules=self.target_modules,
+            routing="soft",
+            top_k=min(self.top_k, len(self.tasks)),
+            balance_coef=self.balance_coef,
+            specialization_coef=self.specialization_coef,
+        )
 
     @classmethod
     def preset_config(cls, name: str, **overrides: Any) -> MixerExperimentConfig:
@@ -427,15 +428,7 @@ def seed_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
         )
         score(single, "single LoRA (mixed data)")
 
-        mixer_config = LoraMixerConfig(
-            experts=[{"name": n, "r": cfg.r, "lora_alpha": cfg.lora_alpha} for n in cfg.tasks],
-            target_modules=cfg.target_modules,
-            routing="soft",
-            top_k=min(cfg.top_k, len(cfg.tasks)),
-            balance_coef=cfg.balance_coef,
-            specialization_coef=cfg.specialization_coef,
-        )
-        mixer = adapt(copy.deepcopy(base), mixer_config)
+        mixer = adapt(copy.deepcopy(base), cfg.mixer_config())
         set_stage(mixer, "experts")
         train(mixer, data, cfg.steps, cfg.lr, cfg.batch_size, seed, True, pad_id, lambda s: bars.update(1, s))
         score(mixer, "per-task LoRA (oracle)", hard=True)
@@ -645,14 +638,7 @@ def joint(cfg: MixerExperimentConfig, out: str | Path) -> dict[str, Any]:
     data = [tasks.examples(k, cfg.train_examples_per_task, seed) for k in range(len(cfg.tasks))]
     evals = [tasks.examples(k, cfg.eval_examples_per_task, 10_000 + seed) for k in range(len(cfg.tasks))]
     base = build_base(cfg, tasks, seed)
-    mixer_config = LoraMixerConfig(
-        experts=[{"name": n, "r": cfg.r, "lora_alpha": cfg.lora_alpha} for n in cfg.tasks],
-        target_modules=cfg.target_modules,
-        routing="soft",
-        top_k=min(cfg.top_k, len(cfg.tasks)),
-        balance_coef=cfg.balance_coef,
-        specialization_coef=cfg.specialization_coef,
-    )
+    mixer_config = cfg.mixer_config()
     with StepBars("joint training") as bars:
         bars.start(
             ["stage 1: experts (hard routing)", "stage 2: routers (soft routing)"],
