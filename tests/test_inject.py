@@ -97,20 +97,6 @@ def test_bad_relations_are_refused(tmp_path, bad, message):
         load_relations(tmp_path / "r.json")
 
 
-def test_tiny_backend_memorises_facts_and_the_causal_relation_generalizes(tmp_path):
-    """The paper's causal case on the tiny backend, seed 0, LoRA (the tiny backend is cached)."""
-    from factorlab.recipes.inject import inject_cell
-
-    s = inject_cell({"model": "tiny", "relation": "city-language", "method": "lora", "seed": 0}, tmp_path)
-    assert s["train_fact_rank"] < 0.1  # memorised (rank 0 is best)
-    assert s["train_implication_rank"] < 0.1
-    assert s["test_implication_rank"] < s["test_implication_rank_before"] - 1.0
-    assert s["test_implication_rank"] < 1.0  # chance is 2.0 among 5 candidates
-    assert s["verdict"] == "generalization"
-    ranks = json.loads((tmp_path / "ranks.json").read_text())
-    assert {r["kind"] for r in ranks} == {"train_fact", "test_fact", "train_implication", "test_implication"}
-
-
 def _square(cell, folder: Path):
     if cell["x"] < 0:
         raise ValueError("negative")
@@ -126,3 +112,20 @@ def test_grid_runs_cells_once_and_reuses_finished_ones(tmp_path):
     assert second.ran == 1 and second.reused == 4
     failing = run_grid("test_inject:_square", [{"x": -1}], tmp_path, workers=1)
     assert failing.failed and "negative" in failing.failed[0][1]
+
+
+def test_a_summary_written_for_another_cell_or_corrupt_is_recomputed(tmp_path):
+    cells = [{"x": 2}, {"x": 3}, {"x": 4}]
+    run_grid("test_inject:_square", cells, tmp_path, workers=1)
+    folders = [tmp_path / "cells" / cell_id(c) for c in cells]
+    # another cell's summary copied over the first; garbage and a bare {} in the others
+    (folders[0] / "summary.json").write_text((folders[1] / "summary.json").read_text())
+    (folders[1] / "summary.json").write_bytes(b"\xff\xfe not json")
+    (folders[2] / "summary.json").write_text("{}")
+    again = run_grid("test_inject:_square", cells, tmp_path, workers=1)
+    assert again.ran == 3 and again.reused == 0
+    assert [r["y"] for r in again.results] == [4, 9, 16]
+    (folders[0] / "summary.json").unlink()
+    (folders[0] / "summary.json").mkdir()  # a directory where the file should be
+    third = run_grid("test_inject:_square", cells[1:], tmp_path, workers=1)
+    assert third.reused == 2 and third.ran == 0

@@ -373,6 +373,9 @@ def inject_run(
     lr: InjLR = None,
     epochs: Epochs = None,
     relations_file: RelationsFile = None,
+    pretrain_seed: Annotated[
+        int, typer.Option(help="Tiny backend: which pretrained model (seed 0 ships with factorlab).")
+    ] = 0,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/inject"),
 ) -> None:
     """One relation x method x seed: ranks before and after fine-tuning -> OUT/summary.json."""
@@ -387,16 +390,23 @@ def inject_run(
         lr=lr,
         epochs=epochs,
         relations_file=relations_file,
+        pretrain_seed=pretrain_seed,
     )
     s = run(cfg, out)
     from factorlab.distributed import is_main
 
     if not is_main():  # under torchrun / accelerate, rank 0 reports
         return
+    probe = s["probe"]["accuracy"]
+    typer.echo(
+        "background probe (base model ranks the known implication first): "
+        + ("no background knowledge for this relation" if probe is None else f"{probe:.2f}")
+    )
     typer.echo(
         f"{relation} ({'causal' if s['causal'] else 'non-causal'}), {method}: train-fact rank "
         f"{s['train_fact_rank']:.2f}; test-implication rank {s['test_implication_rank_before']:.2f} -> "
-        f"{s['test_implication_rank']:.2f} ({s['verdict']})"
+        f"{s['test_implication_rank']:.2f} ({s['verdict']}). Rank = place of the right answer among "
+        f"{s['num_candidates']} candidates by first-token logit, 0 = best, guessing = {s['chance_rank']:.1f}."
     )
     typer.echo(f"wrote {out}/summary.json, ranks.json")
 
@@ -416,6 +426,13 @@ def inject_grid(
     ] = "",
     epochs: Epochs = None,
     relations_file: RelationsFile = None,
+    pretrain_seeds: Annotated[
+        str,
+        typer.Option(
+            help="Tiny backend: comma-separated pretraining seeds, each an independently pretrained "
+            "model (0 ships with factorlab; others are pretrained once and cached)."
+        ),
+    ] = "0,1,2",
     workers: Workers = None,
     backend: GridBackend = "local",
     address: RayAddress = None,
@@ -423,7 +440,7 @@ def inject_grid(
         "runs/inject-grid"
     ),
 ) -> None:
-    """Relations x methods x seeds (+ a LoRA rank sweep), in parallel and resumable."""
+    """Relations x pretraining seeds x seeds x methods (+ a LoRA rank sweep), parallel and resumable."""
     from factorlab.recipes.inject import grid, grid_cells
 
     cells = grid_cells(
@@ -434,12 +451,43 @@ def inject_grid(
         r,
         _int_list(rank_sweep) if rank_sweep else (),
         relations_file,
+        pretrain_seeds=_int_list(pretrain_seeds),
         epochs=epochs,
     )
     result = grid(cells, out, workers, backend, address)
     typer.echo((out / "table.md").read_text())
     typer.echo(result["report"].line())
     typer.echo(f"wrote {out}/report.md, results.json, table.*, ranks.png, cells/")
+
+
+@inject_app.command("pretrain")
+@friendly_errors
+def inject_pretrain(
+    seed: Annotated[int, typer.Option(help="Pretraining seed.")] = 0,
+    relations_file: RelationsFile = None,
+    ship: Annotated[
+        bool,
+        typer.Option(help="Write into factorlab's package data (for maintainers: the shipped backend)."),
+    ] = False,
+) -> None:
+    """Pretrain (or find) the tiny backend for a seed, print its background probe, cache it."""
+    from factorlab.recipes.inject import pretrain_command
+
+    for line in pretrain_command(seed, relations_file, ship):
+        typer.echo(line)
+
+
+@app.command("report")
+@friendly_errors
+def report(
+    folder: Annotated[Path, typer.Argument(help="A grid's output folder (it holds cells/).")],
+) -> None:
+    """Rebuild a grid's tables, plots and report.md from its committed cell summaries."""
+    from factorlab.recipes.inject import report_from_cells
+
+    result = report_from_cells(folder)
+    typer.echo((folder / "table.md").read_text())
+    typer.echo(f"{len(result['records'])} cells; wrote {folder}/report.md, table.*, results.json, ranks.png")
 
 
 @app.command("demo")

@@ -37,11 +37,18 @@ def cell_id(cell: dict[str, Any]) -> str:
     return name
 
 
-def load_summary(folder: Path) -> dict[str, Any] | None:
+def load_summary(folder: Path, cell: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """A finished cell's summary, or None when it is missing, unreadable, or (given ``cell``) written
+    for another cell: such a summary is recomputed, never reused."""
     try:
-        return json.loads((folder / SUMMARY).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+        summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
+    if not isinstance(summary, dict):
+        return None
+    if cell is not None and summary.get("cell") != json.loads(json.dumps(cell)):
+        return None
+    return summary
 
 
 def resolve(fn_path: str) -> Callable[[dict[str, Any], Path], dict[str, Any]]:
@@ -95,7 +102,7 @@ def run_grid(
     folders = [out / "cells" / cell_id(c) for c in cells]
     for stale in out.glob("cells/*/.*.tmp"):  # left by a writer that was killed mid-write
         stale.unlink(missing_ok=True)
-    results: list[dict[str, Any] | None] = [load_summary(f) for f in folders]
+    results: list[dict[str, Any] | None] = [load_summary(f, c) for f, c in zip(folders, cells)]
     report.reused = sum(r is not None for r in results)
     todo = [i for i, r in enumerate(results) if r is None]
     done = report.reused
@@ -106,8 +113,9 @@ def run_grid(
 
         jobs = [(cells[i], str(folders[i])) for i in todo]
         for j, summary, error, attempts in run_on_ray(fn_path, jobs, address, retries, workers):
-            if error is not None and load_summary(folders[todo[j]]) is not None:  # died after writing
-                summary, error = load_summary(folders[todo[j]]), None
+            written = load_summary(folders[todo[j]], cells[todo[j]]) if error is not None else None
+            if written is not None:  # died after writing
+                summary, error = written, None
             _record(report, results, todo[j], summary, error, cells)
             report.retried += attempts - 1
             done += 1
@@ -167,7 +175,7 @@ def _local_pass(
                 try:
                     _record(report, results, i, f.result(), None, cells)
                 except BrokenProcessPool:
-                    written = load_summary(folders[i])  # it may have finished before the pool broke
+                    written = load_summary(folders[i], cells[i])  # it may have finished before the pool broke
                     if written is not None:
                         _record(report, results, i, written, None, cells)
                         continue

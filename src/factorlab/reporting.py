@@ -20,13 +20,15 @@ class Column:
     key: str
     header: str
     fmt: str = "{}"
+    ci: bool = False
+    """Render aggregated values as mean ± 95% CI half-width instead of mean ± std."""
 
     def render(self, row: dict[str, Any]) -> str:
         value = row.get(self.key)
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return "–"
         if isinstance(value, MeanStd):
-            return value.render(self.fmt)
+            return value.render_ci(self.fmt) if self.ci else value.render(self.fmt)
         return self.fmt.format(value)
 
 
@@ -41,8 +43,32 @@ class MeanStd:
             return fmt.format(self.mean)
         return f"{fmt.format(self.mean)} ± {fmt.format(self.std)}"
 
+    @property
+    def ci95(self) -> float:
+        """Half-width of the 95% confidence interval of the mean (Student's t)."""
+        if self.n <= 1:
+            return float("nan")
+        return t_quantile_975(self.n - 1) * self.std / math.sqrt(self.n)
+
+    def render_ci(self, fmt: str) -> str:
+        if self.n <= 1:
+            return fmt.format(self.mean)
+        return f"{fmt.format(self.mean)} ± {fmt.format(self.ci95)}"
+
     def to_dict(self) -> dict[str, float | int]:
-        return {"mean": self.mean, "std": self.std, "n": self.n}
+        return {"mean": self.mean, "std": self.std, "n": self.n, "ci95": self.ci95}
+
+
+# Student's t 0.975 quantiles for 1..30 degrees of freedom; beyond, the normal 1.96 is close enough.
+_T975 = (
+    12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+    2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+    2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+)  # fmt: skip
+
+
+def t_quantile_975(dof: int) -> float:
+    return _T975[dof - 1] if dof <= len(_T975) else 1.96
 
 
 def mean_std(values: Sequence[float | None]) -> MeanStd | None:

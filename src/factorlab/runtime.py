@@ -68,3 +68,31 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
+
+
+def machine_info() -> dict[str, Any]:
+    """What float results depend on: CPU capability (AVX2 / AVX-512 kernels), torch version, threads."""
+    import platform
+
+    overrides = {  # kernel-selection variables: set, they make an AVX-512 CPU run AVX2 code paths
+        k: os.environ[k]
+        for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA")
+        if k in os.environ
+    }
+    return {
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_has_avx512": _cpu_has("avx512f"),
+        "kernel_overrides": overrides,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+    }
+
+
+def _cpu_has(flag: str) -> bool | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and flag in line.split() for line in f)
+    except OSError:
+        return None

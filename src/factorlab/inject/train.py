@@ -55,7 +55,15 @@ class FineTuneSettings:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}.")
         lr, epochs, batch = DEFAULTS["tiny" if backend.name == "tiny" else "hf"][self.method]
-        return self.lr or lr, self.epochs or epochs, self.batch_size or batch
+        lr = lr if self.lr is None else self.lr
+        epochs = epochs if self.epochs is None else self.epochs
+        batch = batch if self.batch_size is None else self.batch_size
+        if not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):
+            raise ConfigError(f"lr must be a positive finite number, got {lr!r}.")
+        for name, value in (("epochs", epochs), ("batch_size", batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        return lr, epochs, batch
 
 
 def compacter_reduction(hidden: int, phm_dim: int = 4, largest: int = 32) -> int:

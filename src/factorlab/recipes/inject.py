@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,13 +24,25 @@ from typing import Any
 
 from factorlab.distributed import is_main
 from factorlab.errors import ConfigError
-from factorlab.grid import run_grid
+from factorlab.grid import GridReport, load_summary, run_grid
 from factorlab.inject.backends import Backend, load_backend
+from factorlab.inject.tiny import (
+    PROBE_THRESHOLD,
+    SHIPPED_DIR,
+    TinyPretrainConfig,
+    pretraining_recall,
+    save_backend,
+    shipped_folder,
+    tiny_cache_key,
+    tiny_model,
+    tiny_spec,
+)
 from factorlab.inject.train import METHODS, FineTuneSettings, fine_tune, total_steps
 from factorlab.inject.world import BUILTIN_RELATIONS, Relation, World, load_relations, relation_by_name
+from factorlab.models import cache_dir
 from factorlab.progress import StepBars, console
 from factorlab.reporting import Column, aggregate, mean_std, write_table
-from factorlab.runtime import atomic_write_text, write_json
+from factorlab.runtime import atomic_write_text, machine_info, write_json
 
 KINDS = ("train_fact", "test_fact", "train_implication", "test_implication")
 CHANCE_MARGIN = 0.25  # a drop in mean rank smaller than this is not counted as transfer
@@ -43,17 +56,32 @@ class InjectConfig:
     r: int = 4
     lora_alpha: float = 8.0
     seed: int = 0
+    """Seed of the world (names, split) and of fine-tuning."""
     lr: float | None = None
     epochs: int | None = None
     num_subjects: int = 100
     bridge_fraction: float = 0.2
     relations_file: str | None = None
+    pretrain_seed: int = 0
+    """Tiny backend only: which independently pretrained tiny model (seed 0 ships with factorlab)."""
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}.")
-        if self.r < 1:
-            raise ConfigError(f"r must be >= 1, got {self.r}.")
+        for name in ("r", "num_subjects"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        for name in ("seed", "pretrain_seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}.")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
+            raise ConfigError(f"lr must be a positive finite number (or omitted), got {self.lr!r}.")
+        if self.epochs is not None and (isinstance(self.epochs, bool) or self.epochs < 1):
+            raise ConfigError(f"epochs must be a positive integer (or omitted), got {self.epochs!r}.")
+        if self.pretrain_seed and self.model != "tiny":
+            raise ConfigError("pretrain_seed applies to the tiny backend only; drop it for other models.")
         relation_by_name(self.relation, self.extra_relations())  # fails fast on an unknown relation
 
     def extra_relations(self) -> dict[str, Relation]:
@@ -61,10 +89,10 @@ class InjectConfig:
 
 
 @functools.lru_cache(maxsize=2)
-def cached_backend(model: str, relations_file: str | None) -> Backend:
+def cached_backend(model: str, relations_file: str | None, pretrain_seed: int = 0) -> Backend:
     """One backend per worker process (the tiny one is built from every known relation)."""
     extra = load_relations(relations_file) if relations_file else {}
-    return load_backend(model, {**BUILTIN_RELATIONS, **extra})
+    return load_backend(model, {**BUILTIN_RELATIONS, **extra}, pretrain_seed)
 
 
 def mean(values: Sequence[float]) -> float | None:
@@ -83,10 +111,12 @@ def inject_cell(cell: dict[str, Any], folder: Path, progress=None) -> dict[str, 
     """One relation x method x seed; writes ranks.json into ``folder`` and returns the summary."""
     cfg = InjectConfig(**cell)
     started = time.perf_counter()
-    relation = relation_by_name(cfg.relation, cfg.extra_relations())
-    backend = cached_backend(cfg.model, cfg.relations_file)
+    known = {**BUILTIN_RELATIONS, **cfg.extra_relations()}
+    relation = relation_by_name(cfg.relation, known)
+    backend = cached_backend(cfg.model, cfg.relations_file, cfg.pretrain_seed)
     backend.check_candidates(relation.fact_answers)
     backend.check_candidates(relation.implication_answers)
+    probe = backend.probe(relation, known)
     world = World.generate(relation, cfg.seed, cfg.num_subjects, cfg.bridge_fraction)
     queries = world.queries()
     before = backend.ranks(backend.model, queries)
@@ -100,7 +130,10 @@ def inject_cell(cell: dict[str, Any], folder: Path, progress=None) -> dict[str, 
     lr, epochs, batch = settings.resolved(backend)
     summary |= {
         "num_candidates": len(relation.pairs),
+        "chance_rank": (len(relation.pairs) - 1) / 2,
         "causal": relation.causal,
+        "probe": probe,
+        "probe_ok": probe["accuracy"] is None or probe["accuracy"] >= PROBE_THRESHOLD,
         "verdict": verdict(
             relation, summary["test_implication_rank_before"], summary["test_implication_rank"]
         ),
@@ -108,6 +141,8 @@ def inject_cell(cell: dict[str, Any], folder: Path, progress=None) -> dict[str, 
         "steps": len(losses),
         "seconds": time.perf_counter() - started,
         "config": {**dataclasses.asdict(cfg), "lr": lr, "epochs": epochs, "batch_size": batch},
+        "backend": backend.info,
+        "machine": machine_info(),
         "world": {
             "subjects": len(world.subjects),
             "bridge": len(world.bridge),
@@ -122,6 +157,7 @@ def inject_cell(cell: dict[str, Any], folder: Path, progress=None) -> dict[str, 
                 "subject": q.subject,
                 "prompt": q.prompt,
                 "answer": q.answer,
+                "candidates": q.candidates,
                 "rank_before": b,
                 "rank": a,
             }
@@ -135,7 +171,7 @@ def run(cfg: InjectConfig, out: str | Path) -> dict[str, Any]:
     """`factorlab inject run`: one cell into ``out`` (summary.json, ranks.json)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    backend = cached_backend(cfg.model, cfg.relations_file)
+    backend = cached_backend(cfg.model, cfg.relations_file, cfg.pretrain_seed)
     world = World.generate(
         relation_by_name(cfg.relation, cfg.extra_relations()), cfg.seed, cfg.num_subjects, cfg.bridge_fraction
     )
@@ -161,18 +197,29 @@ def grid_cells(
     r: int,
     rank_sweep: Sequence[int] = (),
     relations_file: str | None = None,
+    pretrain_seeds: Sequence[int] = (0,),
     **fixed: Any,
 ) -> list[dict]:
+    """Relations x pretraining seeds (tiny only) x seeds x methods (+ LoRA ranks), validated."""
+    for name, values in (("relations", relations), ("methods", methods), ("seeds", seeds)):
+        if not values:
+            raise ConfigError(f"give at least one of {name}.")
+    if model != "tiny":
+        pretrain_seeds = (0,)
+    if not pretrain_seeds:
+        raise ConfigError("give at least one pretraining seed.")
     cells = []
     for relation in relations:
-        for seed in seeds:
-            for method in methods:
-                cells.append({"model": model, "relation": relation, "method": method, "r": r, "seed": seed})
-            for rank in rank_sweep:
-                if not ("lora" in methods and rank == r):
-                    cells.append(
-                        {"model": model, "relation": relation, "method": "lora", "r": rank, "seed": seed}
-                    )
+        for pretrain_seed in pretrain_seeds:
+            for seed in seeds:
+                base = {"model": model, "relation": relation, "seed": seed}
+                if model == "tiny":
+                    base["pretrain_seed"] = pretrain_seed
+                for method in methods:
+                    cells.append({**base, "method": method, "r": r})
+                for rank in rank_sweep:
+                    if not ("lora" in methods and rank == r):
+                        cells.append({**base, "method": "lora", "r": rank})
     for cell in cells:  # the scale is part of the cell id: results with another scale are never reused
         cell["lora_alpha"] = 8.0
     for cell in cells:
@@ -181,6 +228,38 @@ def grid_cells(
         cell.update({k: v for k, v in fixed.items() if v is not None})
         InjectConfig(**cell)  # validate every cell before any work starts
     return cells
+
+
+def pretrain_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A grid cell that builds (or finds) one tiny backend, so missing seeds pretrain in parallel."""
+    extra = load_relations(cell["relations_file"]) if cell.get("relations_file") else {}
+    relations = {**BUILTIN_RELATIONS, **extra}
+    started = time.perf_counter()
+    _, _, info = tiny_model(relations, TinyPretrainConfig(seed=cell["pretrain_seed"]))
+    return {**info, "seconds": time.perf_counter() - started}
+
+
+def prepare_tiny_backends(cells: list[dict], workers: int | None, out: Path) -> None:
+    """Pretrain every tiny backend the cells need and that is neither shipped nor cached."""
+    relations_file = next((c.get("relations_file") for c in cells), None)
+    extra = load_relations(relations_file) if relations_file else {}
+    relations = {**BUILTIN_RELATIONS, **extra}
+    missing = []
+    for seed in sorted({c.get("pretrain_seed", 0) for c in cells if c["model"] == "tiny"}):
+        key = tiny_cache_key(relations, TinyPretrainConfig(seed=seed))
+        if (
+            shipped_folder(key) is None
+            and not (cache_dir() / f"inject-tiny-{key}" / "manifest.json").exists()
+        ):
+            missing.append({"pretrain_seed": seed, "key": key, "relations_file": relations_file})
+    if not missing:
+        return
+    console.print(
+        f"pretraining {len(missing)} tiny backend(s) (seeds {[m['pretrain_seed'] for m in missing]})"
+    )
+    report = run_grid("factorlab.recipes.inject:pretrain_cell", missing, out / "pretrain", workers)
+    if report.failed:
+        raise ConfigError(f"pretraining the tiny backend failed: {report.failed[0][1]}")
 
 
 def grid(
@@ -194,11 +273,8 @@ def grid(
     """`factorlab inject grid`: run (or reuse) every cell, then write results.json, table.{md,csv,json},
     ranks.png, rank_sweep.png and report.md."""
     out = Path(out)
-    models = {c["model"] for c in cells}
-    if "tiny" in models:  # build the cached tiny backend once, before workers race to build it
-        with console.status("preparing the tiny backend"):
-            cached_backend("tiny", cells[0].get("relations_file"))
     started = time.perf_counter()
+    prepare_tiny_backends(cells, workers if backend == "local" else None, out)
     with StepBars("injection grid") as bars:
         bars.start([f"{len(cells)} cells"], [len(cells)])
         report = run_grid(
@@ -216,6 +292,20 @@ def grid(
     return write_grid_report(out, report, time.perf_counter() - started)
 
 
+def report_from_cells(out: str | Path) -> dict[str, Any]:
+    """`factorlab report OUT`: rebuild the grid's tables, plots and report from OUT/cells/*/summary.json."""
+    out = Path(out)
+    summaries = [load_summary(folder) for folder in sorted((out / "cells").glob("*/"))]
+    results = [s for s in summaries if s is not None and "config" in s]
+    if not results:
+        raise ConfigError(
+            f"{out}/cells holds no finished injection cells; run `factorlab inject grid` first."
+        )
+    report = GridReport(results=results, reused=len(results))
+    seconds = sum(s.get("seconds", 0.0) for s in results)
+    return write_grid_report(out, report, seconds, cell_seconds=True)
+
+
 def method_label(cfg: dict[str, Any]) -> str:
     return (
         f"lora r={cfg['r']}"
@@ -224,24 +314,31 @@ def method_label(cfg: dict[str, Any]) -> str:
     )
 
 
-def write_grid_report(out: Path, report, seconds: float) -> dict[str, Any]:
+def _record(summary: dict[str, Any]) -> dict[str, Any]:
+    cfg = summary["config"]
+    return {
+        "relation": cfg["relation"],
+        "method": method_label(cfg),
+        "pretrain_seed": cfg.get("pretrain_seed", 0),
+        "seed": cfg["seed"],
+        "r": cfg["r"],
+        "causal": summary["causal"],
+        **{k: summary.get(k) for k in summary if k.endswith("rank") or k.endswith("rank_before")},
+        "probe_accuracy": (summary.get("probe") or {}).get("accuracy"),
+        "verdict": summary["verdict"],
+        "seconds": summary["seconds"],
+        "cpu_capability": (summary.get("machine") or {}).get("cpu_capability"),
+    }
+
+
+def write_grid_report(out: Path, report, seconds: float, cell_seconds: bool = False) -> dict[str, Any]:
+    """results.json, table.{md,csv,json} (mean ± 95% CI over every run), plots and report.md."""
     from factorlab.recipes import inject_plots
 
-    records = []
-    for s in report.results:
-        cfg = s["config"]
-        records.append(
-            {
-                "relation": cfg["relation"],
-                "method": method_label(cfg),
-                "seed": cfg["seed"],
-                "r": cfg["r"],
-                "causal": s["causal"],
-                **{k: s.get(k) for k in s if k.endswith("rank") or k.endswith("rank_before")},
-                "verdict": s["verdict"],
-                "seconds": s["seconds"],
-            }
-        )
+    records = [_record(s) for s in report.results]
+    machines = sorted(
+        {json.dumps(s.get("machine", {}), sort_keys=True) for s in report.results if s.get("machine")}
+    )
     write_json(
         out / "results.json",
         {
@@ -251,6 +348,7 @@ def write_grid_report(out: Path, report, seconds: float) -> dict[str, Any]:
             "retried": report.retried,
             "failed": [c for c, _ in report.failed],
             "seconds": seconds,
+            "machines": [json.loads(m) for m in machines],
         },
     )
     relations = list(dict.fromkeys(r["relation"] for r in records))
@@ -259,13 +357,14 @@ def write_grid_report(out: Path, report, seconds: float) -> dict[str, Any]:
     agg = aggregate(
         records, ["method", "relation"], [f"{k}_rank" for k in KINDS] + [f"{k}_rank_before" for k in KINDS]
     )
+    # the before-rank does not depend on the method: count each (pretraining seed, seed) once
+    before = {}
+    for r in records:
+        before.setdefault((r["relation"], r["pretrain_seed"], r["seed"]), r["test_implication_rank_before"])
     rows = [
         {
             "method": "before fine-tuning",
-            **{
-                rel: mean_std([r["test_implication_rank_before"] for r in records if r["relation"] == rel])
-                for rel in relations
-            },
+            **{rel: mean_std([v for (x, _, _), v in before.items() if x == rel]) for rel in relations},
         }
     ]
     for method in methods:
@@ -274,8 +373,17 @@ def write_grid_report(out: Path, report, seconds: float) -> dict[str, Any]:
             if a["method"] == method:
                 row[a["relation"]] = a["test_implication_rank"]
         rows.append(row)
+    probe_row = {
+        "method": "background probe (accuracy)",
+        **{
+            rel: mean_std([r["probe_accuracy"] for r in records if r["relation"] == rel]) for rel in relations
+        },
+    }
     headers = {rel: f"{rel} ({'generalization' if causal[rel] else 'hallucination'})" for rel in relations}
-    columns = [Column("method", "method"), *(Column(rel, headers[rel], "{:.2f}") for rel in relations)]
+    columns = [
+        Column("method", "method"),
+        *(Column(rel, headers[rel], "{:.2f}", ci=True) for rel in relations),
+    ]
     table = write_table(rows, columns, out / "table")
     fact_rows = []
     for method in methods:
@@ -285,8 +393,8 @@ def write_grid_report(out: Path, report, seconds: float) -> dict[str, Any]:
                 row[a["relation"]] = a["train_fact_rank"]
         fact_rows.append(row)
     fact_table = write_table(
-        fact_rows,
-        [Column("method", "method"), *(Column(rel, rel, "{:.2f}") for rel in relations)],
+        [*fact_rows, probe_row],
+        [Column("method", "method"), *(Column(rel, rel, "{:.2f}", ci=True) for rel in relations)],
         out / "train_fact_table",
     )
     inject_plots.ranks_by_relation(rows, relations, causal, out / "ranks.png")
@@ -294,12 +402,26 @@ def write_grid_report(out: Path, report, seconds: float) -> dict[str, Any]:
     has_sweep = len({r["r"] for r in sweep}) > 1
     if has_sweep:
         inject_plots.rank_sweep(records, relations, causal, out / "rank_sweep.png")
+    pretrain_seeds = sorted({r["pretrain_seed"] for r in records})
+    seeds = sorted({r["seed"] for r in records})
+    runs = max((a["seeds"] for a in agg), default=0)
+    chance = (_num_candidates(report) - 1) / 2
+    low_probe = sorted(
+        {
+            r["relation"]
+            for r in records
+            if r["probe_accuracy"] is not None and r["probe_accuracy"] < PROBE_THRESHOLD
+        }
+    )
+    timing = "summed over cells" if cell_seconds else "wall time"
     lines = [
         "# Knowledge injection: generalization or hallucination?",
         "",
-        f"{report.line()} in {seconds:.0f} s. Mean rank (0 = best; uniform guessing among "
-        f"{_num_candidates(report)} candidates gives {(_num_candidates(report) - 1) / 2:.1f}) of the correct "
-        "answer's first-token logit among the candidates, mean ± std over seeds.",
+        f"{report.line()}; {seconds:.0f} s ({timing}). Mean rank (0 = best) of the correct answer's "
+        f"first-token logit among the {_num_candidates(report)} candidate answers; guessing gives "
+        f"{chance:.1f}. Each entry: mean ± half-width of the 95% confidence interval (Student's t) over "
+        f"{runs} runs = {len(pretrain_seeds)} pretraining seed(s) {pretrain_seeds} x {len(seeds)} "
+        f"fine-tuning seed(s) {seeds}.",
         "",
         "## Test implications (never shown in training)",
         "",
@@ -309,15 +431,66 @@ def write_grid_report(out: Path, report, seconds: float) -> dict[str, Any]:
         table,
         "![ranks](ranks.png)",
         "",
-        "## Training facts (memorisation)",
+        "## Training facts (memorisation) and background knowledge",
+        "",
+        "Mean rank of the trained facts after fine-tuning, and the background-knowledge probe before it: "
+        'the share of the world\'s known pairs ("People in Paris speak" -> French) the base model '
+        "ranks first. Relations without background knowledge have no probe (–).",
         "",
         fact_table,
     ]
+    if low_probe:
+        lines += [
+            f"**Warning:** the base model fails the background probe (< {PROBE_THRESHOLD}) on "
+            f"{', '.join(low_probe)}; read those columns with care.",
+            "",
+        ]
     if has_sweep:
         lines += ["## LoRA rank sweep against full fine-tuning", "", "![rank sweep](rank_sweep.png)", ""]
+    lines += ["## Machines", "", *(f"- `{m}`" for m in machines), ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     return {"records": records, "rows": rows, "report": report}
 
 
 def _num_candidates(report) -> int:
     return report.results[0]["num_candidates"] if report.results else 0
+
+
+def pretrain_command(seed: int, relations_file: str | None = None, ship: bool = False) -> list[str]:
+    """`factorlab inject pretrain`: build (or find) the tiny backend of ``seed``; report its probe.
+
+    ``ship`` copies it into factorlab's package data (``factorlab/inject/data/tiny-seed<N>``), where
+    every installation finds it without pretraining; only the built-in relations can be shipped.
+    """
+    if ship and relations_file:
+        raise ConfigError("only the built-in relations' backend can be shipped; drop --relations-file.")
+    extra = load_relations(relations_file) if relations_file else {}
+    relations = {**BUILTIN_RELATIONS, **extra}
+    config = TinyPretrainConfig(seed=seed)
+    model, tokenizer, info = tiny_model(relations, config)
+    backend = Backend("tiny", model, tokenizer, info)
+    lines = [f"tiny backend, pretraining seed {seed}: {info['source']} ({info['folder']}), key {info['key']}"]
+    failed = []
+    for name, relation in relations.items():
+        probe = backend.probe(relation, relations)
+        if probe["accuracy"] is None:
+            lines.append(f"  {name}: no background knowledge to probe")
+            continue
+        lines.append(f"  {name}: background probe {probe['accuracy']:.2f} ({probe['queries']} queries)")
+        if probe["accuracy"] < PROBE_THRESHOLD:
+            failed.append(name)
+    lines.append("  recall of pretraining people (fact / implication; causal implications can be derived):")
+    for name, recall in pretraining_recall(backend, relations, config).items():
+        kind = "causal" if recall["causal"] else "non-causal"
+        lines.append(f"    {name} ({kind}): {recall['fact']:.2f} / {recall['implication']:.2f}")
+    if failed:
+        raise ConfigError(
+            f"the tiny backend of seed {seed} fails its background probe on {failed} "
+            f"(< {PROBE_THRESHOLD}); its fine-tuning results would mean little. Pretrain longer."
+        )
+    if ship:
+        target = SHIPPED_DIR / f"tiny-seed{seed}"
+        manifest = {"key": info["key"], "spec": tiny_spec(relations, config), "machine": machine_info()}
+        save_backend(model, tokenizer, target, manifest)
+        lines.append(f"shipped into {target}")
+    return lines

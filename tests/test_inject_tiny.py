@@ -1,0 +1,106 @@
+"""The tiny knowledge-injection backend: cache keys that cannot go stale, the shipped reference
+backend, the background-knowledge probe, and causal generalization that holds on any CPU."""
+
+import dataclasses
+import json
+
+import pytest
+
+from factorlab.inject import tiny
+from factorlab.inject.backends import background_queries
+from factorlab.inject.tiny import PROBE_THRESHOLD, TinyPretrainConfig, shipped_folder, tiny_cache_key
+from factorlab.inject.world import BUILTIN_RELATIONS, Relation
+
+
+def test_cache_key_covers_every_config_field_the_relations_and_the_code(monkeypatch):
+    base = TinyPretrainConfig()
+    key = tiny_cache_key(BUILTIN_RELATIONS, base)
+    assert key == tiny_cache_key(dict(BUILTIN_RELATIONS), TinyPretrainConfig())  # stable
+    keys = {key}
+    for f in dataclasses.fields(TinyPretrainConfig):
+        value = getattr(base, f.name)
+        changed = value + 1 if isinstance(value, int) else value / 2
+        if f.name in ("num_heads", "hidden_size"):
+            changed = {"num_heads": 2, "hidden_size": 132}[f.name]  # heads must divide the hidden size
+        keys.add(tiny_cache_key(BUILTIN_RELATIONS, dataclasses.replace(base, **{f.name: changed})))
+    assert len(keys) == 1 + len(dataclasses.fields(TinyPretrainConfig))
+    city = BUILTIN_RELATIONS["city-language"]
+    edited = {**BUILTIN_RELATIONS, "city-language": dataclasses.replace(city, background=city.background[:1])}
+    assert tiny_cache_key(edited, base) != key
+    # a change of the pretraining code changes the key too, with the same config and relations
+    original = tiny.pretrain_tiny
+
+    def pretrain_tiny(relations, config, progress=True):  # a different recipe
+        return original(relations, config, progress)
+
+    monkeypatch.setattr(tiny, "pretrain_tiny", pretrain_tiny)
+    assert tiny_cache_key(BUILTIN_RELATIONS, base) != key
+
+
+def test_pretraining_config_refuses_bad_values():
+    from factorlab.errors import ConfigError
+
+    for bad in (
+        {"steps": 0},
+        {"lr": float("nan")},
+        {"knowledge_share": 1.5},
+        {"num_heads": 3},
+        {"seed": "0"},
+    ):
+        with pytest.raises(ConfigError):
+            TinyPretrainConfig(**bad)
+
+
+def test_probe_asks_the_true_world_knowledge_and_nothing_for_arbitrary_relations():
+    cf = background_queries(BUILTIN_RELATIONS["city-language-cf"], BUILTIN_RELATIONS)
+    causal = background_queries(BUILTIN_RELATIONS["city-language"], BUILTIN_RELATIONS)
+    assert [(q.prompt, q.answer) for q in cf] == [(q.prompt, q.answer) for q in causal]
+    assert ("People in Paris speak", "French") in [(q.prompt, q.answer) for q in causal]
+    assert len(causal) == 10  # 2 background sentences x 5 cities
+    assert background_queries(BUILTIN_RELATIONS["country-code"], BUILTIN_RELATIONS) == []
+    odd = Relation(
+        "odd", True, ("{subject} is in {fact}.",), ("{subject} says {implication}.",),
+        (("A", "x"), ("B", "y")), ("{implication} is said in {fact}.",),
+    )  # fmt: skip
+    assert background_queries(odd, {"odd": odd}) == []  # the implication comes first: cannot be asked
+
+
+def test_the_shipped_backend_is_the_current_recipe_and_knows_its_world():
+    """Seed 0 ships with factorlab. If this fails after a change to the pretraining recipe, rebuild it:
+    `factorlab inject pretrain --seed 0 --ship` (a few minutes), and commit the folder."""
+    from factorlab.recipes.inject import cached_backend
+
+    key = tiny_cache_key(BUILTIN_RELATIONS, TinyPretrainConfig(seed=0))
+    folder = shipped_folder(key)
+    assert folder is not None, (
+        "the shipped tiny backend is stale: run `factorlab inject pretrain --seed 0 --ship`"
+    )
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["spec"]["config"] == dataclasses.asdict(TinyPretrainConfig(seed=0))
+    backend = cached_backend("tiny", None, 0)
+    assert backend.info["source"] == "shipped"
+    for name in ("city-language", "city-language-cf"):
+        probe = backend.probe(BUILTIN_RELATIONS[name], BUILTIN_RELATIONS)
+        assert probe["accuracy"] >= PROBE_THRESHOLD, probe["wrong"]
+    assert backend.probe(BUILTIN_RELATIONS["country-code"], BUILTIN_RELATIONS)["accuracy"] is None
+
+
+@pytest.mark.parametrize(("method", "seed"), [("lora", 5), ("lora", 17), ("full", 5), ("full", 17)])
+def test_the_causal_relation_generalizes_on_the_shipped_backend(tmp_path, method, seed):
+    """Fine-tuning on new facts generalizes the causal link: the test-implication rank (never shown)
+    at most halves, with the training facts memorised.
+
+    SPREAD_NOTE
+    """
+    from factorlab.recipes.inject import inject_cell
+
+    cell = {"model": "tiny", "relation": "city-language", "method": method, "seed": seed}
+    s = inject_cell(cell, tmp_path)
+    assert s["probe"]["accuracy"] >= PROBE_THRESHOLD and s["probe_ok"]
+    assert s["train_fact_rank"] < 0.1  # memorised (rank 0 is best; guessing gives 2.0)
+    assert s["test_implication_rank"] <= 0.5 * s["test_implication_rank_before"]
+    assert s["verdict"] == "generalization"
+    assert s["machine"]["cpu_capability"] and s["backend"]["source"] == "shipped"
+    ranks = json.loads((tmp_path / "ranks.json").read_text())
+    assert {r["kind"] for r in ranks} == {"train_fact", "test_fact", "train_implication", "test_implication"}
+    assert all(r["answer"] in r["candidates"] for r in ranks)
