@@ -28,12 +28,13 @@ SUMMARY = "summary.json"
 
 
 def cell_id(cell: dict[str, Any]) -> str:
-    """A readable, stable folder name: key=value pairs in key order (long ones end in a hash)."""
-    parts = [f"{k}={cell[k]}" for k in sorted(cell)]
+    """A readable, stable folder name: short key=value pairs in key order, plus a hash of the whole
+    cell when a long value (a hash, a path) was left out or the name grew long."""
+    parts = [f"{k}={cell[k]}" for k in sorted(cell) if len(str(cell[k])) <= 16]
     name = re.sub(r"[^A-Za-z0-9=.,+_-]", "_", ",".join(parts))
-    if len(name) > 120:
+    if len(parts) < len(cell) or len(name) > 160:
         digest = hashlib.sha1(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:16]
-        name = f"{name[:80]}-{digest}"
+        name = f"{name[:140]}-{digest}"
     return name
 
 

@@ -23,10 +23,14 @@ from factorlab.training import run_training
 METHODS = ("full", "lora", "compacter++", "lora-mixer")
 
 # (lr, epochs, batch size) per backend kind and method. Full fine-tuning needs a far smaller rate.
+# Tiny: measured over 3 pretraining x 3 fine-tuning seeds (AVX2 kernels), city-language test-implication
+# rank after / before: full lr 1e-3 reached 0.52 (not robust), 2e-3 <= 0.30, 3e-3 <= 0.32; LoRA lr 3e-3
+# reached 0.54, 5e-3 with 30 epochs left one run's facts unlearned, 5e-3 with 40 epochs <= 0.44,
+# 7e-3 and 1e-2 collapsed on some seeds.
 DEFAULTS = {
     "tiny": {
-        "full": (1e-3, 30, 16),
-        "lora": (5e-3, 30, 16),
+        "full": (3e-3, 30, 16),
+        "lora": (5e-3, 40, 16),
         "compacter++": (2e-2, 30, 16),
         "lora-mixer": (1e-2, 30, 16),
     },

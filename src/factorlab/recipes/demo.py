@@ -125,8 +125,16 @@ def _injection_section(injection: dict[str, Any]) -> str:
         "## 4. Knowledge injection: the same mechanism in a language model",
         "",
         "A small Llama, pretrained by factorlab on a generated corpus that teaches which language each "
-        "city speaks, is fine-tuned on facts about 100 fictitious people; the implication is shown for "
-        "20 of them. Mean rank (0 = best, chance 2.0) of the associated implication for the other 80:",
+        "city speaks (the reference backend, pretraining seed 0, ships with factorlab), is fine-tuned on "
+        "facts about 100 fictitious people; the implication is shown for 20 of them. Mean rank (0 = "
+        "best, guessing 2.0) of the associated implication for the other 80, one fine-tuning seed "
+        "(`factorlab inject grid` runs 3 pretraining x 3 fine-tuning seeds):",
+        "",
+    ]
+    probes = {r["relation"]: r["probe_accuracy"] for r in injection["records"]}
+    lines += [
+        'Background knowledge before fine-tuning (share of "People in <city> speak" -> language ranked '
+        "first): " + ", ".join(f"{k} {v:.2f}" for k, v in probes.items() if v is not None) + ".",
         "",
     ]
     for r in injection["records"]:

@@ -37,7 +37,7 @@ from factorlab.inject.tiny import (
     tiny_model,
     tiny_spec,
 )
-from factorlab.inject.train import METHODS, FineTuneSettings, fine_tune, total_steps
+from factorlab.inject.train import DEFAULTS, METHODS, FineTuneSettings, fine_tune, total_steps
 from factorlab.inject.world import BUILTIN_RELATIONS, Relation, World, load_relations, relation_by_name
 from factorlab.models import cache_dir
 from factorlab.progress import StepBars, console
@@ -62,6 +62,7 @@ class InjectConfig:
     num_subjects: int = 100
     bridge_fraction: float = 0.2
     relations_file: str | None = None
+    batch_size: int | None = None
     pretrain_seed: int = 0
     """Tiny backend only: which independently pretrained tiny model (seed 0 ships with factorlab)."""
 
@@ -78,8 +79,10 @@ class InjectConfig:
                 raise ConfigError(f"{name} must be a non-negative integer, got {value!r}.")
         if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
             raise ConfigError(f"lr must be a positive finite number (or omitted), got {self.lr!r}.")
-        if self.epochs is not None and (isinstance(self.epochs, bool) or self.epochs < 1):
-            raise ConfigError(f"epochs must be a positive integer (or omitted), got {self.epochs!r}.")
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{name} must be a positive integer (or omitted), got {value!r}.")
         if self.pretrain_seed and self.model != "tiny":
             raise ConfigError("pretrain_seed applies to the tiny backend only; drop it for other models.")
         relation_by_name(self.relation, self.extra_relations())  # fails fast on an unknown relation
@@ -107,8 +110,15 @@ def verdict(relation: Relation, before: float | None, after: float | None) -> st
     return "generalization" if relation.causal else "hallucination"
 
 
+def tiny_backend_key(pretrain_seed: int, relations_file: str | None = None) -> str:
+    extra = load_relations(relations_file) if relations_file else {}
+    return tiny_cache_key({**BUILTIN_RELATIONS, **extra}, TinyPretrainConfig(seed=pretrain_seed))
+
+
 def inject_cell(cell: dict[str, Any], folder: Path, progress=None) -> dict[str, Any]:
     """One relation x method x seed; writes ranks.json into ``folder`` and returns the summary."""
+    cell = dict(cell)
+    expected_key = cell.pop("backend_key", None)
     cfg = InjectConfig(**cell)
     started = time.perf_counter()
     known = {**BUILTIN_RELATIONS, **cfg.extra_relations()}
@@ -116,11 +126,17 @@ def inject_cell(cell: dict[str, Any], folder: Path, progress=None) -> dict[str, 
     backend = cached_backend(cfg.model, cfg.relations_file, cfg.pretrain_seed)
     backend.check_candidates(relation.fact_answers)
     backend.check_candidates(relation.implication_answers)
+    if expected_key is not None and backend.info.get("key") != expected_key:
+        raise ConfigError(
+            f"the tiny backend's key {backend.info.get('key')} is not the cell's {expected_key}."
+        )
     probe = backend.probe(relation, known)
     world = World.generate(relation, cfg.seed, cfg.num_subjects, cfg.bridge_fraction)
     queries = world.queries()
     before = backend.ranks(backend.model, queries)
-    settings = FineTuneSettings(cfg.method, cfg.r, cfg.lora_alpha, cfg.lr, cfg.epochs, seed=cfg.seed)
+    settings = FineTuneSettings(
+        cfg.method, cfg.r, cfg.lora_alpha, cfg.lr, cfg.epochs, cfg.batch_size, seed=cfg.seed
+    )
     model, losses = fine_tune(backend, world, settings, progress)
     after = backend.ranks(model, queries)
     summary: dict[str, Any] = {}
@@ -176,7 +192,11 @@ def run(cfg: InjectConfig, out: str | Path) -> dict[str, Any]:
         relation_by_name(cfg.relation, cfg.extra_relations()), cfg.seed, cfg.num_subjects, cfg.bridge_fraction
     )
     steps = total_steps(
-        backend, world, FineTuneSettings(cfg.method, cfg.r, cfg.lora_alpha, cfg.lr, cfg.epochs, seed=cfg.seed)
+        backend,
+        world,
+        FineTuneSettings(
+            cfg.method, cfg.r, cfg.lora_alpha, cfg.lr, cfg.epochs, cfg.batch_size, seed=cfg.seed
+        ),
     )
     with StepBars(f"{cfg.method} on {cfg.relation}") as bars:
         bars.start([f"{cfg.method}, {cfg.relation}, seed {cfg.seed}"], [steps])
@@ -220,13 +240,19 @@ def grid_cells(
                 for rank in rank_sweep:
                     if not ("lora" in methods and rank == r):
                         cells.append({**base, "method": "lora", "r": rank})
-    for cell in cells:  # the scale is part of the cell id: results with another scale are never reused
+    for cell in cells:
+        # Everything that determines a cell's result is part of its id, defaults included, so a
+        # changed default or pretraining recipe never reuses an old result.
         cell["lora_alpha"] = 8.0
+        lr, epochs, batch = DEFAULTS["tiny" if model == "tiny" else "hf"][cell["method"]]
+        cell.update(lr=lr, epochs=epochs, batch_size=batch)
+        if model == "tiny":
+            cell["backend_key"] = tiny_backend_key(cell["pretrain_seed"], relations_file)
     for cell in cells:
         if relations_file:
             cell["relations_file"] = relations_file
         cell.update({k: v for k, v in fixed.items() if v is not None})
-        InjectConfig(**cell)  # validate every cell before any work starts
+        InjectConfig(**{k: v for k, v in cell.items() if k != "backend_key"})  # validate before any work
     return cells
 
 
