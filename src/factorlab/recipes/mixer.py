@@ -37,7 +37,7 @@ from torch import nn
 
 from factorlab.core.adapted import AdaptedModel, adapt
 from factorlab.distributed import rank, world_size
-from factorlab.errors import ConfigError
+from factorlab.errors import ConfigError, GridCellsFailed
 from factorlab.grid import cell_id, run_grid
 from factorlab.methods.lora.config import LoraConfig
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
@@ -46,6 +46,7 @@ from factorlab.progress import StepBars, console
 from factorlab.reporting import Column, aggregate, write_table
 from factorlab.runtime import atomic_write_text, write_json
 from factorlab.training import run_training
+from factorlab.validation import check_fields
 
 # ---- tasks ------------------------------------------------------------------------------------------
 
@@ -258,6 +259,31 @@ class MixerExperimentConfig:
     balance_coef: float = 0.01
     specialization_coef: float = 0.1
     max_new_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name in ("tasks", "seeds"):
+            if not getattr(self, name):
+                raise ConfigError(f"give at least one of {name}.")
+        for name in (
+            "r",
+            "steps",
+            "router_steps",
+            "router_examples_per_task",
+            "train_examples_per_task",
+            "eval_examples_per_task",
+            "batch_size",
+            "top_k",
+            "max_new_tokens",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        for name in ("lr", "router_lr", "lora_alpha"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)}.")
+        for name in ("balance_coef", "specialization_coef"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
 
     def mixer_config(self) -> LoraMixerConfig:
         """One expert per task (named after it), soft routing, this experiment's routing loss."""
@@ -484,7 +510,7 @@ def run_experiment(
         "factorlab.recipes.mixer:seed_cell", cells, out, workers, backend=backend, address=address
     )
     if grid.failed:
-        raise RuntimeError(f"{len(grid.failed)} seed(s) failed: {grid.failed[0][1]}")
+        raise GridCellsFailed("seed(s)", grid.failed)
     if export:  # copy the first seed's artefacts next to the report
         first = out / "cells" / cell_id(cells[0])
         for name in ("base", "mixer", "experts"):
@@ -679,7 +705,9 @@ def plug(
     seed = cfg.seeds[0]
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_path).eval()
+    from factorlab.models import OFFLINE, resolve_model_path
+
+    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_path), **OFFLINE).eval()
     router_data = [tasks.examples(k, cfg.router_examples_per_task, seed) for k in range(len(cfg.tasks))]
     evals = [tasks.examples(k, cfg.eval_examples_per_task, 10_000 + seed) for k in range(len(cfg.tasks))]
     with console.status("training the routers"):

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from factorlab.errors import GridCellsFailed
 from factorlab.grid import run_grid
 from factorlab.ocr import plots
 from factorlab.ocr import theory as mm
@@ -153,7 +154,7 @@ def sweep(
             on_done=lambda done, total: bars.update(0, done),
         )
     if grid.failed:
-        raise RuntimeError(f"{len(grid.failed)} OCR groups failed: {grid.failed[0][1]}")
+        raise GridCellsFailed("OCR groups", grid.failed)
     wall = time.perf_counter() - started
     by_config = {
         OCRConfig(**c): RunResult(OCRConfig(**c), run["history"], run["summary"])

@@ -18,6 +18,7 @@ from factorlab.errors import ConfigError
 from factorlab.layers.bottleneck import ACTIVATIONS
 from factorlab.layers.phm import FAST_INITS, RULE_INITS
 from factorlab.methods.base import AdapterConfig
+from factorlab.validation import check_fields
 
 
 @dataclass
@@ -57,6 +58,7 @@ class CompacterConfig(AdapterConfig):
     """Also train (copies of) every LayerNorm / RMSNorm, as the paper's recipe does; saved with it."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not self.reduction_factor or self.reduction_factor <= 0:
             raise ConfigError(f"reduction_factor must be > 0, got {self.reduction_factor}.")
         if self.non_linearity.lower() not in ACTIVATIONS:

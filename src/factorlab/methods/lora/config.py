@@ -9,6 +9,7 @@ from typing import ClassVar
 from factorlab.errors import ConfigError
 from factorlab.layers.lora import LORA_INITS
 from factorlab.methods.base import AdapterConfig
+from factorlab.validation import check_fields
 
 
 def pattern_value(patterns: dict[str, float], module_name: str, default: float) -> float:
@@ -44,6 +45,7 @@ class LoraConfig(AdapterConfig):
     """Per-module alphas, same matching."""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         for where, r in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
             if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
                 raise ConfigError(f"LoRA {where} must be a positive integer, got {r!r}; e.g. r=8.")

@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 from factorlab.errors import ConfigError
 from factorlab.layers.mixer import ROUTINGS
 from factorlab.methods.base import AdapterConfig
+from factorlab.validation import check_fields
 
 GRANULARITIES = ("projection", "layer", "shared")
 
@@ -87,6 +88,9 @@ class LoraMixerConfig(AdapterConfig):
             if len(set(names)) != len(names):
                 raise ConfigError(f"expert names must be unique, got {names}.")
             self.num_experts = len(self.experts)
+        check_fields(self)
+        for spec in self.experts or []:
+            check_fields(spec)
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
             raise ConfigError(f"num_experts must be a positive integer, got {self.num_experts!r}.")
         for spec in self.expert_specs():

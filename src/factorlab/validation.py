@@ -1,0 +1,95 @@
+"""One validation rule for every config dataclass: each field's value has its annotated type.
+
+Strings are not booleans ("false" is refused where a bool is expected), booleans are not numbers,
+floats are finite, lists hold the annotated element type. Range checks (positive counts, rates in
+[0, 1)) stay in each config's ``__post_init__``, next to the field they concern; this module only
+makes sure they see values of the right kind. Messages name the field and cut long values short.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from typing import Any
+
+from factorlab.errors import ConfigError
+
+
+def short(value: Any, limit: int = 80) -> str:
+    """repr() cut to ``limit`` characters, so a hostile value cannot flood an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    if hint is Any:
+        return True
+    if hint is type(None) or hint is None:
+        return value is None
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args and type(value) in {type(a) for a in args}
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, typing.Sequence) or hint in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if not args:
+            return True
+        element = args[0]
+        return all(_matches(v, element) for v in value)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            return False
+        if not args:
+            return True
+        key, item = args
+        return all(_matches(k, key) and _matches(v, item) for k, v in value.items())
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # an annotation this checker does not know: leave it to the config's own checks
+
+
+def describe(hint: Any) -> str:
+    if hint is float:
+        return "a finite number"
+    if hint is int:
+        return "an integer"
+    if hint is bool:
+        return "true or false (a boolean, not a string)"
+    if hint is str:
+        return "a string"
+    if hint is type(None):
+        return "null"
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(describe(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of {describe(args[0])}" if args else "a list"
+    if origin is dict:
+        return f"a mapping of {describe(args[0])} to {describe(args[1])}" if args else "a mapping"
+    return getattr(hint, "__name__", str(hint))
+
+
+def check_fields(obj: Any) -> None:
+    """Raise ConfigError naming the first field whose value does not have its annotated type."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        hint = hints.get(f.name)
+        if hint is None:
+            continue
+        value = getattr(obj, f.name)
+        if not _matches(value, hint):
+            raise ConfigError(f"{type(obj).__name__}.{f.name} must be {describe(hint)}, got {short(value)}.")
