@@ -91,18 +91,18 @@ def test_generate_with_cache_equals_generate_without():
     assert hard.shape == cached.shape
 
 
-def _peft_folder(tmp_path, name, r, targets, seed, hidden=64):
+def _peft_folder(tmp_path, name, r, targets, seed, hidden=64, layers=2):
     import transformers as tf
 
     torch.manual_seed(seed)
-    if hidden == 64:
+    if hidden == 64 and layers == 2:
         model = build("llama")
     else:
         model = tf.LlamaForCausalLM(
             tf.LlamaConfig(
                 hidden_size=hidden,
                 intermediate_size=2 * hidden,
-                num_hidden_layers=2,
+                num_hidden_layers=layers,
                 num_attention_heads=4,
                 num_key_value_heads=2,
                 vocab_size=1000,
@@ -148,6 +148,47 @@ def test_peft_expert_for_another_model_size_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"expert 'bad'.*trained for a different model"):
         adapt(model, LoraMixerConfig.from_peft_adapters([good, bad]))
     assert not any(isinstance(m, LoRAMixerLinear) for m in model.modules())
+
+
+def test_peft_expert_from_a_deeper_model_or_outside_the_targets_is_refused(tmp_path):
+    good, _ = _peft_folder(tmp_path, "good", 2, ["q_proj"], seed=1)
+    deeper, _ = _peft_folder(tmp_path, "deeper", 2, ["q_proj"], seed=2, layers=4)
+    model = build("llama")
+    with pytest.raises(ConfigError, match=r"expert 'deeper'.*2 module\(s\).*dropped"):
+        adapt(model, LoraMixerConfig.from_peft_adapters([good, deeper]))
+    wide, _ = _peft_folder(tmp_path, "wide", 2, ["q_proj", "v_proj"], seed=3)
+    with pytest.raises(ConfigError, match="target_modules must include them"):
+        adapt(model, LoraMixerConfig.from_peft_adapters([good, wide], target_modules=["q_proj"]))
+    assert not any(isinstance(m, LoRAMixerLinear) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [("nan", "NaN or inf"), ("int", "non-float"), ("alpha", "finite number"), ("rslora", "true or false")],
+)
+def test_corrupt_peft_expert_is_refused(tmp_path, edit, message):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    folder, _ = _peft_folder(tmp_path, "e", 2, ["q_proj"], seed=1)
+    weights = folder / "adapter_model.safetensors"
+    config_file = folder / "adapter_config.json"
+    tensors = load_file(str(weights))
+    key = sorted(tensors)[0]
+    config = json.loads(config_file.read_text())
+    if edit == "nan":
+        tensors[key][0, 0] = float("nan")
+    elif edit == "int":
+        tensors[key] = tensors[key].to(torch.int32)
+    elif edit == "alpha":
+        config["lora_alpha"] = float("inf")
+    else:
+        config["use_rslora"] = "false"
+    save_file(tensors, str(weights))
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(AdapterLoadError, match=message):
+        adapt(build("llama"), LoraMixerConfig.from_peft_adapters([folder]))
 
 
 def test_non_lora_peft_folder_is_refused(tmp_path):

@@ -135,10 +135,28 @@ def read_peft_lora(path: str | os.PathLike) -> PeftLora:
                 f"{path}: tensor {key!r} is not a LoRA A/B weight of a linear layer; factorlab reads LoRA on "
                 "linear layers only (no embedding, convolution or DoRA tensors)."
             )
+        if not tensor.is_floating_point() or not torch.isfinite(tensor.float()).all():
+            raise AdapterLoadError(
+                f"{path}: tensor {key!r} is {tensor.dtype} with "
+                f"{'non-float values' if not tensor.is_floating_point() else 'NaN or inf values'}; "
+                "the adapter is corrupt."
+            )
         parts.setdefault(m["module"], {})[m["part"]] = tensor
     if not parts:
         raise AdapterLoadError(f"{path}/adapter_model.safetensors holds no LoRA tensors.")
-    r_default, alpha_default = int(data.get("r", 8)), data.get("lora_alpha", 8)
+    r_default, alpha_default = data.get("r", 8), data.get("lora_alpha", 8)
+    alpha_values = [alpha_default, *(data.get("alpha_pattern") or {}).values()]
+    if isinstance(r_default, bool) or not isinstance(r_default, int) or r_default < 1:
+        raise AdapterLoadError(
+            f"{path}/adapter_config.json: r must be a positive integer, got {r_default!r}."
+        )
+    for alpha in alpha_values:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+            raise AdapterLoadError(
+                f"{path}/adapter_config.json: lora_alpha must be a finite number, got {alpha!r}."
+            )
+    if not isinstance(data.get("use_rslora", False), bool):
+        raise AdapterLoadError(f"{path}/adapter_config.json: use_rslora must be true or false.")
     weights, ranks, alphas = {}, {}, {}
     for module, ab in parts.items():
         if set(ab) != {"A", "B"}:

@@ -115,9 +115,14 @@ def build_shared(base: nn.Module, config: LoraMixerConfig, names: list[str]) -> 
     for spec in config.expert_specs():
         if spec.source is not None:
             lora = _peft(spec.source)
+            outside = sorted(set(lora.weights) - set(widths))
+            if outside:
+                raise ConfigError(
+                    f"expert {spec.name!r} ({spec.source}) adapts {len(outside)} module(s) that this mixer "
+                    f"does not target (e.g. {outside[:3]}); they would be dropped. Either the adapter comes "
+                    "from a model with other modules (another depth), or target_modules must include them."
+                )
             for module, (a, b) in lora.weights.items():
-                if module not in widths:
-                    continue
                 target = base.get_submodule(module)
                 target = target.base_layer if isinstance(target, AdapterLayer) else target
                 w = target.weight
