@@ -189,6 +189,13 @@ def test_unsafe_adapter_names_are_refused(name):
         )
 
 
+def test_absurd_rank_is_refused_before_allocation():
+    model = build("llama")
+    with pytest.raises(ConfigError, match="exceeds"):
+        factorlab.adapt(model, factorlab.LoraConfig(r=10**12, target_modules=["q_proj"]))
+    assert all(p.requires_grad for p in model.parameters())  # left as it was
+
+
 def test_merged_adapter_blocks_switching_and_unloaded_model_refuses_to_save(tmp_path):
     adapted = factorlab.adapt(
         build("llama"), factorlab.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
