@@ -11,7 +11,7 @@ from factorlab.recipes import ocr
 @pytest.fixture(scope="module")
 def problem():
     world = OCRWorld(OCRTaskConfig(groups=4, subjects_per_group=4), seed=0)
-    return mm.MarginProblem.from_world(world)
+    return mm.MarginProblem.from_world(world, competitors="relation")
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +42,45 @@ def test_both_solutions_satisfy_the_margins_and_frobenius_has_zero_test_margin(p
     assert frob["frobenius_norm"] <= nuc["frobenius_norm"] + 1e-6
 
 
-def test_trained_models_point_to_their_norms_solution(tmp_path):
-    """Theorem 1 made visible: factorized -> nuclear, combined -> Frobenius."""
-    result = ocr.theory(OCRConfig(groups=4, subjects_per_group=4, steps=800), tmp_path)
+@pytest.mark.parametrize(("competitors", "closest"), [("vocabulary", 0.9), ("relation", 0.95)])
+def test_trained_models_point_to_their_norms_solution(tmp_path, competitors, closest):
+    """Theorem 1 made visible: factorized -> nuclear, combined -> Frobenius. Measured (AdamW, 800
+    steps, seed 42): vocabulary competitors 0.925 vs 0.868 (factorized), 0.954 vs 0.889 (combined);
+    same-relation competitors 0.979 vs 0.914 and 0.996 vs 0.876. Gaps of >= 0.057 asserted at 0.03."""
+    result = ocr.theory(
+        OCRConfig(groups=4, subjects_per_group=4, steps=800),
+        tmp_path,
+        competitors=competitors,
+        margin_cases=[],
+    )
     fact, comb = result["trained"]["factorized"]["cosine"], result["trained"]["combined"]["cosine"]
-    assert fact["nuclear"] > fact["frobenius"] and fact["nuclear"] > 0.95
-    assert comb["frobenius"] > comb["nuclear"] and comb["frobenius"] > 0.95
+    assert fact["nuclear"] > fact["frobenius"] + 0.03 and fact["nuclear"] > closest
+    assert comb["frobenius"] > comb["nuclear"] + 0.03 and comb["frobenius"] > closest
     for name in ("theory.json", "theory.png", "report.md"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize("competitors", ["vocabulary", "answers"])
+def test_whole_vocabulary_margin_is_the_square_root_form(competitors):
+    """With every other token competing (as in the loss) the min-nuclear test margin is
+    min(sqrt(m_train/m_test), 1) per unit training margin; min-Frobenius stays at 0."""
+    table = mm.margin_table([(1, 3), (1, 2), (2, 2), (2, 1)], competitors=competitors)
+    for row in table:
+        assert abs(row["nuclear_test_margin"] - row["sqrt_form"]) < 1e-3, row
+        assert abs(row["frobenius_test_margin"]) < 1e-6
+    relation_only = mm.margin_table([(1, 3)], competitors="relation")[0]
+    assert relation_only["nuclear_test_margin"] > relation_only["sqrt_form"] + 0.1  # 0.732: another program
+
+
+def test_vocabulary_competitors_cover_every_token():
+    world = OCRWorld(OCRTaskConfig(groups=4, subjects_per_group=4), seed=0)
+    problem = mm.MarginProblem.from_world(world)
+    assert problem.competitors == "vocabulary" and problem.num_rows == world.vocab_size
+    assert sorted(problem.row_tokens) == list(range(world.vocab_size))
+    # each training pair competes against every other token: (vocab - 1) margins per pair
+    assert len(problem.train) == (16 + 4) * (world.vocab_size - 1)
+    with pytest.raises(ConfigError, match="competitors"):
+        mm.MarginProblem.from_world(world, "tokens")
 
 
 def test_theory_refuses_spurious_and_huge_instances():

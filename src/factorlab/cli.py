@@ -229,6 +229,12 @@ def ocr_theory(
     steps: Steps = 3000,
     seed: Seed = 42,
     solver: Annotated[str | None, typer.Option(help="cvxpy solver [default: CLARABEL].")] = None,
+    competitors: Annotated[
+        str,
+        typer.Option(
+            help="Tokens a margin compares the answer with: vocabulary (as the loss), answers, or relation."
+        ),
+    ] = "vocabulary",
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/ocr-theory"),
 ) -> None:
     """Solve the nuclear- and Frobenius-norm max-margin programs on a small instance and compare
@@ -243,7 +249,7 @@ def ocr_theory(
         steps=steps,
         seed=seed,
     )
-    result = ocr.theory(base, out, solver)
+    result = ocr.theory(base, out, solver, competitors)
     typer.echo(ocr.theory_report(result))
     typer.echo(f"wrote {out}/theory.json, theory.png, report.md")
 

@@ -15,8 +15,15 @@ solution's margin on the unseen test implications is exactly 0 (by symmetry betw
 while the nuclear-norm solution's is positive. This module solves both programs with cvxpy and
 compares them with trained models.
 
-W is solved on the block that matters: rows = answer tokens (facts, then implications), columns =
-subjects then the two relation tokens; minimum-norm solutions are zero everywhere else.
+Competitors (``competitors``): the training loss is cross-entropy over the whole vocabulary, so by
+default every other token competes ("vocabulary"); "answers" keeps the 2G answer tokens, "relation"
+only the same relation's answers (the form some summaries state the theorem in). With the whole
+vocabulary (or all answers) the min-nuclear solution's test margin is sqrt(m_train / m_test) per
+unit training margin, for m_train train and m_test test subjects per group.
+
+W is solved on the block that matters: rows = answer tokens (facts, then implications; then every
+other token for "vocabulary"), columns = subjects then the two relation tokens; minimum-norm
+solutions are zero everywhere else.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ import torch
 from factorlab.errors import ConfigError
 from factorlab.ocr.task import OCRTaskConfig, OCRWorld
 
+COMPETITORS = ("vocabulary", "answers", "relation")
+
 
 @dataclass
 class MarginProblem:
@@ -42,13 +51,24 @@ class MarginProblem:
     test: np.ndarray  # (K', 4)
     train_per_group: list[int]
     test_per_group: list[int]
+    competitors: str = "vocabulary"
+    row_tokens: list[int] | None = None
+    """Vocabulary id of each row (answers first)."""
 
     @classmethod
-    def from_world(cls, world: OCRWorld) -> MarginProblem:
+    def from_world(cls, world: OCRWorld, competitors: str = "vocabulary") -> MarginProblem:
+        if competitors not in COMPETITORS:
+            raise ConfigError(f"competitors must be one of {COMPETITORS}, got {competitors!r}.")
         g = world.config.groups
         n = world.config.num_subjects
+        answers = torch.cat([world.fact_answers, world.implication_answers]).tolist()
+        others = [t for t in range(world.vocab_size) if t not in set(answers)]
+        row_tokens = answers + (others if competitors == "vocabulary" else [])
+        all_rows = list(range(len(row_tokens)))
         fact_rows = list(range(g))  # row j <-> fact answer b_j
         impl_rows = list(range(g, 2 * g))  # row g + j <-> implication answer c_j
+        if competitors != "relation":
+            fact_rows = impl_rows = all_rows
         r1_col, r2_col = n, n + 1
         group = world.group.tolist()
         impl_group = (world.subject_implication - world.implication_answers[0]).tolist()
@@ -67,7 +87,16 @@ class MarginProblem:
         test = pairs(world.test_subjects.tolist(), impl_rows, lambda s: g + impl_group[s], r2_col)
         per_group_train = [sum(1 for s in train_subjects if group[s] == j) for j in range(g)]
         per_group_test = [sum(1 for s in world.test_subjects.tolist() if group[s] == j) for j in range(g)]
-        return cls(2 * g, n + 2, np.array(train), np.array(test), per_group_train, per_group_test)
+        return cls(
+            len(row_tokens),
+            n + 2,
+            np.array(train),
+            np.array(test),
+            per_group_train,
+            per_group_test,
+            competitors,
+            row_tokens,
+        )
 
     def margins(self, w: np.ndarray, which: str = "train") -> np.ndarray:
         idx = self.train if which == "train" else self.test
@@ -106,21 +135,24 @@ def solve_max_margin(problem: MarginProblem, norm: str, solver: str | None = Non
     return np.asarray(w.value)
 
 
-def block_of(world: OCRWorld, w_ov: torch.Tensor) -> np.ndarray:
-    """The answer-rows x (subjects, relations)-columns block of a trained (d, d) W_OV."""
-    rows = torch.cat([world.fact_answers, world.implication_answers])
+def block_of(world: OCRWorld, w_ov: torch.Tensor, problem: MarginProblem | None = None) -> np.ndarray:
+    """The rows x (subjects, relations)-columns block of a trained (d, d) W_OV (the problem's rows;
+    without a problem, the answer rows)."""
+    if problem is not None and problem.row_tokens is not None:
+        rows = torch.tensor(problem.row_tokens)
+    else:
+        rows = torch.cat([world.fact_answers, world.implication_answers])
     cols = torch.cat([world.subjects, torch.tensor([world.fact_relation, world.implication_relation])])
     return w_ov[rows][:, cols].double().numpy()
 
 
-def centred(w: np.ndarray, groups: int) -> np.ndarray:
-    """Remove each column's mean within the fact rows and within the implication rows.
-
-    Margins compare answers of the same relation only, so a constant added to one relation's
-    answer rows changes nothing; comparing directions needs that freedom removed.
+def centred(w: np.ndarray, groups: int, competitors: str = "relation") -> np.ndarray:
+    """Remove what the margins cannot see, so directions compare: a constant added to a column over
+    all competing rows (every row, or, for "relation", each relation's answer rows) changes nothing.
     """
     out = w.copy()
-    for rows in (slice(0, groups), slice(groups, 2 * groups)):
+    blocks = (slice(0, groups), slice(groups, 2 * groups)) if competitors == "relation" else (slice(None),)
+    for rows in blocks:
         out[rows] -= out[rows].mean(axis=0, keepdims=True)
     return out
 
@@ -157,6 +189,35 @@ def theorem2_references(problem: MarginProblem) -> dict[str, float | None]:
         "sqrt_form": min(math.sqrt(m_train / m_test), 1.0),
         "ratio_form": m_train / (m_train + m_test),
     }
+
+
+def margin_table(
+    cases: list[tuple[int, int]], groups: int = 4, competitors: str = "vocabulary", solver: str | None = None
+) -> list[dict[str, Any]]:
+    """The min-nuclear solution's test margin (per unit training margin) for each (m_train, m_test),
+    beside min(sqrt(m_train/m_test), 1) and m_train/(m_train+m_test). The min-Frobenius one's is 0."""
+    rows = []
+    for m_train, m_test in cases:
+        task = OCRTaskConfig(
+            groups=groups, subjects_per_group=m_train + m_test, train_fraction=m_train / (m_train + m_test)
+        )
+        problem = MarginProblem.from_world(OCRWorld(task, 0), competitors)
+        nuclear = describe_solution(problem, solve_max_margin(problem, "nuclear", solver))
+        frobenius = describe_solution(problem, solve_max_margin(problem, "frobenius", solver))
+        rows.append(
+            {
+                "m_train": m_train,
+                "m_test": m_test,
+                "nuclear_test_margin": nuclear["normalized_test_margin"],
+                "frobenius_test_margin": frobenius["normalized_test_margin"],
+                "sqrt_form": min(math.sqrt(m_train / m_test), 1.0),
+                "ratio_form": m_train / (m_train + m_test),
+            }
+        )
+    return rows
+
+
+MARGIN_CASES = [(1, 3), (1, 2), (2, 2), (1, 1), (2, 1)]
 
 
 def check_instance(task: OCRTaskConfig) -> None:

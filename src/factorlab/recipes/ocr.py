@@ -223,18 +223,29 @@ def sweep(
 # ---- max-margin analysis ------------------------------------------------------------------------
 
 
-def theory(base: OCRConfig, out: str | Path, solver: str | None = None) -> dict[str, Any]:
+def theory(
+    base: OCRConfig,
+    out: str | Path,
+    solver: str | None = None,
+    competitors: str = "vocabulary",
+    margin_cases: list[tuple[int, int]] | None = None,
+) -> dict[str, Any]:
     """Solve the nuclear- and Frobenius-norm max-margin programs on ``base``'s (small) instance,
-    train a factorized and a combined model with attention fixed as in Theorem 1, and compare."""
+    train a factorized and a combined model with attention fixed as in Theorem 1, and compare.
+    ``competitors``: which tokens a margin compares the answer with (see factorlab.ocr.theory);
+    ``margin_cases``: (m_train, m_test) pairs for the Theorem 2 table (default: MARGIN_CASES)."""
     out = Path(out)
     task = base.task
     mm.check_instance(task)
     world = OCRWorld(task, base.seed)
-    problem = mm.MarginProblem.from_world(world)
+    problem = mm.MarginProblem.from_world(world, competitors)
     solutions = {}
     with console.status("solving the max-margin programs"):
         for norm in ("nuclear", "frobenius"):
             solutions[norm] = mm.solve_max_margin(problem, norm, solver)
+        table = mm.margin_table(
+            mm.MARGIN_CASES if margin_cases is None else margin_cases, task.groups, competitors, solver
+        )
     configs = [
         dataclasses.replace(base, param=p, d_h=None, fixed_attention=True) for p in ("factorized", "combined")
     ]
@@ -247,16 +258,18 @@ def theory(base: OCRConfig, out: str | Path, solver: str | None = None) -> dict[
             "train_subjects": task.num_train_subjects,
             "test_subjects": task.num_subjects - task.num_train_subjects,
         },
+        "competitors": competitors,
         "theorem2_lower_bound_references": mm.theorem2_references(problem),
+        "margin_table": table,
         "solutions": {norm: mm.describe_solution(problem, w) for norm, w in solutions.items()},
         "trained": {},
         "config": base.to_dict(),
     }
     for r in trained:
-        block = mm.centred(mm.block_of(world, r.w_ov), task.groups)
+        block = mm.centred(mm.block_of(world, r.w_ov, problem), task.groups, competitors)
         described = mm.describe_solution(problem, block)
         described["cosine"] = {
-            norm: mm.cosine(block, mm.centred(w, task.groups)) for norm, w in solutions.items()
+            norm: mm.cosine(block, mm.centred(w, task.groups, competitors)) for norm, w in solutions.items()
         }
         described["test_impl_acc"] = r.summary["test_impl_acc"]
         result["trained"][r.config.param] = described
@@ -275,7 +288,13 @@ def theory_report(result: dict[str, Any]) -> str:
         "",
         f"Instance: {inst['groups']} groups × {inst['subjects_per_group']} subjects, "
         f"{inst['train_subjects']} train and {inst['test_subjects']} test subjects; attention fixed on the "
-        "subject and relation tokens. Both programs require margin ≥ 1 on every training pair.",
+        "subject and relation tokens. Both programs require margin ≥ 1 on every training pair, against "
+        + {
+            "vocabulary": "every other token of the vocabulary (as the cross-entropy loss does)",
+            "answers": "every other answer token",
+            "relation": "the other answers of the same relation only",
+        }[result.get("competitors", "relation")]
+        + ".",
         "",
         "| solution | min test-implication margin | ‖W‖_* | ‖W‖_F | rank |",
         "|---|---|---|---|---|",
@@ -293,6 +312,22 @@ def theory_report(result: dict[str, Any]) -> str:
             f"m_test={refs['m_test']}): min(√(m_train/m_test), 1) = {refs['sqrt_form']:.3f}; "
             f"m_train/(m_train+m_test) = {refs['ratio_form']:.3f}.",
         ]
+    if result.get("margin_table"):
+        lines += [
+            "",
+            "Test margin (per unit training margin) of the solved programs, by train / test subjects "
+            "per group:",
+            "",
+            "| m_train | m_test | min-nuclear | min-Frobenius | min(√(m_train/m_test), 1) | "
+            "m_train/(m_train+m_test) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in result["margin_table"]:
+            lines.append(
+                f"| {row['m_train']} | {row['m_test']} | {row['nuclear_test_margin']:.4f} | "
+                f"{round(row['frobenius_test_margin'], 6) + 0.0:.4f} | {row['sqrt_form']:.4f} | "
+                f"{row['ratio_form']:.4f} |"
+            )
     lines += [
         "",
         "| trained model | test impl acc | test margin / train margin | cos vs min-nuclear | "
