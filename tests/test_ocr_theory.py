@@ -60,6 +60,22 @@ def test_trained_models_point_to_their_norms_solution(tmp_path, competitors, clo
         assert (tmp_path / name).stat().st_size > 0
 
 
+def test_gradient_descent_mode_reports_the_cosine_trajectory(tmp_path):
+    """Theorem 1's setting: plain GD, no weight decay, small init. Measured (seed 42, 2,000 steps):
+    factorized 0.973 vs 0.905, combined 0.945 vs 0.878 at the end; asserted with 0.03 gaps."""
+    base = OCRConfig(
+        groups=4, subjects_per_group=4, steps=2000, optimizer="gd", lr=1.0, weight_decay=0.0, init="identity"
+    )
+    result = ocr.theory(base, tmp_path, margin_cases=[])
+    for name, best, other in (("factorized", "nuclear", "frobenius"), ("combined", "frobenius", "nuclear")):
+        trained = result["trained"][name]
+        trajectory = trained["trajectory"]
+        assert [t["step"] for t in trajectory] == list(range(0, 2001, 40))
+        assert trajectory[-1][best] == pytest.approx(trained["cosine"][best], abs=1e-9)
+        assert trained["cosine"][best] > trained["cosine"][other] + 0.03
+    assert "plain gradient descent" in (tmp_path / "report.md").read_text()
+
+
 @pytest.mark.parametrize("competitors", ["vocabulary", "answers"])
 def test_whole_vocabulary_margin_is_the_square_root_form(competitors):
     """With every other token competing (as in the loss) the min-nuclear test margin is

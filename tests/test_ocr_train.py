@@ -69,8 +69,11 @@ def test_spurious_association_turns_the_same_generalization_into_hallucination()
     assert result.summary["train_impl_acc"] >= 0.99
 
 
-def test_batched_training_gives_the_same_numbers_as_single_runs():
-    base = OCRConfig(d_h=8, steps=120, eval_every=40)
+@pytest.mark.parametrize("optimizer", ["adamw", "gd"])
+def test_batched_training_gives_the_same_numbers_as_single_runs(optimizer):
+    base = OCRConfig(
+        d_h=8, steps=120, eval_every=40, optimizer=optimizer, lr=5e-3 if optimizer == "adamw" else 0.5
+    )
     configs = [dataclasses.replace(base, seed=s) for s in (0, 1, 2)]
     configs.append(dataclasses.replace(base, seed=1, association="spurious"))
     batched = train_batched(configs)

@@ -114,8 +114,22 @@ def accuracy_vs_dh(rows: Sequence[dict[str, Any]], path: str | Path, groups: int
 
 
 def theory_figure(result: dict[str, Any], path: str | Path) -> Path:
-    """Cosine of each trained W_OV with each max-margin solution, and their singular values."""
-    fig, (ax_cos, ax_sv) = plt.subplots(1, 2, figsize=(12, 4.5))
+    """Cosine of each trained W_OV with each max-margin solution over training, at the end, and the
+    singular values."""
+    fig, (ax_traj, ax_cos, ax_sv) = plt.subplots(1, 3, figsize=(17, 4.5))
+    for (name, trained), color in zip(result["trained"].items(), ("tab:blue", "tab:orange")):
+        steps = [t["step"] for t in trained.get("trajectory", [])]
+        for sol, style in (("nuclear", "-"), ("frobenius", "--")):
+            ax_traj.plot(
+                steps,
+                [t[sol] for t in trained.get("trajectory", [])],
+                style,
+                color=color,
+                label=f"{name} vs min-{sol}",
+            )
+    ax_traj.set(xlabel="training step", ylabel="cosine", title="direction of W_OV during training")
+    ax_traj.legend(fontsize=8)
+    ax_traj.grid(alpha=0.3)
     models = list(result["trained"])
     solutions = ["nuclear", "frobenius"]
     width = 0.38

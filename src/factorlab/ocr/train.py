@@ -27,6 +27,7 @@ from factorlab.ocr.task import SPLITS, OCRTaskConfig, OCRWorld
 from factorlab.runtime import generator
 from factorlab.validation import check_fields
 
+OPTIMIZERS = ("adamw", "gd")
 DATA_CHUNK_STEPS = 100  # batches generated per call; fixed so every run's data stream is the same
 EVAL_SAMPLES_PER_SUBJECT = 8
 
@@ -56,6 +57,11 @@ class OCRConfig:
     """Steps between evaluations; None means steps // 50 (at least 1)."""
     fixed_attention: bool = False
     """Freeze attention to score 1 on the subject and relation tokens only (the paper's Theorem 1)."""
+    optimizer: str = "adamw"
+    """"adamw" (the paper's code) or "gd": plain gradient descent (no momentum; set weight_decay=0 for
+    the gradient-flow setting of Theorem 1), on the same fresh batches."""
+    record_w_ov: bool = False
+    """Keep W_OV at every evaluation (RunResult.w_ov_history), e.g. for cosine trajectories."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -81,6 +87,8 @@ class OCRConfig:
             )
         if self.lr <= 0 or not math.isfinite(self.lr):
             raise ConfigError(f"lr must be a positive number, got {self.lr}.")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}.")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}.")
         if self.eval_every is not None and self.eval_every < 1:
@@ -134,6 +142,7 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     w_ov: torch.Tensor | None = None  # final effective W_OV (d, d)
+    w_ov_history: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # with record_w_ov
 
 
 ProgressFn = Callable[[int], None]  # called with the number of steps done
@@ -159,7 +168,7 @@ def train_batched(configs: Sequence[OCRConfig], progress: ProgressFn | None = No
     model = BatchedAttentionOnly(
         cfg.task.vocab_size, cfg.param, cfg.hidden_dim, [c.seed for c in configs], cfg.init, attention_tokens
     )
-    optimizer = _adamw(model, cfg.lr, cfg.weight_decay)
+    optimizer = _optimizer(model, cfg)
     evaluations = [w.evaluation_set(EVAL_SAMPLES_PER_SUBJECT) for w in worlds]
     eval_tokens = torch.stack([e.tokens for e in evaluations])
 
@@ -177,6 +186,11 @@ def train_batched(configs: Sequence[OCRConfig], progress: ProgressFn | None = No
         for r, result in enumerate(results):
             row = {"step": step, "train_loss": train_loss[r], **metrics[r]}
             result.history.append(row)
+        if cfg.record_w_ov:
+            with torch.no_grad():
+                w_ov = model.effective_w_ov()
+            for r, result in enumerate(results):
+                result.w_ov_history.append((step, w_ov[r].detach().clone()))
         loss_sum, loss_count = torch.zeros(len(configs)), 0
 
     evaluate(0)
@@ -228,10 +242,12 @@ def train_batched(configs: Sequence[OCRConfig], progress: ProgressFn | None = No
     return results
 
 
-def _adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def _optimizer(model: torch.nn.Module, cfg: OCRConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "gd":  # elementwise too, so batched runs still update as they would alone
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.0, weight_decay=cfg.weight_decay)
     # The fused kernel is elementwise like the reference AdamW, only with fewer passes over memory.
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
 @torch.no_grad()

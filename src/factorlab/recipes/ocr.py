@@ -247,7 +247,8 @@ def theory(
             mm.MARGIN_CASES if margin_cases is None else margin_cases, task.groups, competitors, solver
         )
     configs = [
-        dataclasses.replace(base, param=p, d_h=None, fixed_attention=True) for p in ("factorized", "combined")
+        dataclasses.replace(base, param=p, d_h=None, fixed_attention=True, record_w_ov=True)
+        for p in ("factorized", "combined")
     ]
     trained = train_with_progress(configs)
     result: dict[str, Any] = {
@@ -272,11 +273,31 @@ def theory(
             norm: mm.cosine(block, mm.centred(w, task.groups, competitors)) for norm, w in solutions.items()
         }
         described["test_impl_acc"] = r.summary["test_impl_acc"]
+        described["trajectory"] = []
+        for step, w_ov in r.w_ov_history:
+            snapshot = mm.centred(mm.block_of(world, w_ov, problem), task.groups, competitors)
+            described["trajectory"].append(
+                {
+                    "step": step,
+                    **{
+                        n: mm.cosine(snapshot, mm.centred(w, task.groups, competitors))
+                        for n, w in solutions.items()
+                    },
+                }
+            )
         result["trained"][r.config.param] = described
     write_json(out / "theory.json", result)
     plots.theory_figure(result, out / "theory.png")
     atomic_write_text(out / "report.md", theory_report(result))
     return result
+
+
+def _training_line(config: dict[str, Any]) -> str:
+    how = "plain gradient descent" if config.get("optimizer") == "gd" else "AdamW (the paper's trainer)"
+    return (
+        f"Models trained with {how}: lr {config['lr']}, weight decay {config['weight_decay']}, "
+        f"{config['steps']} steps, init {config['init']}, batch {config['batch_size']}."
+    )
 
 
 def theory_report(result: dict[str, Any]) -> str:
@@ -295,6 +316,8 @@ def theory_report(result: dict[str, Any]) -> str:
             "relation": "the other answers of the same relation only",
         }[result.get("competitors", "relation")]
         + ".",
+        "",
+        _training_line(result["config"]),
         "",
         "| solution | min test-implication margin | ‖W‖_* | ‖W‖_F | rank |",
         "|---|---|---|---|---|",
@@ -339,6 +362,15 @@ def theory_report(result: dict[str, Any]) -> str:
             f"| {name} | {t['test_impl_acc']:.3f} | {t['normalized_test_margin']:.3f} | "
             f"{t['cosine']['nuclear']:.4f} | {t['cosine']['frobenius']:.4f} |"
         )
+    trajectories = {n: t.get("trajectory") or [] for n, t in result["trained"].items()}
+    if all(trajectories.values()):
+        lines += ["", "Cosine with the min-nuclear / min-Frobenius solution over training:", ""]
+        lines += ["| step | " + " | ".join(trajectories) + " |", "|---" * (1 + len(trajectories)) + "|"]
+        first = next(iter(trajectories.values()))
+        picks = sorted({0, len(first) // 10, len(first) // 4, len(first) // 2, len(first) - 1})
+        for i in picks:
+            cells = [f"{t[i]['nuclear']:.3f} / {t[i]['frobenius']:.3f}" for t in trajectories.values()]
+            lines.append(f"| {first[i]['step']} | " + " | ".join(cells) + " |")
     verdicts = []
     for name, t in result["trained"].items():
         closer = max(t["cosine"], key=t["cosine"].get)
