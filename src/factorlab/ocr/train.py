@@ -34,7 +34,15 @@ EVAL_SAMPLES_PER_SUBJECT = 8
 
 @dataclass(frozen=True)
 class OCRConfig:
-    """One OCR training run. Defaults are the paper's code (``train_attn1_1heads.sh``)."""
+    """One OCR training run. Defaults follow the official code's two scripts (OCR-Theory ``scripts/``):
+
+    * both scripts: batch 252, lr 5e-3, weight decay 0.03, 80 names / 20 cities / 20 animals / 5 noise
+      tokens, d = 128, sequence length 16, EOS, train/test split 0.25, linear attention, one head;
+    * ``steps=2000`` from ``train_attn1_1heads.sh`` (which trains the *combined* model
+      (``--reparameterize_ov``) with ``identity`` init, i.e. ``param="combined", init="identity"`` here);
+    * ``param="factorized"``, ``init="default"`` from ``sweep_rank_attn1_1heads.sh`` (factorized,
+      d_h in 3..128, default init), whose 20,000 steps are ``ocr sweep``'s default.
+    """
 
     param: str = "factorized"
     """"factorized" (W_O W_V^T) or "combined" (one W_OV)."""
