@@ -92,7 +92,11 @@ def test_the_causal_relation_generalizes_on_the_shipped_backend(tmp_path, method
     """Fine-tuning on new facts generalizes the causal link: the test-implication rank (never shown)
     at most halves, with the training facts memorised.
 
-    SPREAD_NOTE
+    Measured spread of after / before (city-language, 3 pretraining x 3 fine-tuning seeds, the
+    committed grids): AVX-512 full 0.01-0.14, LoRA r=4 0.09-0.35; AVX2 kernels full 0.06-0.32, LoRA
+    0.15-0.44; training-fact rank <= 0.11 everywhere. On the shipped backend with these seeds: LoRA
+    0.15 / 0.26-0.27, full 0.08-0.15 / 0.17 on both kernel sets. The assertion (<= 0.5, the
+    requirement) leaves 0.06 above the worst run of any seed pair and 0.23 above this backend's.
     """
     from factorlab.recipes.inject import inject_cell
 
