@@ -141,6 +141,26 @@ def test_experts_from_real_peft_folders_reproduce_each_adapter(tmp_path):
         torch.testing.assert_close(got, expected[e], atol=1e-5, rtol=0)
 
 
+def test_a_saved_plugged_mixer_loads_after_its_peft_folders_are_gone(tmp_path):
+    import shutil
+
+    batch = inputs("llama")
+    folders = [
+        _peft_folder(tmp_path, name, r, targets, seed=20 + i)[0]
+        for i, (name, r, targets) in enumerate([("a", 2, ["q_proj", "v_proj"]), ("b", 4, ["q_proj"])])
+    ]
+    torch.manual_seed(0)
+    plugged = adapt(build("llama"), LoraMixerConfig.from_peft_adapters(folders))
+    expected = logits(plugged, batch)
+    plugged.save_pretrained(tmp_path / "mixer")
+    for folder in folders:
+        shutil.rmtree(folder)
+    loaded = AdaptedModel.from_pretrained(build("llama"), tmp_path / "mixer")
+    torch.testing.assert_close(logits(loaded, batch), expected, atol=0, rtol=0)
+    with pytest.raises(ConfigError, match=r"PEFT folder .* is missing"):  # plugging anew needs the folder
+        adapt(build("llama"), loaded.adapter_configs["default"])
+
+
 def test_peft_expert_for_another_model_size_is_refused(tmp_path):
     good, _ = _peft_folder(tmp_path, "good", 2, ["q_proj"], seed=1)
     bad, _ = _peft_folder(tmp_path, "bad", 2, ["q_proj"], seed=2, hidden=128)
@@ -199,6 +219,12 @@ def test_non_lora_peft_folder_is_refused(tmp_path):
     ia3.save_pretrained(tmp_path / "ia3")
     with pytest.raises(AdapterLoadError, match="PEFT IA3 adapter"):
         LoraMixerConfig.from_peft_adapters([tmp_path / "ia3"])
+
+
+def test_empty_task_ids_are_a_clean_error():
+    adapted = mixer("hard")
+    with pytest.raises(ConfigError, match="task_ids has 0 entries"):
+        adapted(**inputs("llama"), task_ids=torch.tensor([], dtype=torch.long))
 
 
 def test_task_id_errors():

@@ -28,7 +28,7 @@ from factorlab.core.targeting import check_called_as_modules, model_family, reso
 from factorlab.errors import AdapterLoadError, ConfigError, FactorlabError, TargetError
 from factorlab.layers.base import AdapterLayer, copy_state_exact
 from factorlab.layers.modules_to_save import ModulesToSave
-from factorlab.methods.base import AdapterConfig, config_from_dict, get_method
+from factorlab.methods.base import WEIGHTS_FOLLOW, AdapterConfig, config_from_dict, get_method
 
 KEY_PREFIX = "base_model.model."  # PEFT's key prefix; kept so key names read the same in both
 SHARED_PREFIX = "factorlab_shared."  # weights shared by all layers of an adapter (Compacter's rule)
@@ -422,10 +422,13 @@ class AdaptedModel(nn.Module):
             raise AdapterLoadError(f"{path}/adapter_config.json: {err}") from None
         config.inference_mode = not is_trainable
         tensors = read_adapter_tensors(path)
+        token = WEIGHTS_FOLLOW.set(True)
         try:
             self.add_adapter(adapter_name, config)
         except TargetError as err:
             raise AdapterLoadError(f"{path} does not fit this {here}: {err}") from None
+        finally:
+            WEIGHTS_FOLLOW.reset(token)
         try:
             self._check_saved_targets(path, adapter_name, data.get("targets"))
             self._load_tensors(adapter_name, tensors, path)

@@ -60,7 +60,7 @@ def route(logits: torch.Tensor | None, state: RoutingState, batch: int, tokens: 
     task_ids = state.task_ids
     if task_ids is not None:  # hard routing (also forced by passing task_ids with another mode)
         if task_ids.shape[0] != batch:
-            if batch % task_ids.shape[0]:
+            if task_ids.shape[0] == 0 or batch % task_ids.shape[0]:
                 raise ConfigError(
                     f"task_ids has {task_ids.shape[0]} entries but the batch has {batch} samples."
                 )

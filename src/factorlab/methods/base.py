@@ -7,6 +7,7 @@ layer for one target module.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +75,12 @@ class Method:
     extra_modules_to_save: Callable[[nn.Module, AdapterConfig], list[str]] | None = None
     """(base model, config) -> names of further modules trained as copies (e.g. LayerNorms)."""
 
+
+# True while AdaptedModel.load_adapter builds an adapter whose weights it loads right after: a method
+# may then build layers from recorded shapes alone (e.g. a plugged expert whose PEFT folder moved).
+WEIGHTS_FOLLOW: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "factorlab_weights_follow", default=False
+)
 
 METHODS: dict[str, Method] = {}
 

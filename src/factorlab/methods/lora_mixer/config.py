@@ -44,6 +44,9 @@ class ExpertSpec:
     """Projections this expert adapts (names or suffixes); None: all of the mixer's targets."""
     source: str | None = None
     """A PEFT LoRA folder whose weights (and per-module ranks and alphas) this expert takes."""
+    modules: dict[str, list[float]] | None = None
+    """For a PEFT expert: {module: [rank, scaling]}, recorded when plugged, so a saved mixer (whose
+    file holds the weights) loads even after the PEFT folder moved."""
 
 
 @dataclass
@@ -154,6 +157,7 @@ class LoraMixerConfig(AdapterConfig):
                     use_rslora=lora.use_rslora,
                     target_modules=sorted(lora.weights),
                     source=str(Path(folder).resolve()),
+                    modules={m: [lora.ranks[m], lora.scaling(m)] for m in sorted(lora.weights)},
                 )
             )
             targets |= set(lora.weights)

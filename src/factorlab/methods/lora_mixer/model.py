@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 
 import torch
@@ -14,7 +16,7 @@ from factorlab.errors import ConfigError
 from factorlab.layers.base import AdapterLayer
 from factorlab.layers.lora import adapter_dtype
 from factorlab.layers.mixer import ExpertBank, LoRAMixerLinear, RoutingState, init_router, routing_aux_loss
-from factorlab.methods.base import Method
+from factorlab.methods.base import WEIGHTS_FOLLOW, Method
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
 
 STAGES = ("experts", "router", "all")
@@ -78,6 +80,35 @@ def _peft(path: str):
     return _read_peft(path, Path(path, "adapter_model.safetensors").stat().st_mtime)
 
 
+@dataclass
+class _RecordedExpert:
+    """A plugged expert whose PEFT folder is gone, rebuilt from its recorded per-module table; the
+    adapter file being loaded supplies the weights."""
+
+    ranks: dict[str, int]
+    scalings: dict[str, float]
+    weights: dict = dataclass_field(default_factory=dict)
+
+    def scaling(self, module: str) -> float:
+        return self.scalings[module]
+
+
+def _expert_source(spec):
+    """The PEFT expert's weights and shapes: from its folder, or (while an adapter file is being
+    loaded) from the table recorded when it was plugged."""
+    if Path(spec.source, "adapter_model.safetensors").exists():
+        return _peft(spec.source)
+    if spec.modules is not None and WEIGHTS_FOLLOW.get():
+        return _RecordedExpert(
+            {m: int(r) for m, (r, _) in spec.modules.items()},
+            {m: float(c) for m, (_, c) in spec.modules.items()},
+        )
+    raise ConfigError(
+        f"expert {spec.name!r}: its PEFT folder {spec.source} is missing. Plugging needs the folder; a "
+        "saved mixer loads without it (AdaptedModel.from_pretrained) when it was saved by this version."
+    )
+
+
 def _matches(name: str, patterns: list[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
@@ -114,8 +145,9 @@ def build_shared(base: nn.Module, config: LoraMixerConfig, names: list[str]) -> 
     # Check every PEFT expert against the model before anything is injected.
     for spec in config.expert_specs():
         if spec.source is not None:
-            lora = _peft(spec.source)
-            outside = sorted(set(lora.weights) - set(widths))
+            lora = _expert_source(spec)
+            modules = lora.ranks
+            outside = sorted(set(modules) - set(widths))
             if outside:
                 raise ConfigError(
                     f"expert {spec.name!r} ({spec.source}) adapts {len(outside)} module(s) that this mixer "
@@ -148,8 +180,8 @@ def build_mixer_layer(
     ranks, scalings, sources = [], [], []
     for spec in config.expert_specs():
         if spec.source is not None:
-            lora = _peft(spec.source)
-            present = module_name in lora.weights
+            lora = _expert_source(spec)
+            present = module_name in lora.ranks
             ranks.append(lora.ranks[module_name] if present else 0)
             scalings.append(lora.scaling(module_name) if present else 0.0)
             sources.append(lora.weights.get(module_name))
