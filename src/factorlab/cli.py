@@ -65,7 +65,7 @@ def _short(text: str, limit: int = 2000) -> str:
 # Options shared by the OCR commands (defaults = the paper's code).
 Param = Annotated[str, typer.Option(help="factorized (W_O W_V^T) or combined (one W_OV).")]
 DH = Annotated[
-    int | None, typer.Option("--d-h", help="Inner dimension of W_O W_V^T [default: d = vocab size].")
+    int | None, typer.Option("--d-h", help="Inner dimension of W_O W_V^T \\[default: d = vocab size].")
 ]
 Steps = Annotated[int, typer.Option(help="Training steps.")]
 BatchSize = Annotated[
@@ -83,11 +83,11 @@ SeqLen = Annotated[int, typer.Option(help="Sequence length, EOS included.")]
 Association = Annotated[
     str, typer.Option(help="causal, or spurious (test implications independent of group).")
 ]
-EvalEvery = Annotated[int | None, typer.Option(help="Steps between evaluations [default: steps // 50].")]
-Workers = Annotated[int | None, typer.Option(help="Worker processes [default: CPU count].")]
+EvalEvery = Annotated[int | None, typer.Option(help="Steps between evaluations \\[default: steps // 50].")]
+Workers = Annotated[int | None, typer.Option(help="Worker processes \\[default: CPU count].")]
 GridBackend = Annotated[str, typer.Option(help="local (process pool on this machine) or ray.")]
 RayAddress = Annotated[
-    str | None, typer.Option(help="Address of an existing Ray cluster [default: start a local one].")
+    str | None, typer.Option(help="Address of an existing Ray cluster \\[default: start a local one].")
 ]
 
 
@@ -234,10 +234,12 @@ def ocr_theory(
             "3,000 steps)."
         ),
     ] = "gd",
-    steps: Annotated[int | None, typer.Option(help="Training steps [default: per optimizer].")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="Learning rate [default: per optimizer].")] = None,
+    steps: Annotated[int | None, typer.Option(help="Training steps \\[default: per optimizer].")] = None,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="Learning rate \\[default: per optimizer].")
+    ] = None,
     seed: Seed = 42,
-    solver: Annotated[str | None, typer.Option(help="cvxpy solver [default: CLARABEL].")] = None,
+    solver: Annotated[str | None, typer.Option(help="cvxpy solver \\[default: CLARABEL].")] = None,
     competitors: Annotated[
         str,
         typer.Option(
@@ -274,9 +276,9 @@ def ocr_theory(
 # ---- LoRA-Mixer ---------------------------------------------------------------------------------
 
 Preset = Annotated[str, typer.Option(help="quick (tiny model, synthetic tasks) or smollm2 (reasoning-gym).")]
-Tasks = Annotated[str | None, typer.Option(help="Comma-separated task names [default: the preset's].")]
+Tasks = Annotated[str | None, typer.Option(help="Comma-separated task names \\[default: the preset's].")]
 Model = Annotated[
-    str | None, typer.Option(help="tiny, smollm2 or a local causal-LM folder [default: preset's].")
+    str | None, typer.Option(help="tiny, smollm2 or a local causal-LM folder \\[default: preset's].")
 ]
 Rank = Annotated[int | None, typer.Option("--r", help="Rank of the single LoRA and of every expert.")]
 ExpertSteps = Annotated[int | None, typer.Option(help="Steps of the single LoRA and of stage 1.")]
@@ -356,7 +358,7 @@ def mixer_plug(
     adapters: Annotated[str, typer.Option(help="Comma-separated PEFT LoRA folders, one per task.")],
     preset: Preset = "quick",
     tasks: Annotated[
-        str | None, typer.Option(help="Task of each adapter, same order [default: folder names].")
+        str | None, typer.Option(help="Task of each adapter, same order \\[default: folder names].")
     ] = None,
     router_steps: RouterSteps = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
@@ -395,8 +397,10 @@ RelationsFile = Annotated[
     str | None, typer.Option("--relations-file", help="YAML/JSON file with your own relations.")
 ]
 LoraRank = Annotated[int, typer.Option("--r", help="Rank of LoRA and LoRA-Mixer experts.")]
-InjLR = Annotated[float | None, typer.Option("--lr", help="Learning rate [default: per backend and method].")]
-Epochs = Annotated[int | None, typer.Option(help="Epochs over the training texts [default: per backend].")]
+InjLR = Annotated[
+    float | None, typer.Option("--lr", help="Learning rate \\[default: per backend and method].")
+]
+Epochs = Annotated[int | None, typer.Option(help="Epochs over the training texts \\[default: per backend].")]
 
 
 @inject_app.command("run")
