@@ -26,4 +26,10 @@ def test_aggregate_and_write_table(tmp_path):
     assert lines[0] == ["model", "acc_mean", "acc_std"]
     assert float(lines[1][1]) == 0.75
     data = json.loads((tmp_path / "t.json").read_text())
-    assert data[0]["acc"] == {"mean": 0.75, "std": pytest.approx(0.353553, rel=1e-5), "n": 2}
+    half_width = 12.706 * 0.3535534 / 2**0.5  # Student's t(0.975, 1 dof) x std / sqrt(n)
+    assert data[0]["acc"] == {
+        "mean": 0.75,
+        "std": pytest.approx(0.353553, rel=1e-5),
+        "n": 2,
+        "ci95": pytest.approx(half_width, rel=1e-4),
+    }

@@ -59,10 +59,11 @@ class LoRALinear(AdapterLayer):
         "gaussian" = N(0, 1/r) A and zero B, False = both random, for tests)."""
         if not isinstance(r, int) or r <= 0:
             raise ConfigError(f"LoRA rank r must be a positive integer, got {r!r}.")
-        if r > max(self.in_features, self.out_features):
+        if r > 8 * max(self.in_features, self.out_features):  # a typo, not a rank: refuse before allocating
             raise ConfigError(
-                f"LoRA rank r={r} exceeds this {self.in_features} -> {self.out_features} layer's widths; the "
-                f"update B A has rank <= {min(self.in_features, self.out_features)} anyway. Use a smaller r."
+                f"LoRA rank r={r} far exceeds this {self.in_features} -> {self.out_features} layer's "
+                f"widths; the update B A has rank <= {min(self.in_features, self.out_features)} anyway. "
+                "Use a smaller r."
             )
         if init_lora_weights not in LORA_INITS:
             raise ConfigError(f"init_lora_weights must be one of {LORA_INITS}, got {init_lora_weights!r}.")
