@@ -259,3 +259,29 @@ def test_cli_unwritable_out_is_a_clean_error(tmp_path):
 
 def test_factorlab_errors_share_one_base():
     assert issubclass(ConfigError, FactorlabError) and issubclass(AdapterLoadError, FactorlabError)
+
+
+NUMBERS = st.one_of(
+    st.integers(-3, 4).map(str),
+    st.sampled_from(["nan", "inf", "-inf", "0", "1e-3", "0.5", "abc", "", "1e309"]),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=NUMBERS, lr=NUMBERS, batch=st.sampled_from(["3", "6", "250", "0", "-3", "x"]), wd=NUMBERS)
+def test_cli_generated_values_give_a_result_or_a_clean_error(tmp_path_factory, steps, lr, batch, wd):
+    """Generated option values for `ocr run`: either a run (tiny: at most 4 steps) or exit status 2
+    with a message; never a traceback."""
+    from typer.testing import CliRunner
+
+    from factorlab.cli import app
+
+    out = tmp_path_factory.mktemp("cli")
+    args = ["ocr", "run", "--steps", steps, "--lr", lr, "--batch-size", batch, "--weight-decay", wd]
+    result = CliRunner().invoke(app, [*args, "--out", str(out)])
+    if result.exit_code == 0:
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["steps"] == int(steps) >= 1
+    else:
+        assert result.exit_code == 2, (args, result.output, result.exception)
+        assert isinstance(result.exception, SystemExit), (args, result.exception)
