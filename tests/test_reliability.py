@@ -212,6 +212,18 @@ def test_merged_adapter_blocks_switching_and_unloaded_model_refuses_to_save(tmp_
         adapted.save_pretrained(tmp_path)
 
 
+def test_peft_style_adapter_api_answers_clearly():
+    adapted = factorlab.adapt(build("llama"), factorlab.LoraConfig(r=2, target_modules=["q_proj"]))
+    adapted.add_adapter("b", factorlab.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert set(adapted.peft_config) == {"default", "b"} and adapted.active_adapters == ["default"]
+    adapted.set_adapter(["b"])
+    assert adapted.active_adapters == ["b"]
+    with pytest.raises(ConfigError, match="one adapter at a time"):
+        adapted.set_adapter(["default", "b"])
+    with pytest.raises(ConfigError, match="LoraMixerConfig"):
+        adapted.add_weighted_adapter(["default", "b"], [0.5, 0.5], "merged")
+
+
 def test_adapting_a_peft_model_is_refused():
     peft = pytest.importorskip("peft")
     wrapped = peft.get_peft_model(build("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"]))

@@ -212,8 +212,34 @@ class AdaptedModel(nn.Module):
             raise TargetError(f"{clash[:3]} are both adapter targets and modules_to_save; choose one.")
         return names
 
-    def set_adapter(self, adapter_name: str) -> None:
+    @property
+    def peft_config(self) -> dict[str, AdapterConfig]:
+        """PEFT's name for the adapters' configs, by adapter name."""
+        return dict(self.adapter_configs)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """PEFT's list form of the active adapter (factorlab activates one at a time)."""
+        return [] if self.active_adapter is None else [self.active_adapter]
+
+    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
+        raise ConfigError(
+            "add_weighted_adapter (linear/cat/svd combinations) is not in factorlab yet; to mix LoRA "
+            "adapters with learned, per-token weights use LoraMixerConfig.from_peft_adapters([...]), or "
+            "combine them with PEFT and load the result with factorlab.interop.peft.load_peft_lora."
+        )
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make ``adapter_name`` the active (and, unless loaded for inference, the trainable) adapter."""
+        if isinstance(adapter_name, (list, tuple)):
+            if len(adapter_name) != 1:
+                raise ConfigError(
+                    f"set_adapter({list(adapter_name)!r}): factorlab activates one adapter at a time; to "
+                    "combine several, plug them into a LoRA-Mixer (LoraMixerConfig.from_peft_adapters)."
+                )
+            adapter_name = adapter_name[0]
+        if not isinstance(adapter_name, str):
+            raise ConfigError(f"set_adapter takes an adapter name, got {adapter_name!r}.")
         if adapter_name not in self.adapter_configs:
             raise ConfigError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.adapter_configs)}.")
         merged = sorted({a for _, layer in self.adapter_layers() for a in layer.merged_adapters})
