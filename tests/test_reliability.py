@@ -205,6 +205,10 @@ def test_merged_adapter_blocks_switching_and_unloaded_model_refuses_to_save(tmp_
     adapted.merge_adapter()
     with pytest.raises(ConfigError, match="unmerge_adapter"):
         adapted.set_adapter("b")
+    with pytest.raises(ConfigError, match="unmerge_adapter"):
+        adapted.delete_adapter("default")
+    with pytest.raises(ConfigError, match="unmerge_adapter"), adapted.disable_adapters():
+        pass
     adapted.unmerge_adapter()
     adapted.set_adapter("b")  # fine once unmerged
     adapted.unload()

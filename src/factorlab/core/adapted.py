@@ -301,7 +301,7 @@ class AdaptedModel(nn.Module):
         """Run the base model alone inside this block."""
         layers = [layer for _, layer in self.adapter_layers()]
         if any(layer.merged_adapters for layer in layers):
-            raise RuntimeError("adapters are merged into the base weights; call unmerge_adapter() first.")
+            raise ConfigError("adapters are merged into the base weights; call unmerge_adapter() first.")
         previous = [layer.disabled for layer in layers]
         for layer in layers:
             layer.disabled = True

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from factorlab.errors import AdapterLoadError
+from factorlab.errors import AdapterLoadError, ConfigError
 
 
 def copy_state_exact(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -91,8 +91,8 @@ class AdapterLayer(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         if name in self.merged_adapters:
-            raise RuntimeError(
-                f"adapter {name!r} is merged into the base weights; unmerge it before deleting."
+            raise ConfigError(
+                f"adapter {name!r} is merged into the base weights; call unmerge_adapter() before deleting."
             )
         for attr in self.adapter_weights + self.adapter_extras:
             container = getattr(self, attr)

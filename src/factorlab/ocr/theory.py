@@ -131,7 +131,10 @@ def solve_max_margin(problem: MarginProblem, norm: str, solver: str | None = Non
     prob = cp.Problem(cp.Minimize(objective), constraints)
     prob.solve(solver=solver or "CLARABEL")
     if prob.status not in ("optimal", "optimal_inaccurate") or w.value is None:
-        raise RuntimeError(f"the {norm} max-margin program did not solve (status {prob.status}).")
+        raise ConfigError(
+            f"the {norm} max-margin program did not solve (status {prob.status}); try another --solver "
+            "(e.g. SCS) or a smaller instance."
+        )
     return np.asarray(w.value)
 
 
