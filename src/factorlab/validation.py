@@ -93,3 +93,23 @@ def check_fields(obj: Any) -> None:
         value = getattr(obj, f.name)
         if not _matches(value, hint):
             raise ConfigError(f"{type(obj).__name__}.{f.name} must be {describe(hint)}, got {short(value)}.")
+
+
+def check_ranges(
+    obj: Any,
+    positive: tuple[str, ...] = (),
+    non_negative: tuple[str, ...] = (),
+    unit_interval: tuple[str, ...] = (),
+) -> None:
+    """Range checks after ``check_fields``: ``positive`` > 0, ``non_negative`` >= 0, ``unit_interval``
+    in [0, 1). The message names the class and the field."""
+    rules = (
+        (positive, lambda v: v > 0, "must be > 0"),
+        (non_negative, lambda v: v >= 0, "must be >= 0"),
+        (unit_interval, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    )
+    for names, ok, what in rules:
+        for name in names:
+            value = getattr(obj, name)
+            if not ok(value):
+                raise ConfigError(f"{type(obj).__name__}.{name} {what}, got {short(value)}.")

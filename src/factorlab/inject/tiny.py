@@ -41,7 +41,7 @@ from factorlab.inject.world import SYLLABLES, Relation, fictitious_names
 from factorlab.models import OFFLINE, cache_dir
 from factorlab.progress import StepBars
 from factorlab.runtime import machine_info
-from factorlab.validation import check_fields
+from factorlab.validation import check_fields, check_ranges
 
 TINY_VERSION = 3  # a human-readable generation marker; the cache key hashes the code itself too
 SHIPPED_DIR = Path(__file__).parent / "data"
@@ -71,22 +71,21 @@ class TinyPretrainConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"TinyPretrainConfig.seed must be a non-negative integer, got {self.seed!r}.")
-        for name in ("steps", "batch_size", "people_per_relation", "hidden_size", "num_layers", "num_heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"TinyPretrainConfig.{name} must be a positive integer, got {value!r}.")
-        for name in ("lr", "implication_weight"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
-                raise ConfigError(
-                    f"TinyPretrainConfig.{name} must be a positive finite number, got {value!r}."
-                )
-        for name in ("warmup_fraction", "knowledge_share"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 <= value < 1):
-                raise ConfigError(f"TinyPretrainConfig.{name} must be in [0, 1), got {value!r}.")
+        check_ranges(
+            self,
+            positive=(
+                "steps",
+                "batch_size",
+                "people_per_relation",
+                "hidden_size",
+                "num_layers",
+                "num_heads",
+                "lr",
+                "implication_weight",
+            ),
+            non_negative=("seed",),
+            unit_interval=("warmup_fraction", "knowledge_share"),
+        )
         if self.hidden_size % self.num_heads:
             raise ConfigError(
                 f"hidden_size={self.hidden_size} must be divisible by num_heads={self.num_heads}."

@@ -46,7 +46,7 @@ from factorlab.progress import StepBars, console
 from factorlab.reporting import Column, aggregate, write_table
 from factorlab.runtime import atomic_write_text, write_json
 from factorlab.training import run_training
-from factorlab.validation import check_fields
+from factorlab.validation import check_fields, check_ranges
 
 # ---- tasks ------------------------------------------------------------------------------------------
 
@@ -265,25 +265,24 @@ class MixerExperimentConfig:
         for name in ("tasks", "seeds"):
             if not getattr(self, name):
                 raise ConfigError(f"give at least one of {name}.")
-        for name in (
-            "r",
-            "steps",
-            "router_steps",
-            "router_examples_per_task",
-            "train_examples_per_task",
-            "eval_examples_per_task",
-            "batch_size",
-            "top_k",
-            "max_new_tokens",
-        ):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)}.")
-        for name in ("lr", "router_lr", "lora_alpha"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be a positive number, got {getattr(self, name)}.")
-        for name in ("balance_coef", "specialization_coef"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        check_ranges(
+            self,
+            positive=(
+                "r",
+                "steps",
+                "router_steps",
+                "router_examples_per_task",
+                "train_examples_per_task",
+                "eval_examples_per_task",
+                "batch_size",
+                "top_k",
+                "max_new_tokens",
+                "lr",
+                "router_lr",
+                "lora_alpha",
+            ),
+            non_negative=("balance_coef", "specialization_coef"),
+        )
 
     def mixer_config(self) -> LoraMixerConfig:
         """One expert per task (named after it), soft routing, this experiment's routing loss."""
