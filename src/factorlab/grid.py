@@ -135,7 +135,7 @@ def run_grid(
                 report.failed.append((cells[i], f"{type(err).__name__}: {err}"))
             if on_done:
                 on_done(sum(r is not None for r in results), len(cells))
-    elif backend == "local":
+    else:  # "local", with a process pool (the backend was checked above)
         attempts = dict.fromkeys(todo, 0)
         while todo:
             todo = _local_pass(
@@ -150,8 +150,6 @@ def run_grid(
                 retries,
                 lambda: on_done(sum(r is not None for r in results), len(cells)) if on_done else None,
             )
-    else:  # checked above; kept so a new backend cannot fall through silently
-        raise ConfigError(f"backend must be 'local' or 'ray', got {backend!r}.")
     report.results = [r for r in results if r is not None]
     return report
 

@@ -102,7 +102,7 @@ def check_ranges(
     unit_interval: tuple[str, ...] = (),
 ) -> None:
     """Range checks after ``check_fields``: ``positive`` > 0, ``non_negative`` >= 0, ``unit_interval``
-    in [0, 1). The message names the class and the field."""
+    in [0, 1); None (an optional field left unset) passes. The message names the class and the field."""
     rules = (
         (positive, lambda v: v > 0, "must be > 0"),
         (non_negative, lambda v: v >= 0, "must be >= 0"),
@@ -111,5 +111,5 @@ def check_ranges(
     for names, ok, what in rules:
         for name in names:
             value = getattr(obj, name)
-            if not ok(value):
+            if value is not None and not ok(value):
                 raise ConfigError(f"{type(obj).__name__}.{name} {what}, got {short(value)}.")

@@ -102,9 +102,9 @@ def background_queries(relation: Relation, known: dict[str, Relation]) -> list[Q
         return []
     out = []
     for template in source.background:
-        if "{implication}" not in template or "{fact}" not in query_of(template, "{implication}"):
+        prompt = query_of(template, "{implication}") if "{implication}" in template else ""
+        if "{fact}" not in prompt:
             continue  # only sentences that name the fact before the implication can be asked
-        prompt = query_of(template, "{implication}")
         for fact in relation.fact_answers:
             answer = source.implication_of(fact)
             out.append(Query("", prompt.format(fact=fact), answer, source.implication_answers, source.name))

@@ -19,6 +19,7 @@ from factorlab.methods.compacter.config import CompacterPlusPlusConfig
 from factorlab.methods.lora.config import LoraConfig
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
 from factorlab.training import run_training
+from factorlab.validation import check_fields, check_ranges
 
 METHODS = ("full", "lora", "compacter++", "lora-mixer")
 
@@ -55,6 +56,10 @@ class FineTuneSettings:
     batch_size: int | None = None
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_fields(self)
+        check_ranges(self, positive=("r", "lr", "epochs", "batch_size"), non_negative=("seed",))
+
     def resolved(self, backend: Backend) -> tuple[float, int, int]:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}.")
@@ -62,11 +67,6 @@ class FineTuneSettings:
         lr = lr if self.lr is None else self.lr
         epochs = epochs if self.epochs is None else self.epochs
         batch = batch if self.batch_size is None else self.batch_size
-        if not (isinstance(lr, (int, float)) and 0 < lr < float("inf")):
-            raise ConfigError(f"lr must be a positive finite number, got {lr!r}.")
-        for name, value in (("epochs", epochs), ("batch_size", batch)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
         return lr, epochs, batch
 
 

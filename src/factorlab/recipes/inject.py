@@ -43,7 +43,7 @@ from factorlab.models import cache_dir
 from factorlab.progress import StepBars, console
 from factorlab.reporting import Column, aggregate, mean_std, write_table
 from factorlab.runtime import atomic_write_text, machine_info, write_json
-from factorlab.validation import check_fields
+from factorlab.validation import check_fields, check_ranges
 
 KINDS = ("train_fact", "test_fact", "train_implication", "test_implication")
 CHANCE_MARGIN = 0.25  # a drop in mean rank smaller than this is not counted as transfer
@@ -71,33 +71,28 @@ class InjectConfig:
         check_fields(self)
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}.")
-        for name in ("r", "num_subjects"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
-        for name in ("seed", "pretrain_seed"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}.")
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < float("inf")):
-            raise ConfigError(f"lr must be a positive finite number (or omitted), got {self.lr!r}.")
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name} must be a positive integer (or omitted), got {value!r}.")
+        check_ranges(
+            self,
+            positive=("r", "num_subjects", "lr", "epochs", "batch_size"),
+            non_negative=("seed", "pretrain_seed"),
+        )
         if self.pretrain_seed and self.model != "tiny":
             raise ConfigError("pretrain_seed applies to the tiny backend only; drop it for other models.")
-        relation_by_name(self.relation, self.extra_relations())  # fails fast on an unknown relation
+        relation_by_name(self.relation, self.known_relations())  # fails fast on an unknown relation
 
-    def extra_relations(self) -> dict[str, Relation]:
-        return load_relations(self.relations_file) if self.relations_file else {}
+    def known_relations(self) -> dict[str, Relation]:
+        return known_relations(self.relations_file)
+
+
+def known_relations(relations_file: str | None = None) -> dict[str, Relation]:
+    """The built-in relations plus those of ``relations_file``."""
+    return {**BUILTIN_RELATIONS, **(load_relations(relations_file) if relations_file else {})}
 
 
 @functools.lru_cache(maxsize=2)
 def cached_backend(model: str, relations_file: str | None, pretrain_seed: int = 0) -> Backend:
     """One backend per worker process (the tiny one is built from every known relation)."""
-    extra = load_relations(relations_file) if relations_file else {}
-    return load_backend(model, {**BUILTIN_RELATIONS, **extra}, pretrain_seed)
+    return load_backend(model, known_relations(relations_file), pretrain_seed)
 
 
 def mean(values: Sequence[float]) -> float | None:
@@ -112,18 +107,13 @@ def verdict(relation: Relation, before: float | None, after: float | None) -> st
     return "generalization" if relation.causal else "hallucination"
 
 
-def tiny_backend_key(pretrain_seed: int, relations_file: str | None = None) -> str:
-    extra = load_relations(relations_file) if relations_file else {}
-    return tiny_cache_key({**BUILTIN_RELATIONS, **extra}, TinyPretrainConfig(seed=pretrain_seed))
-
-
 def inject_cell(cell: dict[str, Any], folder: Path, progress=None) -> dict[str, Any]:
     """One relation x method x seed; writes ranks.json into ``folder`` and returns the summary."""
     cell = dict(cell)
     expected_key = cell.pop("backend_key", None)
     cfg = InjectConfig(**cell)
     started = time.perf_counter()
-    known = {**BUILTIN_RELATIONS, **cfg.extra_relations()}
+    known = cfg.known_relations()
     relation = relation_by_name(cfg.relation, known)
     backend = cached_backend(cfg.model, cfg.relations_file, cfg.pretrain_seed)
     backend.check_candidates(relation.fact_answers)
@@ -191,7 +181,7 @@ def run(cfg: InjectConfig, out: str | Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     backend = cached_backend(cfg.model, cfg.relations_file, cfg.pretrain_seed)
     world = World.generate(
-        relation_by_name(cfg.relation, cfg.extra_relations()), cfg.seed, cfg.num_subjects, cfg.bridge_fraction
+        relation_by_name(cfg.relation, cfg.known_relations()), cfg.seed, cfg.num_subjects, cfg.bridge_fraction
     )
     steps = total_steps(
         backend,
@@ -242,6 +232,14 @@ def grid_cells(
                 for rank in rank_sweep:
                     if not ("lora" in methods and rank == r):
                         cells.append({**base, "method": "lora", "r": rank})
+    relations = known_relations(relations_file)
+    backend_keys = (
+        {  # one key per pretrained tiny backend (hashing builds the tokenizer)
+            seed: tiny_cache_key(relations, TinyPretrainConfig(seed=seed)) for seed in pretrain_seeds
+        }
+        if model == "tiny"
+        else {}
+    )
     for cell in cells:
         # Everything that determines a cell's result is part of its id, defaults included, so a
         # changed default or pretraining recipe never reuses an old result.
@@ -249,8 +247,7 @@ def grid_cells(
         lr, epochs, batch = DEFAULTS["tiny" if model == "tiny" else "hf"][cell["method"]]
         cell.update(lr=lr, epochs=epochs, batch_size=batch)
         if model == "tiny":
-            cell["backend_key"] = tiny_backend_key(cell["pretrain_seed"], relations_file)
-    for cell in cells:
+            cell["backend_key"] = backend_keys[cell["pretrain_seed"]]
         if relations_file:
             cell["relations_file"] = relations_file
         cell.update({k: v for k, v in fixed.items() if v is not None})
@@ -260,8 +257,7 @@ def grid_cells(
 
 def pretrain_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
     """A grid cell that builds (or finds) one tiny backend, so missing seeds pretrain in parallel."""
-    extra = load_relations(cell["relations_file"]) if cell.get("relations_file") else {}
-    relations = {**BUILTIN_RELATIONS, **extra}
+    relations = known_relations(cell.get("relations_file"))
     started = time.perf_counter()
     _, _, info = tiny_model(relations, TinyPretrainConfig(seed=cell["pretrain_seed"]))
     return {**info, "seconds": time.perf_counter() - started}
@@ -270,8 +266,7 @@ def pretrain_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
 def prepare_tiny_backends(cells: list[dict], workers: int | None, out: Path) -> None:
     """Pretrain every tiny backend the cells need and that is neither shipped nor cached."""
     relations_file = next((c.get("relations_file") for c in cells), None)
-    extra = load_relations(relations_file) if relations_file else {}
-    relations = {**BUILTIN_RELATIONS, **extra}
+    relations = known_relations(relations_file)
     missing = []
     for seed in sorted({c.get("pretrain_seed", 0) for c in cells if c["model"] == "tiny"}):
         key = tiny_cache_key(relations, TinyPretrainConfig(seed=seed))
@@ -381,7 +376,10 @@ def write_grid_report(out: Path, report, seconds: float, cell_seconds: bool = Fa
         },
     )
     relations = list(dict.fromkeys(r["relation"] for r in records))
-    methods = list(dict.fromkeys(r["method"] for r in records))
+    # one row order however the records were gathered (a running grid, or `factorlab report`)
+    order = {m: i for i, m in enumerate(METHODS)}
+    kinds = {r["method"]: (order[r["method"].split(" r=")[0]], r["r"]) for r in records}
+    methods = sorted(kinds, key=kinds.get)
     causal = {r["relation"]: r["causal"] for r in records}
     agg = aggregate(
         records, ["method", "relation"], [f"{k}_rank" for k in KINDS] + [f"{k}_rank_before" for k in KINDS]
@@ -493,8 +491,7 @@ def pretrain_command(seed: int, relations_file: str | None = None, ship: bool = 
     """
     if ship and relations_file:
         raise ConfigError("only the built-in relations' backend can be shipped; drop --relations-file.")
-    extra = load_relations(relations_file) if relations_file else {}
-    relations = {**BUILTIN_RELATIONS, **extra}
+    relations = known_relations(relations_file)
     config = TinyPretrainConfig(seed=seed)
     model, tokenizer, info = tiny_model(relations, config)
     backend = Backend("tiny", model, tokenizer, info)
