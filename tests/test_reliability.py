@@ -196,23 +196,87 @@ def test_absurd_rank_is_refused_before_allocation():
     assert all(p.requires_grad for p in model.parameters())  # left as it was
 
 
-def test_merged_adapter_blocks_switching_and_unloaded_model_refuses_to_save(tmp_path):
-    adapted = factorlab.adapt(
-        build("llama"), factorlab.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
-    )
-    adapted.add_adapter("b", factorlab.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
-    adapted.set_adapter("default")
-    adapted.merge_adapter()
-    with pytest.raises(ConfigError, match="unmerge_adapter"):
-        adapted.set_adapter("b")
-    with pytest.raises(ConfigError, match="unmerge_adapter"):
+def _adapted_in(state: str):
+    lora = dict(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    adapted = factorlab.adapt(build("llama"), factorlab.LoraConfig(**lora))
+    adapted.add_adapter("b", factorlab.LoraConfig(**lora))
+    if state == "empty":
         adapted.delete_adapter("default")
-    with pytest.raises(ConfigError, match="unmerge_adapter"), adapted.disable_adapters():
+        adapted.delete_adapter("b")
+    elif state == "merged":
+        adapted.merge_adapter()
+    elif state == "unloaded":
+        adapted.unload()
+    assert adapted.state.value == state
+    return adapted
+
+
+def _with_disabled(adapted):
+    with adapted.disable_adapters():
         pass
+
+
+STATE_OPERATIONS = {
+    "forward": lambda m, d: m.eval()(**inputs("llama")),
+    "generate": lambda m, d: m.generate(inputs("llama")["input_ids"][:1], max_new_tokens=2, do_sample=False),
+    "add_adapter": lambda m, d: m.add_adapter("c", factorlab.LoraConfig(r=2, target_modules=["v_proj"])),
+    "load_adapter": lambda m, d: m.load_adapter(d / "saved", "c"),
+    "set_adapter": lambda m, d: m.set_adapter("b"),
+    "delete_adapter": lambda m, d: m.delete_adapter("b"),
+    "disable_adapters": lambda m, d: _with_disabled(m),
+    "merge_adapter": lambda m, d: m.merge_adapter(),
+    "unmerge_adapter": lambda m, d: m.unmerge_adapter(),
+    "merge_and_unload": lambda m, d: m.merge_and_unload(),
+    "unload": lambda m, d: m.unload(),
+    "save_pretrained": lambda m, d: m.save_pretrained(d / "out"),
+}
+# (state, operation) pairs the state machine refuses; every other pair must just work.
+REFUSED = {
+    ("empty", "set_adapter"), ("empty", "delete_adapter"), ("empty", "merge_adapter"),
+    ("empty", "merge_and_unload"), ("empty", "save_pretrained"),
+    ("merged", "set_adapter"), ("merged", "disable_adapters"),
+    *(("unloaded", op) for op in STATE_OPERATIONS),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("state", ["ready", "empty", "merged", "unloaded"])
+def test_adapter_state_machine_every_operation_in_every_state(state, tmp_path):
+    factorlab.adapt(build("llama"), factorlab.LoraConfig(r=2, target_modules=["k_proj"])).save_pretrained(
+        tmp_path / "saved"
+    )
+    for op, run in STATE_OPERATIONS.items():
+        adapted = _adapted_in(state)
+        weights = {k: v.clone() for k, v in adapted.base_model.state_dict().items()}
+        if (state, op) in REFUSED:
+            with pytest.raises(ConfigError, match=r"unmerge_adapter|add_adapter|unloaded") as err:
+                run(adapted, tmp_path)
+            assert op in str(err.value)
+            assert adapted.state.value == state, op  # a refused operation changes nothing
+            after = adapted.base_model.state_dict()
+            assert all(torch.equal(weights[k], after[k]) for k in weights), op
+        else:
+            run(adapted, tmp_path)
+
+
+def test_merged_state_semantics(tmp_path):
+    adapted = _adapted_in("ready")
+    adapted.eval()
+    expected = logits(adapted, inputs("llama"))
+    adapted.merge_adapter()
+    adapted.merge_adapter()  # idempotent, not merged twice
+    torch.testing.assert_close(logits(adapted, inputs("llama")), expected, atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="unmerge_adapter"):
+        adapted.delete_adapter("default")  # would leave its update in the weights
+    adapted.train()
+    with pytest.raises(ConfigError, match="training with a merged adapter"):
+        adapted(**inputs("llama"))
+    with torch.no_grad():
+        adapted(**inputs("llama"))  # a no-grad pass in train mode reads nothing it should not
     adapted.unmerge_adapter()
-    adapted.set_adapter("b")  # fine once unmerged
+    assert adapted.state.value == "ready"
+    adapted.set_adapter("b")
     adapted.unload()
-    with pytest.raises(ConfigError, match="nothing to save"):
+    with pytest.raises(ConfigError, match="unloaded"):
         adapted.save_pretrained(tmp_path)
 
 
@@ -256,6 +320,10 @@ def _cli(*args, cwd=None):
         ["inject", "run", "--lr", "nan", "--epochs", "1"],
         ["mixer", "run", "--steps", "0"],
         ["mixer", "run", "--steps", "-3"],
+        ["mixer", "run", "--tasks", "nosuch"],
+        ["mixer", "run", "--model", "/not/a/model"],
+        ["mixer", "plug", "--base", "/not/a/model", "--adapters", "first,last"],
+        ["ocr", "theory", "--solver", "foo", "--steps", "2"],
     ],
 )
 def test_cli_bad_values_give_one_line_and_exit_2(args, tmp_path):
@@ -265,10 +333,11 @@ def test_cli_bad_values_give_one_line_and_exit_2(args, tmp_path):
     assert "error" in result.stderr.lower()
 
 
-def test_cli_unwritable_out_is_a_clean_error(tmp_path):
+@pytest.mark.parametrize("command", [["ocr", "run", "--steps", "3"], ["demo", "--quick"]])
+def test_cli_unwritable_out_is_a_clean_error(tmp_path, command):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    result = _cli("ocr", "run", "--steps", "3", "--out", str(blocker / "sub"))
+    result = _cli(*command, "--out", str(blocker / "sub"))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "path" in result.stderr
 
@@ -301,3 +370,109 @@ def test_cli_generated_values_give_a_result_or_a_clean_error(tmp_path_factory, s
     else:
         assert result.exit_code == 2, (args, result.output, result.exception)
         assert isinstance(result.exception, SystemExit), (args, result.exception)
+
+
+# ---- generated argument lists for every command -----------------------------------------------------
+# The recipe each command would start is replaced by a recorder, so a generated list either stops with
+# a clean error (exit status 2, no traceback) or reaches the recipe with exactly the values it asked for
+# (never a default silently taking the place of a given value, never a NaN or a non-positive count).
+
+INTS = st.sampled_from(["-3", "-1", "0", "1", "2", "7", "1e3", "x", "", "nan", "99999999999999999999"])
+FLOATS = st.sampled_from(["nan", "inf", "-inf", "0", "-1", "1e-3", "0.5", "1e309", "abc", ""])
+INT_LISTS = st.sampled_from(["", ",", "0", "0,1", "a,b", "-1", "0,,2", "1e2", "3,4"])
+TEXTS = st.sampled_from(["", "foo", "../x", "nan", " "])
+COUNTS = st.sampled_from(["-1", "0", "1", "2", "x", ""])  # a count that is not itself recorded
+
+
+def _choice(*valid: str):
+    return st.sampled_from(valid) | TEXTS
+
+
+COMMANDS = {
+    ("ocr", "run"): ("factorlab.recipes.ocr.run", {
+        "--steps": INTS, "--batch-size": INTS, "--lr": FLOATS, "--weight-decay": FLOATS, "--d-h": INTS,
+        "--groups": INTS, "--subjects-per-group": INTS, "--train-fraction": FLOATS, "--noise-tokens": INTS,
+        "--seq-len": INTS, "--eval-every": INTS, "--param": _choice("factorized", "combined"),
+        "--init": _choice("default", "identity"), "--association": _choice("causal", "non-causal"),
+    }),
+    ("ocr", "sweep"): ("factorlab.recipes.ocr.sweep", {
+        "--d-h": INT_LISTS, "--seeds": COUNTS, "--steps": INTS, "--lr": FLOATS, "--workers": INTS,
+        "--backend": _choice("local", "ray"), "--train-fraction": FLOATS,
+    }),
+    ("ocr", "theory"): ("factorlab.recipes.ocr.theory", {
+        "--groups": INTS, "--subjects-per-group": INTS, "--train-fraction": FLOATS, "--steps": INTS,
+        "--lr": FLOATS, "--optimizer": _choice("gd", "adamw"),
+        "--competitors": _choice("vocabulary", "answers", "relation"),
+    }),
+    ("mixer", "run"): ("factorlab.recipes.mixer.run_experiment", {
+        "--preset": _choice("quick", "smollm2"), "--tasks": _choice("first,last", "max"), "--r": INTS,
+        "--steps": INTS, "--router-steps": INTS, "--seeds": INT_LISTS, "--workers": INTS,
+    }),
+    ("mixer", "train"): ("factorlab.recipes.mixer.joint", {
+        "--preset": _choice("quick"), "--r": INTS, "--steps": INTS, "--router-steps": INTS, "--seed": INTS,
+    }),
+    ("inject", "run"): ("factorlab.recipes.inject.run", {
+        "--method": _choice("full", "lora", "compacter++", "lora-mixer"),
+        "--relation": _choice("city-language", "sport-music"), "--r": INTS, "--lr": FLOATS,
+        "--epochs": INTS, "--pretrain-seed": INTS, "--model": _choice("tiny"),
+    }),
+    ("inject", "grid"): ("factorlab.recipes.inject.grid", {
+        "--relations": _choice("city-language", "city-language,sport-music"),
+        "--methods": _choice("full,lora", "compacter++"), "--seeds": INT_LISTS, "--r": INTS,
+        "--rank-sweep": INT_LISTS, "--epochs": INTS, "--pretrain-seeds": INT_LISTS,
+    }),
+}  # fmt: skip
+
+
+class _Reached(Exception):
+    pass
+
+
+def _recorded_values(obj) -> list:
+    if isinstance(obj, (list, tuple)):
+        return [v for item in obj for v in _recorded_values(item)]
+    if isinstance(obj, dict):
+        return [v for item in obj.values() for v in _recorded_values(item)]
+    if hasattr(obj, "__dataclass_fields__"):
+        return _recorded_values(dict(obj.__dict__))
+    return [obj]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), command=st.sampled_from(sorted(COMMANDS)))
+def test_generated_argument_lists_for_every_command(monkeypatch, tmp_path_factory, data, command):
+    import importlib
+    import math
+
+    from typer.testing import CliRunner
+
+    from factorlab.cli import app
+
+    target, options = COMMANDS[command]
+    module, _, attr = target.rpartition(".")
+    reached = {}
+
+    def record(*args, **kwargs):
+        reached["values"] = _recorded_values([args, kwargs])
+        raise _Reached
+
+    monkeypatch.setattr(importlib.import_module(module), attr, record)
+    chosen = data.draw(st.lists(st.sampled_from(sorted(options)), max_size=4, unique=True))
+    args = [*command]
+    for option in chosen:
+        args += [option, data.draw(options[option])]
+    result = CliRunner().invoke(app, [*args, "--out", str(tmp_path_factory.mktemp("cli"))])
+    if isinstance(result.exception, _Reached):
+        for value in reached["values"]:
+            if isinstance(value, float):
+                assert math.isfinite(value), (args, reached["values"])
+        for option in chosen:
+            given_value = args[args.index(option) + 1]
+            if options[option] is INTS:
+                assert int(given_value) in reached["values"], (args, reached["values"])
+            elif options[option] is FLOATS:
+                assert float(given_value) in reached["values"], (args, reached["values"])
+        return
+    assert result.exit_code == 2, (args, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), (args, repr(result.exception))
+    assert result.output.strip(), args  # a message, not silence

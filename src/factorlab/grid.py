@@ -104,6 +104,7 @@ def run_grid(
     if not cells:
         raise ConfigError("the grid has no cells: give at least one value for every list option.")
     out = Path(out)
+    (out / "cells").mkdir(parents=True, exist_ok=True)  # an unusable --out fails here, before any work
     report = GridReport()
     folders = [out / "cells" / cell_id(c) for c in cells]
     for stale in out.glob("cells/*/.*.tmp"):  # left by a writer that was killed mid-write

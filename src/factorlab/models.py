@@ -66,7 +66,7 @@ def resolve_model_path(spec: str | os.PathLike) -> Path:
     path = Path(spec)
     if not (path / "config.json").is_file():
         raise ConfigError(
-            f"model {spec!r} is neither 'tiny', 'smollm2' nor a local Hugging Face model folder "
+            f"model {str(spec)!r} is neither 'tiny', 'smollm2' nor a local Hugging Face model folder "
             "with a config.json."
         )
     return path

@@ -12,6 +12,7 @@ was (modules and ``requires_grad`` flags), and the error says why.
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import inspect
 import os
@@ -33,6 +34,41 @@ from factorlab.methods.base import WEIGHTS_FOLLOW, AdapterConfig, config_from_di
 KEY_PREFIX = "base_model.model."  # PEFT's key prefix; kept so key names read the same in both
 SHARED_PREFIX = "factorlab_shared."  # weights shared by all layers of an adapter (Compacter's rule)
 SAVE_ONLY_KEYS = ("factorlab_version", "base_model_class", "model_type", "base_model_name_or_path", "targets")
+
+
+class AdapterState(str, enum.Enum):
+    """Where an AdaptedModel is in its life (``AdaptedModel.state``); each operation names the states
+    it applies in (``_ALLOWED``), and any other state is a ``ConfigError`` that says what to call."""
+
+    EMPTY = "empty"  # wraps the base model but holds no adapter (all were deleted)
+    READY = "ready"  # adapters injected, none merged: train, switch, save, merge
+    MERGED = "merged"  # the active adapter's update is folded into the base weights: run, save, unmerge
+    UNLOADED = "unloaded"  # unload()/merge_and_unload() handed the base model back: nothing more to do
+
+
+_E, _R, _M = AdapterState.EMPTY, AdapterState.READY, AdapterState.MERGED
+_ALLOWED: dict[str, set[AdapterState]] = {
+    "forward": {_E, _R, _M},
+    "generate": {_E, _R, _M},
+    "add_adapter": {_E, _R, _M},
+    "load_adapter": {_E, _R, _M},
+    "set_adapter": {_R, _M},  # while merged only to the merged adapter itself (checked in set_adapter)
+    "delete_adapter": {_R, _M},  # while merged not the merged adapter (checked by the layers)
+    "disable_adapters": {_E, _R},
+    "merge_adapter": {_R, _M},
+    "unmerge_adapter": {_E, _R, _M},
+    "merge_and_unload": {_R, _M},
+    "unload": {_E, _R, _M},
+    "save_pretrained": {_R, _M},
+}
+_FIX = {
+    AdapterState.EMPTY: "this model holds no adapters (all were deleted); add_adapter() one first.",
+    AdapterState.MERGED: "adapters are merged into the base weights; call unmerge_adapter() first.",
+    AdapterState.UNLOADED: (
+        "this AdaptedModel was unloaded: unload()/merge_and_unload() returned the base model, which no "
+        "longer holds adapter layers; use that model, or factorlab.adapt() it again."
+    ),
+}
 
 
 def _replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -89,6 +125,13 @@ class AdaptedModel(nn.Module):
         Adapters with an auxiliary loss (LoRA-Mixer's routing loss) add it to ``outputs.loss`` in
         training mode; it is also kept as ``self.last_aux_loss``.
         """
+        state = self._require("forward")
+        training = state is AdapterState.MERGED and self.training and torch.is_grad_enabled()
+        if training and any(p.requires_grad for p in self.parameters()):
+            raise ConfigError(
+                "training with a merged adapter would update weights the forward no longer reads (the "
+                "update is folded into the base weights); call unmerge_adapter() first, or model.eval()."
+            )
         shared = self._forward_hooks_module()
         if shared is None:
             if task_ids is not None:
@@ -108,6 +151,7 @@ class AdaptedModel(nn.Module):
         return outputs
 
     def generate(self, *args, task_ids: torch.Tensor | None = None, **kwargs):
+        self._require("generate")
         shared = self._forward_hooks_module()
         if shared is None:
             if task_ids is not None:
@@ -130,6 +174,23 @@ class AdaptedModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model
 
+    # ---- state --------------------------------------------------------------------------------
+    @property
+    def state(self) -> AdapterState:
+        if self.__dict__.get("_unloaded", False):
+            return AdapterState.UNLOADED
+        if not self.adapter_configs:
+            return AdapterState.EMPTY
+        if self.__dict__.get("_merged", False):  # a flag, not a walk over the layers: forward reads it
+            return AdapterState.MERGED
+        return AdapterState.READY
+
+    def _require(self, operation: str) -> AdapterState:
+        state = self.state
+        if state not in _ALLOWED[operation]:
+            raise ConfigError(f"{operation}() does not apply now: {_FIX[state]}")
+        return state
+
     # ---- adapters -----------------------------------------------------------------------------
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
         for name, module in self.base_model.named_modules():
@@ -138,6 +199,7 @@ class AdaptedModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, config: AdapterConfig) -> None:
         """Inject a new adapter. The first adapter becomes active; later ones wait for set_adapter."""
+        self._require("add_adapter")
         if adapter_name in self.adapter_configs:
             raise ConfigError(
                 f"adapter {adapter_name!r} already exists; delete_adapter() it or pick another name."
@@ -240,13 +302,14 @@ class AdaptedModel(nn.Module):
             adapter_name = adapter_name[0]
         if not isinstance(adapter_name, str):
             raise ConfigError(f"set_adapter takes an adapter name, got {adapter_name!r}.")
+        self._require("set_adapter")
         if adapter_name not in self.adapter_configs:
             raise ConfigError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.adapter_configs)}.")
         merged = sorted({a for _, layer in self.adapter_layers() for a in layer.merged_adapters})
         if merged and merged != [adapter_name]:
             raise ConfigError(
-                f"adapter(s) {merged} are merged into the base weights; switching to {adapter_name!r} would "
-                "apply both. Call unmerge_adapter() first."
+                f"set_adapter({adapter_name!r}): adapter(s) {merged} are merged into the base weights; "
+                "switching would apply both. Call unmerge_adapter() first."
             )
         for _, layer in self.adapter_layers():
             layer.set_adapter([adapter_name])
@@ -254,6 +317,7 @@ class AdaptedModel(nn.Module):
         self._update_trainable()
 
     def delete_adapter(self, adapter_name: str) -> None:
+        self._require("delete_adapter")
         if adapter_name not in self.adapter_configs:
             raise ConfigError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.adapter_configs)}.")
         for name, layer in list(self.adapter_layers()):
@@ -299,9 +363,8 @@ class AdaptedModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:
         """Run the base model alone inside this block."""
+        self._require("disable_adapters")
         layers = [layer for _, layer in self.adapter_layers()]
-        if any(layer.merged_adapters for layer in layers):
-            raise ConfigError("adapters are merged into the base weights; call unmerge_adapter() first.")
         previous = [layer.disabled for layer in layers]
         for layer in layers:
             layer.disabled = True
@@ -325,22 +388,30 @@ class AdaptedModel(nn.Module):
         return layers
 
     def merge_adapter(self) -> None:
-        for _, layer in self._check_mergeable():
-            layer.merge()
+        self._require("merge_adapter")
+        try:
+            for _, layer in self._check_mergeable():
+                layer.merge()
+        finally:
+            self._merged = any(layer.merged_adapters for _, layer in self.adapter_layers())
 
     def unmerge_adapter(self) -> None:
+        self._require("unmerge_adapter")
         for _, layer in self.adapter_layers():
             if layer.merged_adapters:
                 layer.unmerge()
+        self._merged = False
 
     def merge_and_unload(self) -> nn.Module:
         """Fold the active adapter into the base weights and return the plain base model."""
+        self._require("merge_and_unload")
         for _, layer in self._check_mergeable():
             layer.merge()
         return self.unload()
 
     def unload(self) -> nn.Module:
         """Remove every adapter layer (merged updates stay in the weights) and return the base model."""
+        self._require("unload")
         for name, layer in list(self.adapter_layers()):
             _replace_submodule(self.base_model, name, layer.base_layer)
         self._restore_requires_grad()
@@ -348,6 +419,7 @@ class AdaptedModel(nn.Module):
         self.adapter_configs.clear()
         self.adapter_targets.clear()
         self.active_adapter = None
+        self._unloaded = True
         return self.base_model
 
     # ---- parameters ---------------------------------------------------------------------------
@@ -390,10 +462,7 @@ class AdaptedModel(nn.Module):
         """Write each adapter to ``path`` ("default") or ``path/<name>`` (others), as PEFT does."""
         from factorlab import __version__
 
-        if not self.adapter_configs:
-            raise ConfigError(
-                "this model holds no adapters (unload() or merge_and_unload() removed them): nothing to save."
-            )
+        self._require("save_pretrained")
         for name in selected_adapters or list(self.adapter_configs):
             if name not in self.adapter_configs:
                 raise ConfigError(f"no adapter named {name!r}; adapters: {sorted(self.adapter_configs)}.")
@@ -426,6 +495,7 @@ class AdaptedModel(nn.Module):
     def load_adapter(
         self, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
     ) -> None:
+        self._require("load_adapter")
         data = read_adapter_config(path)
         if "method" not in data:
             hint = (

@@ -34,6 +34,7 @@ _UNSUPPORTED_FLAGS = {
 
 def save_as_peft(adapted: AdaptedModel, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
     """Write LoRA adapter ``adapter_name`` (default: the active one) in PEFT's format."""
+    adapted._require("save_pretrained")
     name = adapter_name or adapted.active_adapter
     if name not in adapted.adapter_configs:
         raise ConfigError(f"no adapter named {name!r}; adapters: {sorted(adapted.adapter_configs)}.")

@@ -128,8 +128,13 @@ def solve_max_margin(problem: MarginProblem, norm: str, solver: str | None = Non
         objective = cp.sum_squares(w)
     else:
         raise ConfigError(f"norm must be 'nuclear' or 'frobenius', got {norm!r}.")
+    solver = (solver or "CLARABEL").upper()
+    if solver not in cp.installed_solvers():
+        raise ConfigError(
+            f"solver {solver!r} is not installed; installed: {', '.join(cp.installed_solvers())}."
+        )
     prob = cp.Problem(cp.Minimize(objective), constraints)
-    prob.solve(solver=solver or "CLARABEL")
+    prob.solve(solver=solver)
     if prob.status not in ("optimal", "optimal_inaccurate") or w.value is None:
         raise ConfigError(
             f"the {norm} max-margin program did not solve (status {prob.status}); try another --solver "

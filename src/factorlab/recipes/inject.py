@@ -216,6 +216,9 @@ def grid_cells(
     for name, values in (("relations", relations), ("methods", methods), ("seeds", seeds)):
         if not values:
             raise ConfigError(f"give at least one of {name}.")
+    unknown = sorted(set(methods) - set(DEFAULTS["tiny"]))
+    if unknown:
+        raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(DEFAULTS['tiny'])}.")
     if model != "tiny":
         pretrain_seeds = (0,)
     if not pretrain_seeds:

@@ -42,6 +42,7 @@ from factorlab.grid import cell_id, run_grid
 from factorlab.methods.lora.config import LoraConfig
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
 from factorlab.methods.lora_mixer.model import export_expert_as_peft, routing_weights_per_sample, set_stage
+from factorlab.models import resolve_model_path
 from factorlab.progress import StepBars, console
 from factorlab.reporting import Column, aggregate, write_table
 from factorlab.runtime import atomic_write_text, write_json
@@ -283,6 +284,11 @@ class MixerExperimentConfig:
             ),
             non_negative=("balance_coef", "specialization_coef"),
         )
+        # Names and paths are checked here, not in a grid worker, so a typo is one line before any work.
+        if self.model == "tiny":
+            SyntheticTasks(self.tasks)
+        else:
+            resolve_model_path(self.model)
 
     def mixer_config(self) -> LoraMixerConfig:
         """One expert per task (named after it), soft routing, this experiment's routing loss."""
