@@ -164,7 +164,8 @@ def test_save_load_is_bit_exact_including_the_shared_rule_and_layer_norms(arch, 
     assert torch.equal(
         tensors["factorlab_shared.phm_rule.A"], adapted.shared_adapter_weights["default"]["phm_rule"].A
     )
-    assert any(".modules_to_save." in k for k in tensors)
+    norms = [n for n, m in adapted.adapter_layers() if type(m).__name__ == "ModulesToSave"]
+    assert norms and all(f"base_model.model.{n}.weight" in tensors for n in norms)  # PEFT's key form
     restored = AdaptedModel.from_pretrained(build(arch), tmp_path, is_trainable=True)
     assert torch.equal(logits(restored, batch), expected)
     for key, value in adapted.adapter_state_dict("default").items():
@@ -279,3 +280,25 @@ def test_size_errors_name_the_dimension_and_the_fix(config, message):
 def test_unknown_names_are_refused(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         CompacterConfig(**kwargs)
+
+
+def test_files_of_factorlab_0_1_with_modules_to_save_keys_still_load(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    batch = inputs("llama")
+    adapted = adapt(build("llama"), CompacterConfig(train_layer_norms=True, **TINY))
+    with torch.no_grad():
+        for p in adapted.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    adapted.save_pretrained(tmp_path)
+    norms = {n for n, m in adapted.adapter_layers() if type(m).__name__ == "ModulesToSave"}
+    file = tmp_path / "adapter_model.safetensors"
+    old = {}
+    for key, value in load_file(file).items():
+        module, _, leaf = key.removeprefix("base_model.model.").rpartition(".")
+        old[f"base_model.model.{module}.modules_to_save.{leaf}" if module in norms else key] = value
+    save_file(old, file)
+    restored = AdaptedModel.from_pretrained(build("llama"), tmp_path)
+    assert torch.equal(logits(restored, batch), logits(adapted, batch))

@@ -101,7 +101,7 @@ def test_the_causal_relation_generalizes_on_the_shipped_backend(tmp_path, method
     from factorlab.recipes.inject import inject_cell
 
     cell = {"model": "tiny", "relation": "city-language", "method": method, "seed": seed}
-    s = inject_cell(cell, tmp_path)
+    s = inject_cell(cell, tmp_path, save_adapter=tmp_path / "adapter" if method == "lora" else None)
     assert s["probe"]["accuracy"] >= PROBE_THRESHOLD and s["probe_ok"]
     assert s["train_fact_rank"] < 0.1  # memorised (rank 0 is best; guessing gives 2.0)
     assert s["test_implication_rank"] <= 0.5 * s["test_implication_rank_before"]
@@ -110,3 +110,15 @@ def test_the_causal_relation_generalizes_on_the_shipped_backend(tmp_path, method
     ranks = json.loads((tmp_path / "ranks.json").read_text())
     assert {r["kind"] for r in ranks} == {"train_fact", "test_fact", "train_implication", "test_implication"}
     assert all(r["answer"] in r["candidates"] for r in ranks)
+    if method == "lora":  # the saved adapter reproduces every rank
+        import copy
+
+        from factorlab import AdaptedModel
+        from factorlab.inject.world import World
+        from factorlab.recipes.inject import InjectConfig, cached_backend
+
+        backend = cached_backend("tiny", None, 0)
+        cfg = InjectConfig(**cell)
+        world = World.generate(BUILTIN_RELATIONS[cfg.relation], seed, cfg.num_subjects, cfg.bridge_fraction)
+        loaded = AdaptedModel.from_pretrained(copy.deepcopy(backend.model), tmp_path / "adapter")
+        assert backend.ranks(loaded, world.queries()) == [r["rank"] for r in ranks]

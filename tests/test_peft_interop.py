@@ -92,15 +92,30 @@ def test_non_lora_peft_folder_is_refused(tmp_path):
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_formats_are_told_apart(tmp_path):
-    peft.get_peft_model(build("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
-        tmp_path / "p"
+def test_one_lora_format_for_both_and_native_methods_are_marked(tmp_path):
+    """A PEFT folder loads with AdaptedModel.from_pretrained; factorlab's LoRA folder is PEFT's format;
+    a Compacter folder says it is factorlab's own and load_peft_lora refuses it."""
+    import json
+
+    from factorlab import CompacterConfig
+
+    peft_model = peft.get_peft_model(
+        build("llama"), peft.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
     )
-    with pytest.raises(AdapterLoadError, match=r"use factorlab\.interop\.peft\.load_peft_lora"):
-        AdaptedModel.from_pretrained(build("llama"), tmp_path / "p")
+    peft_model.save_pretrained(tmp_path / "p")
+    loaded = AdaptedModel.from_pretrained(build("llama"), tmp_path / "p")
+    torch.testing.assert_close(logits(loaded, inputs("llama")), logits(peft_model, inputs("llama")))
     adapt(build("llama"), LoraConfig(r=2)).save_pretrained(tmp_path / "f")
+    written = json.loads((tmp_path / "f" / "adapter_config.json").read_text())
+    assert written["peft_type"] == "LORA" and written["task_type"] == "CAUSAL_LM"
+    assert written["factorlab"]["method"] == "lora"
+    adapt(build("llama"), CompacterConfig(target_modules=["q_proj"], phm_dim=2)).save_pretrained(
+        tmp_path / "c"
+    )
+    native = json.loads((tmp_path / "c" / "adapter_config.json").read_text())
+    assert "peft_type" not in native and "no PEFT equivalent" in native["format"]
     with pytest.raises(AdapterLoadError, match="not a PEFT adapter"):
-        load_peft_lora(build("llama"), tmp_path / "f")
+        load_peft_lora(build("llama"), tmp_path / "c")
 
 
 def test_peft_rank_mismatch_is_reported(tmp_path):
@@ -112,5 +127,5 @@ def test_peft_rank_mismatch_is_reported(tmp_path):
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     config["r"] = 8
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(AdapterLoadError, match=r"rank mismatch.*r=8.*rank 4"):
+    with pytest.raises(AdapterLoadError, match=r"holds shape \(4, 64\).*expects \(8, 64\)"):
         load_peft_lora(build("llama"), tmp_path)

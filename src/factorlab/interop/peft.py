@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from factorlab.core.adapted import KEY_PREFIX, AdaptedModel, _refuse_adapted
+from factorlab.core.adapted import KEY_PREFIX, AdaptedModel
 from factorlab.core.io import read_adapter_config, read_adapter_tensors, write_adapter_folder
-from factorlab.errors import AdapterLoadError, ConfigError, TargetError
+from factorlab.errors import AdapterLoadError, ConfigError
 from factorlab.methods.lora.config import LoraConfig, pattern_value
 
 _LORA_KEY = re.compile(rf"^{re.escape(KEY_PREFIX)}(?P<module>.+)\.lora_(?P<part>[AB])\.weight$")
@@ -33,7 +33,10 @@ _UNSUPPORTED_FLAGS = {
 
 
 def save_as_peft(adapted: AdaptedModel, path: str | os.PathLike, adapter_name: str | None = None) -> Path:
-    """Write LoRA adapter ``adapter_name`` (default: the active one) in PEFT's format."""
+    """Write LoRA adapter ``adapter_name`` (default: the active one) into ``path`` in PEFT's format.
+
+    The same folder ``save_pretrained`` writes for a LoRA adapter; this one writes any adapter
+    into ``path`` itself (not ``path/<name>``) and refuses methods PEFT does not have."""
     adapted._require("save_pretrained")
     name = adapter_name or adapted.active_adapter
     if name not in adapted.adapter_configs:
@@ -43,14 +46,7 @@ def save_as_peft(adapted: AdaptedModel, path: str | os.PathLike, adapter_name: s
         raise ConfigError(
             f"PEFT has no {config.method!r} method; only LoRA adapters can be saved in PEFT format."
         )
-    if config.modules_to_save:
-        raise ConfigError("modules_to_save cannot be written in PEFT's LoRA format by factorlab yet.")
-    modules = {}
-    for module, layer in adapted.adapter_layers():
-        if name in layer.adapter_names:
-            a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-            modules[module] = (a, b, config.alpha_for(module), layer.fan_in_fan_out)
-    return write_peft_lora(path, modules, adapted.base_model, config.use_rslora, config.lora_dropout)
+    return adapted.write_adapter(name, path)
 
 
 def write_peft_lora(
@@ -185,36 +181,12 @@ def read_peft_lora(path: str | os.PathLike) -> PeftLora:
 def load_peft_lora(
     model: nn.Module, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
 ) -> AdaptedModel:
-    """Read a PEFT LoRA folder into factorlab; the result gives the same outputs as PEFT's model."""
-    _refuse_adapted(model)
-    peft_lora = read_peft_lora(path)
-    data = peft_lora.config
-    r_default, alpha_default = int(data.get("r", 8)), data.get("lora_alpha", 8)
-    config = LoraConfig(
-        target_modules=sorted(peft_lora.weights),
-        r=r_default,
-        lora_alpha=alpha_default,
-        lora_dropout=data.get("lora_dropout", 0.0),
-        use_rslora=peft_lora.use_rslora,
-        rank_pattern={re.escape(m): r for m, r in peft_lora.ranks.items() if r != r_default},
-        alpha_pattern={re.escape(m): a for m, a in peft_lora.alphas.items() if a != alpha_default},
-        inference_mode=not is_trainable,
-    )
-    tensors = {
-        f"{KEY_PREFIX}{m}.lora_{part}.weight": t
-        for m, (a, b) in peft_lora.weights.items()
-        for part, t in (("A", a), ("B", b))
-    }
-    adapted = AdaptedModel(model)
-    try:
-        try:
-            adapted.add_adapter(adapter_name, config)
-        except TargetError as err:
-            raise AdapterLoadError(f"{path} does not fit this {type(model).__name__}: {err}") from None
-        adapted._load_tensors(adapter_name, tensors, path)
-    except BaseException:
-        if adapter_name in adapted.adapter_configs:
-            adapted.delete_adapter(adapter_name)
-        adapted._restore_requires_grad()
-        raise
-    return adapted
+    """Read a PEFT LoRA folder (LoRA, DoRA, bias, modules_to_save) into factorlab; the result gives
+    the same outputs as PEFT's model. ``AdaptedModel.from_pretrained`` reads the same folders."""
+    peft_type = read_adapter_config(path).get("peft_type")
+    if peft_type != "LORA":
+        what = f"a PEFT {peft_type} adapter" if peft_type else "not a PEFT adapter (no peft_type)"
+        raise AdapterLoadError(
+            f"{path} holds {what}; factorlab reads PEFT LoRA adapters (peft_type 'LORA') only."
+        )
+    return AdaptedModel.from_pretrained(model, path, adapter_name, is_trainable)

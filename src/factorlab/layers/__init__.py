@@ -2,7 +2,7 @@
 
 from factorlab.layers.base import AdapterLayer
 from factorlab.layers.bottleneck import BottleneckAdapterLayer
-from factorlab.layers.lora import LoRALinear
+from factorlab.layers.lora import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear
 from factorlab.layers.mixer import ExpertBank, LoRAMixerLinear
 from factorlab.layers.modules_to_save import ModulesToSave
 from factorlab.layers.phm import PHMFastWeights, PHMLinear, PHMRule
@@ -11,6 +11,9 @@ __all__ = [
     "AdapterLayer",
     "BottleneckAdapterLayer",
     "ExpertBank",
+    "LoRAConv",
+    "LoRAEmbedding",
+    "LoRALayer",
     "LoRALinear",
     "LoRAMixerLinear",
     "ModulesToSave",

@@ -4,6 +4,14 @@
 
     A_a: (r, in)   B_a: (out, r)   s_a = alpha / r, or alpha / sqrt(r) with rsLoRA
 
+DoRA (Liu et al., 2024) splits the adapted weight into a trainable magnitude m (one per output)
+and a direction:
+
+    W' = m * (W + s B A) / ||W + s B A||      (row norms, detached as in the paper, section 4.3)
+    y  = base(x) + (m / ||.|| - 1) * (W x) + (m / ||.||) * s B A dropout(x)
+
+m starts at the row norms of W + s B A, so the adapter starts as the base model.
+
 The base layer is an ``nn.Linear`` (weight (out, in)) or a GPT-2-style ``Conv1D``
 (weight (in, out), ``fan_in_fan_out=True``). Pure torch; weights and key names follow PEFT
 (``lora_A.<name>.weight``), so adapters move between the two without conversion.
@@ -18,7 +26,7 @@ import torch
 from torch import nn
 
 from factorlab.errors import ConfigError
-from factorlab.layers.base import AdapterLayer
+from factorlab.layers.base import AdapterLayer, copy_state_exact
 
 LORA_INITS = (True, False, "kaiming", "gaussian")
 
@@ -28,8 +36,52 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
-class LoRALinear(AdapterLayer):
-    adapter_weights = ("lora_A", "lora_B")
+class DoraMagnitude(nn.Module):
+    """DoRA's magnitude vector m, shape (out,)."""
+
+    def __init__(self, out_features: int, **factory):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, **factory))
+
+
+class LoRALayer(AdapterLayer):
+    """What every LoRA layer is (linear, embedding, convolution): one adapter kind per module."""
+
+    def _check_rank(self, r: int, widths: tuple[int, int]) -> None:
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+            raise ConfigError(f"LoRA rank r must be a positive integer, got {r!r}.")
+        if r > 8 * max(widths):  # a typo, not a rank: refuse before allocating
+            raise ConfigError(
+                f"LoRA rank r={r} far exceeds this {widths[0]} -> {widths[1]} layer's widths; the update "
+                f"has rank <= {min(widths)} anyway. Use a smaller r."
+            )
+
+    @torch.no_grad()
+    def merge(self, names: Iterable[str] | None = None) -> None:
+        weight = self.base_layer.weight
+        for name in self.active_adapters if names is None else names:
+            if name in self.merged_adapters:
+                continue
+            merged = weight.data + self.delta_weight(name).to(weight.dtype)
+            if not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"merging adapter {name!r} would put non-finite values into the base weight."
+                )
+            weight.data = merged
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            weight.data -= self.delta_weight(self.merged_adapters.pop()).to(weight.dtype)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LoRALinear(LoRALayer):
+    adapter_weights = ("lora_A", "lora_B", "lora_magnitude_vector")
     adapter_extras = ("lora_dropout", "scaling", "r")
     can_merge = True
 
@@ -43,8 +95,10 @@ class LoRALinear(AdapterLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
         self.scaling: dict[str, float] = {}
         self.r: dict[str, int] = {}
+        self._dora_norms: dict[str, torch.Tensor] = {}  # row norms at merge time, to unmerge exactly
 
     def update_layer(
         self,
@@ -54,6 +108,7 @@ class LoRALinear(AdapterLayer):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
+        use_dora: bool = False,
     ) -> None:
         """Add adapter ``name`` of rank ``r`` (init: True/"kaiming" = kaiming-uniform A and zero B,
         "gaussian" = N(0, 1/r) A and zero B, False = both random, for tests)."""
@@ -77,6 +132,10 @@ class LoRALinear(AdapterLayer):
         self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.r[name] = r
         self.reset_lora_parameters(name, init_lora_weights)
+        if use_dora:
+            self.lora_magnitude_vector[name] = DoraMagnitude(self.out_features, **factory)
+            with torch.no_grad():
+                self.lora_magnitude_vector[name].weight.copy_(self._direction_norm(name))
 
     @torch.no_grad()
     def reset_lora_parameters(self, name: str, init_lora_weights: bool | str = True) -> None:
@@ -90,21 +149,58 @@ class LoRALinear(AdapterLayer):
         else:
             nn.init.zeros_(b)
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """The dense update s * B A in the base weight's layout ((out, in), or (in, out) for Conv1D)."""
+    def _weight_out_in(self) -> torch.Tensor:
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _direction_norm(self, name: str) -> torch.Tensor:
+        """||W + s B A|| per output row (out,), without gradient: DoRA treats it as a constant."""
+        with torch.no_grad():
+            delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+            return torch.linalg.norm(self._weight_out_in().to(delta.dtype) + delta, dim=1)
+
+    # PEFT stores DoRA's magnitude as "<module>.lora_magnitude_vector" (no ".weight").
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        out = super().adapter_state_dict(name)
+        if "lora_magnitude_vector.weight" in out:
+            out["lora_magnitude_vector"] = out.pop("lora_magnitude_vector.weight")
+        return out
+
+    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
+        expected = super().adapter_state_dict(name)
+        if "lora_magnitude_vector" in tensors:
+            tensors = dict(tensors)
+            tensors["lora_magnitude_vector.weight"] = tensors.pop("lora_magnitude_vector")
+        copy_state_exact(expected, tensors, where)
+
+    def delta_weight(self, name: str, out_in: bool = False) -> torch.Tensor:
+        """The dense update s * B A in the base weight's layout ((out, in), or (in, out) for Conv1D);
+        ``out_in``: always (out, in)."""
         delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
-        return delta.T if self.fan_in_fan_out else delta
+        return delta.T if self.fan_in_fan_out and not out_in else delta
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
+        base_out = None
         for name in self.active_adapters:
             if name in self.merged_adapters:
                 continue
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
-            h = lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype)))
-            result = result + (lora_b(h) * self.scaling[name]).to(result.dtype)
+            x_in = self.lora_dropout[name](x.to(lora_a.weight.dtype))
+            update = lora_b(lora_a(x_in)) * self.scaling[name]
+            if name in self.lora_magnitude_vector:
+                scale = self.lora_magnitude_vector[name].weight / self._direction_norm(name)  # (out,)
+                if x_in is x or isinstance(self.lora_dropout[name], nn.Identity) or not self.training:
+                    if base_out is None:  # W x, the base output without its bias
+                        bias = self.bias
+                        base_out = result if bias is None else result - bias
+                    wx = base_out.to(update.dtype)
+                else:  # W applied to the dropped-out input, as PEFT does
+                    wx = nn.functional.linear(x_in, self._weight_out_in().to(x_in.dtype))
+                update = (scale - 1) * wx + scale * update
+            result = result + update.to(result.dtype)
         return result
 
     @torch.no_grad()
@@ -113,7 +209,14 @@ class LoRALinear(AdapterLayer):
         for name in self.active_adapters if names is None else names:
             if name in self.merged_adapters:
                 continue
-            merged = weight.data + self.delta_weight(name).to(weight.dtype)
+            if name in self.lora_magnitude_vector:  # W' = m / ||W + dW|| * (W + dW); keep the norm to unmerge
+                norm = self._direction_norm(name)
+                self._dora_norms[name] = norm
+                factor = (self.lora_magnitude_vector[name].weight / norm)[:, None]
+                new = factor * (self._weight_out_in() + self.delta_weight(name, out_in=True))
+                merged = (new.T if self.fan_in_fan_out else new).to(weight.dtype)
+            else:
+                merged = weight.data + self.delta_weight(name).to(weight.dtype)
             if not torch.isfinite(merged).all():
                 raise ValueError(
                     f"merging adapter {name!r} would put non-finite values into the base weight."
@@ -126,7 +229,166 @@ class LoRALinear(AdapterLayer):
         weight = self.base_layer.weight
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            weight.data -= self.delta_weight(name).to(weight.dtype)
+            if name in self.lora_magnitude_vector:
+                factor = (self.lora_magnitude_vector[name].weight / self._dora_norms.pop(name))[:, None]
+                old = self._weight_out_in() / factor - self.delta_weight(name, out_in=True)
+                weight.data = (old.T if self.fan_in_fan_out else old).to(weight.dtype)
+            else:
+                weight.data -= self.delta_weight(name).to(weight.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}"
+
+
+class LoRAEmbedding(LoRALayer):
+    """LoRA on an ``nn.Embedding`` (PEFT's layout): y = E[x] + s * A^T[x] B^T.
+
+    A: (r, num_embeddings)   B: (embedding_dim, r)   A starts at zero, B normal, so the adapter
+    starts as the base. No dropout on token ids, as in PEFT.
+    """
+
+    adapter_weights = ("lora_embedding_A", "lora_embedding_B")
+    adapter_extras = ("scaling", "r")
+    can_merge = True
+
+    def __init__(self, base_layer: nn.Embedding):
+        super().__init__(base_layer)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.scaling: dict[str, float] = {}
+        self.r: dict[str, int] = {}
+
+    def update_layer(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        use_dora: bool = False,
+    ) -> None:
+        num, dim = self.base_layer.weight.shape
+        self._check_rank(r, (num, dim))
+        if use_dora:
+            raise ConfigError(
+                "DoRA on embeddings is not supported by factorlab; target linear layers for DoRA."
+            )
+        factory = {"device": self.base_layer.weight.device, "dtype": adapter_dtype(self.base_layer.weight)}
+        self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, num, **factory))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, r, **factory))
+        if init_lora_weights is not False:
+            with torch.no_grad():
+                self.lora_embedding_A[name].zero_()
+                nn.init.normal_(self.lora_embedding_B[name])
+        self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.r[name] = r
+
+    # Parameters, not modules, hold the weights: their keys carry no ".weight" (as PEFT saves them).
+    def adapter_parameters(self, name: str):
+        for attr in self.adapter_weights:
+            if name in getattr(self, attr):
+                yield getattr(self, attr)[name]
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        return {
+            attr: getattr(self, attr)[name] for attr in self.adapter_weights if name in getattr(self, attr)
+        }
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s * (B A)^T, shape (num_embeddings, embedding_dim) like the table."""
+        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        base = self.base_layer
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+            after_a = nn.functional.embedding(
+                x, a.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse
+            )  # (..., r)
+            result = result + ((after_a @ b.T) * self.scaling[name]).to(result.dtype)
+        return result
+
+
+class LoRAConv(LoRALayer):
+    """LoRA on ``nn.Conv1d`` / ``nn.Conv2d`` (PEFT's layout): y = conv(x) + s * B(A(dropout(x))).
+
+    A: a convolution in -> r with the base's kernel, stride and padding; B: a 1x1 convolution r -> out.
+    """
+
+    adapter_weights = ("lora_A", "lora_B")
+    adapter_extras = ("lora_dropout", "scaling", "r")
+    can_merge = True
+
+    def __init__(self, base_layer: nn.Conv1d | nn.Conv2d):
+        super().__init__(base_layer)
+        if base_layer.groups != 1 or any(d != 1 for d in base_layer.dilation):
+            raise ConfigError(
+                f"LoRA on a convolution with groups={base_layer.groups}, dilation={base_layer.dilation} is "
+                "not supported (PEFT cannot merge it either); exclude this module."
+            )
+        if isinstance(base_layer.padding, str):
+            raise ConfigError(f"LoRA on a convolution with padding={base_layer.padding!r} is not supported.")
+        self.conv = nn.Conv2d if isinstance(base_layer, nn.Conv2d) else nn.Conv1d
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.r: dict[str, int] = {}
+
+    def update_layer(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        use_dora: bool = False,
+    ) -> None:
+        base = self.base_layer
+        self._check_rank(r, (base.in_channels, base.out_channels))
+        if use_dora:
+            raise ConfigError("DoRA on convolutions is not supported by factorlab; target linear layers.")
+        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight)}
+        ones = (1,) * len(base.kernel_size)
+        self.lora_A[name] = self.conv(
+            base.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False, **factory
+        )
+        self.lora_B[name] = self.conv(r, base.out_channels, ones, ones, bias=False, **factory)
+        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
+        self.r[name] = r
+        with torch.no_grad():
+            a, b = self.lora_A[name].weight, self.lora_B[name].weight
+            if init_lora_weights == "gaussian":
+                nn.init.normal_(a, std=1 / r)
+            else:
+                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            if init_lora_weights is False:
+                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(b)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """s * (B composed with A) as one kernel of the base's shape (out, in, *kernel)."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight  # (r, in, *k), (out, r, *1)
+        combined = torch.einsum("or,ri...->oi...", b.flatten(1), a)
+        return combined * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        for name in self.active_adapters:
+            if name in self.merged_adapters:
+                continue
+            lora_a, lora_b = self.lora_A[name], self.lora_B[name]
+            h = lora_a(self.lora_dropout[name](x.to(lora_a.weight.dtype)))
+            result = result + (lora_b(h) * self.scaling[name]).to(result.dtype)
+        return result

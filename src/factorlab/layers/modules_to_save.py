@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from factorlab.layers.base import AdapterLayer
+from factorlab.layers.base import AdapterLayer, copy_state_exact
 
 
 class ModulesToSave(AdapterLayer):
@@ -45,6 +45,16 @@ class ModulesToSave(AdapterLayer):
         if self.merged_adapters:
             self.base_layer.load_state_dict(self._original_state)
             self.merged_adapters.clear()
+
+    # Keys as PEFT saves them: the copy's own names ("weight"), not "modules_to_save.weight".
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        return dict(self.modules_to_save[name].state_dict()) if name in self.modules_to_save else {}
+
+    def load_adapter_state_dict(self, name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
+        tensors = {
+            k.removeprefix("modules_to_save."): v for k, v in tensors.items()
+        }  # files of factorlab 0.1
+        copy_state_exact(self.adapter_state_dict(name), tensors, where)
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
         if self.disabled or not self.active_adapters or self.merged_adapters:

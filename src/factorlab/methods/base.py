@@ -11,12 +11,20 @@ import contextvars
 import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from torch import nn
 
 from factorlab.errors import ConfigError
 from factorlab.layers.base import AdapterLayer
+
+TaskType = Literal["CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"]
+# The heads PEFT trains as modules_to_save for a task type (those the model has).
+TASK_HEADS: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 
 
 @dataclass
@@ -36,6 +44,10 @@ class AdapterConfig:
     """Only adapt modules of these layer indices."""
     modules_to_save: list[str] | None = None
     """Whole modules (names, same matching) trained as copies along with the adapter and saved with it."""
+    task_type: TaskType | None = None
+    """PEFT's task type. SEQ_CLS / TOKEN_CLS add the head ("classifier" or "score") and QUESTION_ANS
+    "qa_outputs" to modules_to_save, as PEFT does, so a freshly initialised head trains; it is also
+    written to saved LoRA folders, where PEFT picks its model class by it."""
     inference_mode: bool = field(default=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -74,6 +86,18 @@ class Method:
     """(base model, config, target names) -> weights shared by all of the adapter's layers, or None."""
     extra_modules_to_save: Callable[[nn.Module, AdapterConfig], list[str]] | None = None
     """(base model, config) -> names of further modules trained as copies (e.g. LayerNorms)."""
+    in_place_parameters: Callable[[nn.Module, AdapterConfig, list[str]], list[str]] | None = None
+    """(base model, config, target names) -> base-model parameters that train in place and are saved
+    with the adapter (PEFT's LoRA ``bias``); they are not restored when the adapter goes."""
+    accepts: Callable[[nn.Module], bool] | None = None
+    """Which modules the method can adapt (None: linear layers and GPT-2's Conv1D)."""
+    accepted_kinds: str = "nn.Linear or Conv1D layers"
+    """Those modules in words, for the error when a target is something else."""
+    combinable: bool = False
+    """Whether several adapters of the method can be active at once (their updates add up)."""
+    peft_type: str | None = None
+    """PEFT's name for the method, if PEFT has it: its folders are then written in PEFT's format (the
+    config provides ``to_peft_dict`` and reads PEFT's keys in ``from_dict``) and PEFT folders load."""
 
 
 # True while AdaptedModel.load_adapter builds an adapter whose weights it loads right after: a method
@@ -96,6 +120,12 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ConfigError(f"unknown adaptation method {name!r}; registered: {sorted(METHODS)}.")
     return METHODS[name]
+
+
+def method_for_peft_type(peft_type: object) -> Method | None:
+    import factorlab.methods  # noqa: F401  (registers the built-in methods)
+
+    return next((m for m in METHODS.values() if m.peft_type is not None and m.peft_type == peft_type), None)
 
 
 def config_from_dict(data: dict[str, Any]) -> AdapterConfig:

@@ -107,8 +107,11 @@ def verdict(relation: Relation, before: float | None, after: float | None) -> st
     return "generalization" if relation.causal else "hallucination"
 
 
-def inject_cell(cell: dict[str, Any], folder: Path, progress=None) -> dict[str, Any]:
-    """One relation x method x seed; writes ranks.json into ``folder`` and returns the summary."""
+def inject_cell(
+    cell: dict[str, Any], folder: Path, progress=None, save_adapter: Path | None = None
+) -> dict[str, Any]:
+    """One relation x method x seed; writes ranks.json into ``folder`` and returns the summary.
+    ``save_adapter``: also write the trained adapter there (full fine-tuning: the whole model)."""
     cell = dict(cell)
     expected_key = cell.pop("backend_key", None)
     cfg = InjectConfig(**cell)
@@ -131,6 +134,8 @@ def inject_cell(cell: dict[str, Any], folder: Path, progress=None) -> dict[str, 
     )
     model, losses = fine_tune(backend, world, settings, progress)
     after = backend.ranks(model, queries)
+    if save_adapter is not None and is_main():
+        model.save_pretrained(save_adapter)  # an AdaptedModel writes its adapter; full: the whole model
     summary: dict[str, Any] = {}
     for kind in KINDS:
         summary[f"{kind}_rank"] = mean([r for q, r in zip(queries, after) if q.kind == kind])
@@ -175,8 +180,9 @@ def inject_cell(cell: dict[str, Any], folder: Path, progress=None) -> dict[str, 
     return summary
 
 
-def run(cfg: InjectConfig, out: str | Path) -> dict[str, Any]:
-    """`factorlab inject run`: one cell into ``out`` (summary.json, ranks.json)."""
+def run(cfg: InjectConfig, out: str | Path, save_adapter: bool = False) -> dict[str, Any]:
+    """`factorlab inject run`: one cell into ``out`` (summary.json, ranks.json; with ``save_adapter``
+    the trained adapter in ``out/adapter``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     backend = cached_backend(cfg.model, cfg.relations_file, cfg.pretrain_seed)
@@ -192,7 +198,12 @@ def run(cfg: InjectConfig, out: str | Path) -> dict[str, Any]:
     )
     with StepBars(f"{cfg.method} on {cfg.relation}") as bars:
         bars.start([f"{cfg.method}, {cfg.relation}, seed {cfg.seed}"], [steps])
-        summary = inject_cell(dataclasses.asdict(cfg), out, progress=lambda s: bars.update(0, s))
+        summary = inject_cell(
+            dataclasses.asdict(cfg),
+            out,
+            progress=lambda s: bars.update(0, s),
+            save_adapter=out / "adapter" if save_adapter else None,
+        )
     if is_main():
         write_json(out / "summary.json", summary)
     return summary

@@ -1,12 +1,13 @@
-"""How LoRA is injected: one LoRALinear per target linear layer."""
+"""How LoRA is injected: one LoRA layer per target (linear, Conv1D, embedding or convolution)."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from factorlab.core.targeting import is_conv1d
+from factorlab.core.targeting import is_conv1d, is_linear
 from factorlab.errors import ConfigError
-from factorlab.layers.lora import LoRALinear
+from factorlab.layers.base import AdapterLayer
+from factorlab.layers.lora import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear
 from factorlab.methods.base import Method
 from factorlab.methods.lora.config import LoraConfig
 
@@ -16,9 +17,22 @@ def build_lora_layer(
     config: LoraConfig,
     adapter_name: str,
     module_name: str,
-    existing: LoRALinear | None,
+    existing: LoRALayer | None,
     shared: nn.Module | None = None,
-) -> LoRALinear:
+) -> LoRALayer:
+    if isinstance(target, (nn.Embedding, nn.Conv1d, nn.Conv2d)):
+        kind = LoRAEmbedding if isinstance(target, nn.Embedding) else LoRAConv
+        layer = existing if existing is not None else kind(target)
+        layer.update_layer(
+            adapter_name,
+            r=config.rank_for(module_name),
+            lora_alpha=config.alpha_for(module_name),
+            lora_dropout=config.lora_dropout,
+            use_rslora=config.use_rslora,
+            init_lora_weights=config.init_lora_weights,
+            use_dora=config.use_dora,
+        )
+        return layer
     conv1d = is_conv1d(target)
     if config.fan_in_fan_out is not None and config.fan_in_fan_out != conv1d:
         kind = "a Conv1D (weight stored in x out)" if conv1d else "an nn.Linear (weight stored out x in)"
@@ -34,8 +48,31 @@ def build_lora_layer(
         lora_dropout=config.lora_dropout,
         use_rslora=config.use_rslora,
         init_lora_weights=config.init_lora_weights,
+        use_dora=config.use_dora,
     )
     return layer
+
+
+def lora_bias_parameters(base: nn.Module, config: LoraConfig, targets: list[str]) -> list[str]:
+    """PEFT's ``bias``: "all" = every bias of the base model, "lora_only" = those of adapted layers."""
+    if config.bias == "none":
+        return []
+    adapter_params = {
+        id(p)
+        for m in base.modules()
+        if isinstance(m, AdapterLayer)
+        for p in m.parameters()
+        if all(p is not q for q in m.base_layer.parameters())
+    }
+    biases = [  # tied aliases too (BERT: decoder.bias is predictions.bias), as PEFT saves both
+        n
+        for n, p in base.named_parameters(remove_duplicate=False)
+        if n.endswith("bias") and id(p) not in adapter_params
+    ]
+    if config.bias == "lora_only":
+        own = {f"{t}.base_layer.bias" for t in targets}
+        biases = [n for n in biases if n in own]
+    return biases
 
 
 def default_lora_roles(family: str | None) -> tuple[str, ...]:
@@ -45,4 +82,20 @@ def default_lora_roles(family: str | None) -> tuple[str, ...]:
     return ("attn_q", "attn_v")
 
 
-LORA = Method("lora", LoraConfig, LoRALinear, build_lora_layer, default_lora_roles)
+def lora_accepts(module: nn.Module) -> bool:
+    base = module.base_layer if isinstance(module, AdapterLayer) else module
+    return is_linear(base) or isinstance(base, (nn.Embedding, nn.Conv1d, nn.Conv2d))
+
+
+LORA = Method(
+    "lora",
+    LoraConfig,
+    LoRALayer,
+    build_lora_layer,
+    default_lora_roles,
+    in_place_parameters=lora_bias_parameters,
+    peft_type="LORA",
+    combinable=True,
+    accepts=lora_accepts,
+    accepted_kinds="nn.Linear, Conv1D, nn.Embedding, nn.Conv1d or nn.Conv2d layers",
+)

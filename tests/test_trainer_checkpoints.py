@@ -1,0 +1,107 @@
+"""transformers.Trainer checkpoints of an AdaptedModel: adapter-sized, tied weights never break
+saving, and resume_from_checkpoint continues the same loss sequence as an uninterrupted run."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import factorlab
+from factorlab.errors import AdapterLoadError
+
+VOCAB = 1000
+
+
+def tied_llama():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        tie_word_embeddings=True,
+    )
+    model = tf.LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def adapted_model(modules_to_save=None):
+    config = factorlab.LoraConfig(r=4, target_modules="all-linear", modules_to_save=modules_to_save)
+    return factorlab.adapt(tied_llama(), config)
+
+
+def train(out: Path, resume: str | None = None, steps: int = 6, modules_to_save=None):
+    from transformers import Trainer, TrainingArguments
+
+    model = adapted_model(modules_to_save)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (16, 12), generator=g)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=steps,
+        learning_rate=1e-2,
+        lr_scheduler_type="linear",
+        warmup_steps=2,
+        logging_steps=1,
+        save_steps=1,
+        save_strategy="steps",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=3,
+        data_seed=3,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train(resume_from_checkpoint=resume)
+    losses = {log["step"]: log["loss"] for log in trainer.state.log_history if "loss" in log}
+    return model, losses
+
+
+@pytest.mark.parametrize("modules_to_save", [None, ["embed_tokens"]])
+def test_trainer_checkpoints_are_adapter_sized_and_resume_to_the_same_losses(tmp_path, modules_to_save):
+    whole, losses = train(tmp_path / "a", modules_to_save=modules_to_save)
+    checkpoint = tmp_path / "a" / "checkpoint-3"
+    saved = load_file(checkpoint / "model.safetensors")
+    adapter = whole.state_dict()
+    assert set(saved) == set(adapter)  # adapter only: no base weight, no tied pair
+    base_numel = sum(p.numel() for p in whole.base_model.parameters())
+    saved_numel = sum(t.numel() for t in saved.values())
+    expected = sum(p.numel() for p in whole.parameters() if p.requires_grad)
+    assert saved_numel == expected < base_numel
+    if modules_to_save:
+        assert any("modules_to_save" in k for k in saved)
+
+    resumed, resumed_losses = train(tmp_path / "b", resume=str(checkpoint), modules_to_save=modules_to_save)
+    assert sorted(resumed_losses) == [1, 2, 3, 4, 5, 6]  # 1-3 come from the checkpoint's trainer state
+    for step in (4, 5, 6):  # trained after resuming; Trainer logs losses rounded to 4 digits
+        assert resumed_losses[step] == pytest.approx(losses[step], abs=1e-4), step
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, atol=1e-6, rtol=0)
+
+
+def test_state_dict_round_trip_and_refusals():
+    source = adapted_model()
+    with torch.no_grad():
+        for p in source.parameters():
+            if p.requires_grad:
+                p.add_(0.01)
+    state = source.state_dict()
+    target = adapted_model()
+    assert target.load_state_dict(state).missing_keys == []
+    batch = torch.randint(1, VOCAB, (2, 8))
+    torch.testing.assert_close(target(input_ids=batch).logits, source(input_ids=batch).logits)
+    with pytest.raises(AdapterLoadError, match="adapter keys missing"):
+        target.load_state_dict(dict(list(state.items())[1:]))
+    key = next(iter(state))
+    with pytest.raises(AdapterLoadError, match="NaN"):
+        target.load_state_dict({**state, key: torch.full_like(state[key], float("nan"))})
+    full = {f"base_model.{k}": v for k, v in target.base_model.state_dict().items()}
+    assert target.load_state_dict({**full, **state}).unexpected_keys == []  # a full state dict loads too
