@@ -235,7 +235,7 @@ def test_task_id_errors():
     with pytest.raises(ConfigError, match="needs task ids"):
         adapted(**batch)
     lora = adapt(build("llama"), LoraConfig())
-    with pytest.raises(ConfigError, match="only applies to an active LoRA-Mixer"):
+    with pytest.raises(ConfigError, match="only applies to an active lora_mixer"):
         lora(**batch, task_ids=torch.tensor([0, 0]))
 
 

@@ -286,10 +286,16 @@ def test_peft_style_adapter_api_answers_clearly():
     assert set(adapted.peft_config) == {"default", "b"} and adapted.active_adapters == ["default"]
     adapted.set_adapter(["b"])
     assert adapted.active_adapters == ["b"]
-    with pytest.raises(ConfigError, match="one adapter at a time"):
-        adapted.set_adapter(["default", "b"])
-    with pytest.raises(ConfigError, match="LoraMixerConfig"):
-        adapted.add_weighted_adapter(["default", "b"], [0.5, 0.5], "merged")
+    adapted.set_adapter(["default", "b"])  # LoRA updates add up: several may be active
+    assert adapted.active_adapters == ["default", "b"]
+    with pytest.raises(ConfigError, match="combination_type"):
+        adapted.add_weighted_adapter(["default", "b"], [0.5, 0.5], "merged", combination_type="ties")
+    compacter = factorlab.adapt(
+        build("llama"), factorlab.CompacterConfig(target_modules=["q_proj"], phm_dim=2)
+    )
+    compacter.add_adapter("b", factorlab.CompacterConfig(target_modules=["q_proj"], phm_dim=2))
+    with pytest.raises(ConfigError, match="one at a time"):
+        compacter.set_adapter(["default", "b"])
 
 
 def test_adapting_a_peft_model_is_refused():

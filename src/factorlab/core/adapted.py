@@ -35,8 +35,10 @@ from factorlab.methods.base import (
     WEIGHTS_FOLLOW,
     AdapterConfig,
     config_from_dict,
+    forward_keywords,
     get_method,
     method_for_peft_type,
+    no_forward_state,
 )
 
 KEY_PREFIX = "base_model.model."  # PEFT's key prefix; kept so key names read the same in both
@@ -120,13 +122,14 @@ class AdaptedModel(nn.Module):
 
         functools.update_wrapper(forward, base_model.forward)
         signature = inspect.signature(base_model.forward)
-        if "task_ids" not in signature.parameters:
-            params = list(signature.parameters.values())
-            extra = inspect.Parameter("task_ids", inspect.Parameter.KEYWORD_ONLY, default=None)
-            cut = next(
-                (i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params)
-            )
-            forward.__signature__ = signature.replace(parameters=[*params[:cut], extra, *params[cut:]])
+        params = list(signature.parameters.values())
+        extra = [  # the per-call keywords of every method (LoRA-Mixer's task_ids), so Trainer keeps them
+            inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=None)
+            for key in forward_keywords()
+            if key not in signature.parameters
+        ]
+        cut = next((i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
+        forward.__signature__ = signature.replace(parameters=[*params[:cut], *extra, *params[cut:]])
         object.__setattr__(self, "forward", forward)
 
     def __getattr__(self, name: str) -> Any:
@@ -138,11 +141,12 @@ class AdaptedModel(nn.Module):
             return getattr(self.base_model, name)
 
     # ---- running ------------------------------------------------------------------------------
-    def forward(self, *args, task_ids: torch.Tensor | None = None, **kwargs):
-        """The base model's forward. ``task_ids`` (one per sample) route LoRA-Mixer adapters hard.
+    def forward(self, *args, **kwargs):
+        """The base model's forward. Method keywords (LoRA-Mixer's ``task_ids``, one per sample) go to
+        the active adapter's method.
 
-        Adapters with an auxiliary loss (LoRA-Mixer's routing loss) add it to ``outputs.loss`` in
-        training mode; it is also kept as ``self.last_aux_loss``.
+        A method's auxiliary loss (LoRA-Mixer's routing loss) is added to ``outputs.loss`` in training
+        mode, once; it is also kept as ``self.last_aux_loss`` for loops that compute their own loss.
         """
         state = self._require("forward")
         training = state is AdapterState.MERGED and self.training and torch.is_grad_enabled()
@@ -151,44 +155,27 @@ class AdaptedModel(nn.Module):
                 "training with a merged adapter would update weights the forward no longer reads (the "
                 "update is folded into the base weights); call unmerge_adapter() first, or model.eval()."
             )
-        shared = self._forward_hooks_module()
-        if shared is None:
-            if task_ids is not None:
-                raise ConfigError("task_ids only applies to an active LoRA-Mixer adapter.")
-            return self.base_model(*args, **kwargs)
-        shared.begin_forward(task_ids, record=self.training)
-        try:
+        self.last_aux_loss = None
+        with self._method_context(kwargs, record=self.training) as aux_loss:
             outputs = self.base_model(*args, **kwargs)
-        finally:
-            shared.end_forward()
-        if self.training:
-            layers = [m for _, m in self.adapter_layers() if self.active_adapter in m.adapter_names]
-            aux = shared.extra_loss(layers, self.active_adapter)
-            self.last_aux_loss = aux  # add it yourself in a custom loop that computes its own loss
+        if self.training and aux_loss is not None:
+            self.last_aux_loss = aux = aux_loss()
             if getattr(outputs, "loss", None) is not None:
                 outputs.loss = outputs.loss + aux
         return outputs
 
-    def generate(self, *args, task_ids: torch.Tensor | None = None, **kwargs):
+    def generate(self, *args, **kwargs):
         self._require("generate")
-        shared = self._forward_hooks_module()
-        if shared is None:
-            if task_ids is not None:
-                raise ConfigError("task_ids only applies to an active LoRA-Mixer adapter.")
+        with self._method_context(kwargs, record=False):
             return self.base_model.generate(*args, **kwargs)
-        shared.begin_forward(task_ids, record=False)
-        try:
-            return self.base_model.generate(*args, **kwargs)
-        finally:
-            shared.end_forward()
 
-    def _forward_hooks_module(self) -> nn.Module | None:
-        """The active adapter's shared module if it takes part in every forward (LoRA-Mixer)."""
+    def _method_context(self, kwargs: dict, record: bool):
         name = self.active_adapter
-        if name is None or name not in self.shared_adapter_weights:
-            return None
-        shared = self.shared_adapter_weights[name]
-        return shared if hasattr(shared, "begin_forward") else None
+        method = get_method(self.adapter_configs[name].method) if name is not None else None
+        context = (
+            method.forward_context if method is not None and method.forward_context else no_forward_state
+        )
+        return context(self, name, kwargs, record)
 
     def get_base_model(self) -> nn.Module:
         return self.base_model
@@ -280,7 +267,7 @@ class AdaptedModel(nn.Module):
         if self.active_adapter is None:
             self.set_adapter(adapter_name)
         else:
-            self._update_trainable()
+            self.refresh_trainable()
 
     def _modules_to_save(self, method, config: AdapterConfig, targets: list[str]) -> list[str]:
         names: list[str] = []
@@ -353,7 +340,7 @@ class AdaptedModel(nn.Module):
         for _, layer in self.adapter_layers():
             layer.set_adapter(names)
         self.active_adapter, self._active = names[0], names
-        self._update_trainable()
+        self.refresh_trainable()
 
     def add_weighted_adapter(
         self,
@@ -396,9 +383,11 @@ class AdaptedModel(nn.Module):
             self.active_adapter, self._active = None, []
             if rest or self.adapter_configs:
                 self.set_adapter(rest or next(iter(self.adapter_configs)))
-        self._update_trainable()
+        self.refresh_trainable()
 
-    def _update_trainable(self) -> None:
+    def refresh_trainable(self) -> None:
+        """Set requires_grad from the active adapters (and their stages): adapter weights that train, all
+        else frozen. Methods that change what trains (LoRA-Mixer's set_stage) call it."""
         trainable: set[int] = set()
         for name in self._active:
             if self.adapter_configs[name].inference_mode:
@@ -620,7 +609,7 @@ class AdaptedModel(nn.Module):
                     for n in self.adapter_targets[name]
                     if not isinstance(self.base_model.get_submodule(n), ModulesToSave)
                 ],
-                _task_type_of(self.base_model),
+                task_type_of(self.base_model),
                 any(getattr(layer, "fan_in_fan_out", False) for layer in layers),
             )
             data["base_model_name_or_path"] = (
@@ -802,7 +791,7 @@ def _peft_methods() -> list:
     return [m for m in METHODS.values() if m.peft_type is not None]
 
 
-def _task_type_of(base: nn.Module) -> str | None:
+def task_type_of(base: nn.Module) -> str | None:
     """PEFT's task type for this model class, written to PEFT-format folders when the config has none."""
     cls = type(base).__name__
     if cls.endswith("ForCausalLM"):

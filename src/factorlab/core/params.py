@@ -6,26 +6,17 @@ from torch import nn
 
 from factorlab.layers.base import AdapterLayer
 
-KINDS = (  # (substring of the parameter name, what it is), first match wins
-    (".lora_A.", "LoRA A matrices"),
-    (".lora_B.", "LoRA B matrices"),
-    ("phm_rule", "PHM rule A_i (slow weights)"),
-    ("own_rule", "PHM rule A_i (slow weights)"),
-    ("W_down", "PHM fast weights (shared)"),
-    ("W_up", "PHM fast weights (shared)"),
-    ("own_fast", "PHM fast weights s_i, t_i / B_i"),
-    (".modules_to_save.", "trained copies of whole modules (e.g. LayerNorms)"),
-    (".experts.", "LoRA-Mixer experts (A, B)"),
-    ("router", "LoRA-Mixer routers"),
-)
-
 
 def parameter_kind(name: str) -> str:
-    for needle, kind in KINDS:
+    """What a trainable parameter is, by the labels each method registers (``Method.param_kinds``)."""
+    from factorlab.methods.base import METHODS, get_method
+
+    get_method("lora")  # registers the built-in methods
+    kinds = [kind for method in METHODS.values() for kind in method.param_kinds]
+    kinds.append((".modules_to_save.", "trained copies of whole modules (e.g. LayerNorms)"))
+    for needle, kind in kinds:
         if needle in name:
             return kind
-    if ("adapter_down" in name or "adapter_up" in name) and name.endswith("bias"):
-        return "PHM biases"
     return "other (unfrozen base weights)"
 
 

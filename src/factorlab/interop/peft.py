@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from factorlab.core.adapted import KEY_PREFIX, AdaptedModel
+from factorlab.core.adapted import KEY_PREFIX, AdaptedModel, task_type_of
 from factorlab.core.io import read_adapter_config, read_adapter_tensors, write_adapter_folder
 from factorlab.errors import AdapterLoadError, ConfigError
 from factorlab.methods.lora.config import LoraConfig, pattern_value
@@ -66,7 +66,7 @@ def write_peft_lora(
     base_config = getattr(base_model, "config", None)
     peft_config = {
         "peft_type": "LORA",
-        "task_type": None,
+        "task_type": task_type_of(base_model),
         "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None,
         "r": r,
         "lora_alpha": alpha,

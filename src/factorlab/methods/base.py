@@ -7,9 +7,11 @@ layer for one target module.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -93,6 +95,14 @@ class Method:
     """Which modules the method can adapt (None: linear layers and GPT-2's Conv1D)."""
     accepted_kinds: str = "nn.Linear or Conv1D layers"
     """Those modules in words, for the error when a target is something else."""
+    forward_keywords: tuple[str, ...] = ()
+    """Per-call keywords the method's adapters take in forward / generate (LoRA-Mixer: task_ids)."""
+    forward_context: Callable[[nn.Module, str, dict, bool], AbstractContextManager] | None = None
+    """(adapted model, adapter name, call kwargs, record) -> a context manager around one forward or
+    generate of the active adapter: it takes its ``forward_keywords`` out of kwargs, and yields a
+    function that returns the call's auxiliary loss (or None when the method has none)."""
+    param_kinds: tuple[tuple[str, str], ...] = ()
+    """(substring of a parameter name, what it is) for print_trainable_parameters; first match wins."""
     combinable: bool = False
     """Whether several adapters of the method can be active at once (their updates add up)."""
     peft_type: str | None = None
@@ -120,6 +130,31 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ConfigError(f"unknown adaptation method {name!r}; registered: {sorted(METHODS)}.")
     return METHODS[name]
+
+
+def forward_keywords() -> dict[str, list[str]]:
+    """Every per-call keyword a registered method takes -> the methods that take it."""
+    import factorlab.methods  # noqa: F401  (registers the built-in methods)
+
+    out: dict[str, list[str]] = {}
+    for method in METHODS.values():
+        for key in method.forward_keywords:
+            out.setdefault(key, []).append(method.name)
+    return out
+
+
+@contextlib.contextmanager
+def no_forward_state(
+    adapted: nn.Module, adapter_name: str | None, kwargs: dict, record: bool
+) -> Iterator[None]:
+    """The forward context of methods without per-call state: another method's keyword is an error."""
+    for key, owners in forward_keywords().items():
+        if kwargs.pop(key, None) is not None:
+            raise ConfigError(
+                f"{key} only applies to an active {' or '.join(owners)} adapter; the active adapter is "
+                f"{adapter_name!r}."
+            )
+    yield None
 
 
 def method_for_peft_type(peft_type: object) -> Method | None:

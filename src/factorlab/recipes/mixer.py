@@ -41,7 +41,12 @@ from factorlab.errors import ConfigError, GridCellsFailed
 from factorlab.grid import cell_id, run_grid
 from factorlab.methods.lora.config import LoraConfig
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
-from factorlab.methods.lora_mixer.model import export_expert_as_peft, routing_weights_per_sample, set_stage
+from factorlab.methods.lora_mixer.model import (
+    export_expert_as_peft,
+    routing_weights_per_sample,
+    set_routing,
+    set_stage,
+)
 from factorlab.models import resolve_model_path
 from factorlab.progress import StepBars, console
 from factorlab.reporting import Column, aggregate, write_table
@@ -463,10 +468,9 @@ def seed_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
         set_stage(mixer, "experts")
         train(mixer, data, cfg.steps, cfg.lr, cfg.batch_size, seed, True, pad_id, lambda s: bars.update(1, s))
         score(mixer, "per-task LoRA (oracle)", hard=True)
-        state = mixer.shared_adapter_weights["default"].routing
-        state.routing = "uniform"
+        set_routing(mixer, "uniform")
         score(mixer, "uniform average of experts")
-        state.routing = "soft"
+        set_routing(mixer, "soft")
         set_stage(mixer, "router")
         train(
             mixer,
@@ -481,9 +485,9 @@ def seed_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
         )
     score(mixer, "LoRA-Mixer (soft)")
     usage, router_acc = routing_report(mixer, evals, pad_id)
-    state.routing = "topk"
+    set_routing(mixer, "topk")
     score(mixer, "LoRA-Mixer (top-k)")
-    state.routing = "soft"
+    set_routing(mixer, "soft")
     if cell.get("export"):
         _export(folder, base, mixer, cfg)
     return {"records": records, "usage": usage.tolist(), "router_accuracy": router_acc}

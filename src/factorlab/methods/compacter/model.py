@@ -135,6 +135,15 @@ def _method(config_cls: type[CompacterConfig]) -> Method:
         default_roles=lambda family: config_cls.default_roles,
         build_shared=build_shared,
         extra_modules_to_save=norm_modules,
+        param_kinds=(
+            ("phm_rule", "PHM rule A_i (slow weights)"),
+            ("own_rule", "PHM rule A_i (slow weights)"),
+            ("W_down", "PHM fast weights (shared)"),
+            ("W_up", "PHM fast weights (shared)"),
+            ("own_fast", "PHM fast weights s_i, t_i / B_i"),
+            ("adapter_down", "PHM biases"),
+            ("adapter_up", "PHM biases"),
+        ),
     )
 
 

@@ -96,6 +96,13 @@ LORA = Method(
     in_place_parameters=lora_bias_parameters,
     peft_type="LORA",
     combinable=True,
+    param_kinds=(
+        (".lora_A.", "LoRA A matrices"),
+        (".lora_B.", "LoRA B matrices"),
+        (".lora_embedding_A.", "LoRA A matrices (embeddings)"),
+        (".lora_embedding_B.", "LoRA B matrices (embeddings)"),
+        (".lora_magnitude_vector.", "DoRA magnitudes"),
+    ),
     accepts=lora_accepts,
     accepted_kinds="nn.Linear, Conv1D, nn.Embedding, nn.Conv1d or nn.Conv2d layers",
 )

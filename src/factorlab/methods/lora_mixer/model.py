@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -15,7 +16,14 @@ from factorlab.core.targeting import is_conv1d, layer_index
 from factorlab.errors import ConfigError
 from factorlab.layers.base import AdapterLayer
 from factorlab.layers.lora import adapter_dtype
-from factorlab.layers.mixer import ExpertBank, LoRAMixerLinear, RoutingState, init_router, routing_aux_loss
+from factorlab.layers.mixer import (
+    ROUTINGS,
+    ExpertBank,
+    LoRAMixerLinear,
+    RoutingState,
+    init_router,
+    routing_aux_loss,
+)
 from factorlab.methods.base import WEIGHTS_FOLLOW, Method
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
 
@@ -220,6 +228,18 @@ def default_mixer_roles(family: str | None) -> tuple[str, ...]:
     return ("attn_q", "attn_k", "attn_v", "attn_out")
 
 
+@contextlib.contextmanager
+def mixer_forward(adapted, adapter_name: str, kwargs: dict, record: bool):
+    """Around one forward / generate: hard-route by ``task_ids`` if given, record routing when asked,
+    and yield the routing loss of this call (computed when called, once)."""
+    shared = adapted.shared_adapter_weights[adapter_name]
+    shared.begin_forward(kwargs.pop("task_ids", None), record)
+    try:
+        yield lambda: shared.extra_loss(mixer_layers(adapted, adapter_name), adapter_name)
+    finally:
+        shared.end_forward()
+
+
 LORA_MIXER = Method(
     "lora_mixer",
     LoraMixerConfig,
@@ -227,6 +247,9 @@ LORA_MIXER = Method(
     build_mixer_layer,
     default_mixer_roles,
     build_shared=build_shared,
+    forward_keywords=("task_ids",),
+    forward_context=mixer_forward,
+    param_kinds=((".experts.", "LoRA-Mixer experts (A, B)"), ("router", "LoRA-Mixer routers")),
 )
 
 
@@ -252,7 +275,35 @@ def set_stage(adapted, stage: str, adapter_name: str | None = None) -> None:
         if stage == "all":
             layer.experts[name].snapshot()
     adapted.shared_adapter_weights[name].train_router = "router" in parts
-    adapted._update_trainable()
+    adapted.refresh_trainable()
+
+
+def set_routing(
+    adapted,
+    routing: str,
+    adapter_name: str | None = None,
+    top_k: int | None = None,
+    temperature: float | None = None,
+) -> None:
+    """Choose how the mixer routes from now on: "soft", "topk", "hard" (needs task_ids) or "uniform"
+    (the average-of-experts baseline); optionally a new top_k or router temperature."""
+    if routing not in ROUTINGS:
+        raise ConfigError(f"routing must be one of {ROUTINGS}, got {routing!r}.")
+    name = adapter_name or adapted.active_adapter
+    if name not in adapted.shared_adapter_weights or not isinstance(
+        adapted.shared_adapter_weights[name], MixerShared
+    ):
+        raise ConfigError(f"adapter {name!r} is not a LoRA-Mixer adapter.")
+    state = adapted.shared_adapter_weights[name].routing
+    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= state.num_experts):
+        raise ConfigError(f"top_k must be an integer in 1..{state.num_experts}, got {top_k!r}.")
+    if temperature is not None and not (
+        isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0
+    ):
+        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}.")
+    state.routing = routing
+    state.top_k = top_k if top_k is not None else state.top_k
+    state.temperature = float(temperature) if temperature is not None else state.temperature
 
 
 @torch.no_grad()
