@@ -222,7 +222,7 @@ def test_conv_lora_round_trips_with_peft_and_merges(tmp_path):
 
 
 def test_dora_and_grouped_convolutions_outside_linear_layers_are_refused():
-    with pytest.raises(ConfigError, match="DoRA on embeddings"):
+    with pytest.raises(ConfigError, match="DoRA on Embedding layers"):
         adapt(build("llama"), LoraConfig(target_modules=["embed_tokens"], use_dora=True))
     model = TinyCNN()
     model.conv1 = torch.nn.Conv1d(8, 6, 3, padding=1, groups=2)

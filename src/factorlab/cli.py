@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Annotated
 import typer
 
 from factorlab.errors import ConfigError, FactorlabError, GridCellsFailed
+from factorlab.ocr.train import OCRConfig
 
 app = typer.Typer(
     help="factorlab: factorized adaptation (LoRA, Compacter, LoRA-Mixer) and out-of-context reasoning lab.",
@@ -62,7 +64,16 @@ def _short(text: str, limit: int = 2000) -> str:
     return text if len(text) <= limit else text[:limit] + f"... [{len(text) - limit} more characters]"
 
 
-# Options shared by the OCR commands (defaults = the paper's code).
+# Options shared by the OCR commands; their defaults are OCRConfig's (the paper's code).
+OCR = OCRConfig()
+
+
+def _ocr_config(options: dict) -> OCRConfig:
+    """An OCRConfig from a command's options (those that are OCRConfig fields)."""
+    names = {f.name for f in dataclasses.fields(OCRConfig)}
+    return OCRConfig(**{k: v for k, v in options.items() if k in names})
+
+
 Param = Annotated[str, typer.Option(help="factorized (W_O W_V^T) or combined (one W_OV).")]
 DH = Annotated[
     int | None, typer.Option("--d-h", help="Inner dimension of W_O W_V^T \\[default: d = vocab size].")
@@ -94,44 +105,27 @@ RayAddress = Annotated[
 @ocr_app.command("run")
 @friendly_errors
 def ocr_run(
-    param: Param = "factorized",
-    d_h: DH = None,
-    steps: Steps = 2000,
-    batch_size: BatchSize = 252,
-    lr: LR = 5e-3,
-    weight_decay: WD = 0.03,
-    init: Init = "default",
-    seed: Seed = 42,
-    groups: Groups = 20,
-    subjects_per_group: SubjectsPerGroup = 4,
-    train_fraction: TrainFraction = 0.25,
-    noise_tokens: NoiseTokens = 5,
-    seq_len: SeqLen = 16,
-    association: Association = "causal",
-    eval_every: EvalEvery = None,
+    param: Param = OCR.param,
+    d_h: DH = OCR.d_h,
+    steps: Steps = OCR.steps,
+    batch_size: BatchSize = OCR.batch_size,
+    lr: LR = OCR.lr,
+    weight_decay: WD = OCR.weight_decay,
+    init: Init = OCR.init,
+    seed: Seed = OCR.seed,
+    groups: Groups = OCR.groups,
+    subjects_per_group: SubjectsPerGroup = OCR.subjects_per_group,
+    train_fraction: TrainFraction = OCR.train_fraction,
+    noise_tokens: NoiseTokens = OCR.noise_tokens,
+    seq_len: SeqLen = OCR.seq_len,
+    association: Association = OCR.association,
+    eval_every: EvalEvery = OCR.eval_every,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/ocr-run"),
 ) -> None:
     """Train one model; write OUT/metrics.jsonl, OUT/summary.json and OUT/curves.png."""
-    from factorlab.ocr.train import OCRConfig
     from factorlab.recipes import ocr
 
-    config = OCRConfig(
-        param=param,
-        d_h=d_h,
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        init=init,
-        seed=seed,
-        groups=groups,
-        subjects_per_group=subjects_per_group,
-        train_fraction=train_fraction,
-        noise_tokens=noise_tokens,
-        seq_len=seq_len,
-        association=association,
-        eval_every=eval_every,
-    )
+    config = _ocr_config(locals())
     summary = ocr.run(config, out)
     line = (
         f"{config.label}: train impl acc {summary['train_impl_acc']:.3f}, test impl acc "
@@ -161,19 +155,19 @@ def ocr_sweep(
     ] = "3,4,8,16,32,64,128",
     combined: Annotated[bool, typer.Option(help="Also train the combined W_OV model.")] = True,
     seeds: Annotated[int, typer.Option(help="Seeds per configuration: seed, seed+1, ...")] = 3,
-    seed: Annotated[int, typer.Option(help="First seed.")] = 42,
-    steps: Steps = 20000,
-    batch_size: BatchSize = 252,
-    lr: LR = 5e-3,
-    weight_decay: WD = 0.03,
-    init: Init = "default",
-    groups: Groups = 20,
-    subjects_per_group: SubjectsPerGroup = 4,
-    train_fraction: TrainFraction = 0.25,
-    noise_tokens: NoiseTokens = 5,
-    seq_len: SeqLen = 16,
-    association: Association = "causal",
-    eval_every: EvalEvery = None,
+    seed: Annotated[int, typer.Option(help="First seed.")] = OCR.seed,
+    steps: Steps = 20000,  # the sweep script's length (sweep_rank_attn1_1heads.sh), not OCRConfig's
+    batch_size: BatchSize = OCR.batch_size,
+    lr: LR = OCR.lr,
+    weight_decay: WD = OCR.weight_decay,
+    init: Init = OCR.init,
+    groups: Groups = OCR.groups,
+    subjects_per_group: SubjectsPerGroup = OCR.subjects_per_group,
+    train_fraction: TrainFraction = OCR.train_fraction,
+    noise_tokens: NoiseTokens = OCR.noise_tokens,
+    seq_len: SeqLen = OCR.seq_len,
+    association: Association = OCR.association,
+    eval_every: EvalEvery = OCR.eval_every,
     workers: Workers = None,
     backend: GridBackend = "local",
     address: RayAddress = None,
@@ -182,25 +176,10 @@ def ocr_sweep(
     ),
 ) -> None:
     """Rank sweep over d_h (and combined) x seeds; same-shape runs train as one batched model."""
-    from factorlab.ocr.train import OCRConfig
     from factorlab.recipes import ocr
 
     d_hs = _int_list(d_h, "--d-h", allow_empty=combined)
-    base = OCRConfig(
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        init=init,
-        seed=seed,
-        groups=groups,
-        subjects_per_group=subjects_per_group,
-        train_fraction=train_fraction,
-        noise_tokens=noise_tokens,
-        seq_len=seq_len,
-        association=association,
-        eval_every=eval_every,
-    )
+    base = _ocr_config({k: v for k, v in locals().items() if k != "d_h"})
     for value in d_hs:  # validate every d_h before any training starts
         OCRConfig(**{**base.__dict__, "d_h": value})
     if seeds < 1:

@@ -9,12 +9,8 @@ cell whose worker dies is retried (``retries`` times) in a fresh pool.
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import json
 import multiprocessing as mp
 import os
-import re
 from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -22,51 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from factorlab.cells import SUMMARY, cell_id, load_summary, resolve, run_cell  # noqa: F401  (the grid API)
 from factorlab.errors import ConfigError
-from factorlab.runtime import limit_threads, write_json
-
-SUMMARY = "summary.json"
-
-
-def cell_id(cell: dict[str, Any]) -> str:
-    """A readable, stable folder name: short key=value pairs in key order, plus a hash of the whole
-    cell when a long value (a hash, a path) was left out or the name grew long."""
-    parts = [f"{k}={cell[k]}" for k in sorted(cell) if len(str(cell[k])) <= 16]
-    name = re.sub(r"[^A-Za-z0-9=.,+_-]", "_", ",".join(parts))
-    if len(parts) < len(cell) or len(name) > 160:
-        digest = hashlib.sha1(json.dumps(cell, sort_keys=True).encode()).hexdigest()[:16]
-        name = f"{name[:140]}-{digest}"
-    return name
-
-
-def load_summary(folder: Path, cell: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """A finished cell's summary, or None when it is missing, unreadable, or (given ``cell``) written
-    for another cell: such a summary is recomputed, never reused."""
-    try:
-        summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(summary, dict):
-        return None
-    if cell is not None and summary.get("cell") != json.loads(json.dumps(cell)):
-        return None
-    return summary
-
-
-def resolve(fn_path: str) -> Callable[[dict[str, Any], Path], dict[str, Any]]:
-    module, _, name = fn_path.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def run_cell(fn_path: str, cell: dict[str, Any], folder: str) -> dict[str, Any]:
-    """Run one cell in this process and write its summary atomically; returns the summary."""
-    limit_threads(1)
-    folder_path = Path(folder)
-    folder_path.mkdir(parents=True, exist_ok=True)
-    summary = resolve(fn_path)(cell, folder_path)
-    summary = {**summary, "cell": cell}
-    write_json(folder_path / SUMMARY, summary)
-    return summary
 
 
 @dataclass

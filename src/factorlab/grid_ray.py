@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from factorlab.cells import run_cell
 from factorlab.errors import ConfigError
 
 
@@ -43,8 +44,6 @@ def run_on_ray(
                 log_to_driver=False,
                 runtime_env={"env_vars": env} if env else None,
             )
-    from factorlab.grid import run_cell
-
     task = ray.remote(num_cpus=1, max_retries=0)(run_cell)
     try:
         refs = {task.remote(fn_path, cell, folder): i for i, (cell, folder) in enumerate(jobs)}

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from factorlab.core.io import read_adapter_config, read_adapter_tensors, write_adapter_folder
+from factorlab.adapter_files import read_adapter_config, read_adapter_tensors, write_adapter_folder
 from factorlab.core.targeting import check_called_as_modules, model_family, resolve_targets
 from factorlab.errors import AdapterLoadError, ConfigError, FactorlabError, TargetError
 from factorlab.layers.base import AdapterLayer, copy_state_exact
@@ -40,8 +40,8 @@ from factorlab.methods.base import (
     method_for_peft_type,
     no_forward_state,
 )
+from factorlab.peft_format import HEAD_CLASSES, KEY_PREFIX, task_type_of
 
-KEY_PREFIX = "base_model.model."  # PEFT's key prefix; kept so key names read the same in both
 SHARED_PREFIX = "factorlab_shared."  # weights shared by all layers of an adapter (Compacter's rule)
 TARGETING_FIELDS = ("target_modules", "target_roles", "exclude_modules", "layers_to_transform")
 SAVE_ONLY_KEYS = (
@@ -357,12 +357,24 @@ class AdaptedModel(nn.Module):
           not the weighted sum of the updates, which "cat" and "svd" give);
         * "svd": the weighted sum of the updates, truncated to ``svd_rank`` (default: the largest rank).
         The new adapter's alpha equals its rank (scaling 1), as in PEFT."""
-        from factorlab.methods.lora.combine import combine_lora_adapters
-
         self._require("add_adapter")
         if adapter_name in self.adapter_configs:
             raise ConfigError(f"adapter {adapter_name!r} already exists; pick another name.")
-        combine_lora_adapters(self, adapters, weights, adapter_name, combination_type, svd_rank)
+        unknown = (
+            [a for a in adapters if a not in self.adapter_configs] if isinstance(adapters, list) else adapters
+        )
+        if unknown or not adapters:
+            raise ConfigError(
+                f"adapters must be a non-empty list of {sorted(self.adapter_configs)}, got {adapters!r}."
+            )
+        methods = {get_method(self.adapter_configs[a].method) for a in adapters}
+        method = methods.pop() if len(methods) == 1 else None
+        if method is None or method.combine is None:
+            kinds = sorted({self.adapter_configs[a].method for a in adapters})
+            raise ConfigError(
+                f"add_weighted_adapter combines adapters of one method that supports it (LoRA); got {kinds}."
+            )
+        method.combine(self, adapters, weights, adapter_name, combination_type, svd_rank)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._require("delete_adapter")
@@ -789,20 +801,6 @@ def _peft_methods() -> list:
     from factorlab.methods.base import METHODS
 
     return [m for m in METHODS.values() if m.peft_type is not None]
-
-
-def task_type_of(base: nn.Module) -> str | None:
-    """PEFT's task type for this model class, written to PEFT-format folders when the config has none."""
-    cls = type(base).__name__
-    if cls.endswith("ForCausalLM"):
-        return "CAUSAL_LM"
-    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
-        return "SEQ_2_SEQ_LM"
-    return next((t for suffix, t in HEAD_CLASSES.items() if cls.endswith(suffix)), None)
-
-
-HEAD_CLASSES = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",
-                "ForQuestionAnswering": "QUESTION_ANS"}  # fmt: skip
 
 
 def _warn_untrained_head(base: nn.Module, config: AdapterConfig, trained: list[str]) -> None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from factorlab.errors import TargetError
+from factorlab.layers.shapes import LAYER_PATTERNS, is_conv1d, is_linear, layer_index  # noqa: F401
 
 # role -> regular expression over the full module name, per family (config.model_type)
 _LLAMA_LIKE = {
@@ -83,7 +84,6 @@ ROLE_GROUPS = {
     "ffn": ("ffn_in", "ffn_out"),
     "ssm_in_out": ("ssm_in", "ssm_out"),
 }
-LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
 
 def model_family(model: nn.Module) -> str | None:
@@ -110,27 +110,6 @@ def expand_roles(roles: Sequence[str], family: str | None) -> list[str]:
             if preset[r] not in patterns:
                 patterns.append(preset[r])
     return patterns
-
-
-def is_linear(module: nn.Module) -> bool:
-    """An nn.Linear or Conv1D, or an adapter layer already wrapping one."""
-    base = getattr(module, "base_layer", None)
-    if base is not None and hasattr(module, "adapter_weights"):
-        return is_linear(base)
-    return isinstance(module, nn.Linear) or is_conv1d(module)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's Conv1D (weight stored (in, out)), recognised without importing transformers."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
-
-
-def layer_index(name: str) -> int | None:
-    for pattern in LAYER_PATTERNS:
-        m = re.match(rf"(?:^|.*\.){pattern}\.(\d+)\.", name)
-        if m:
-            return int(m.group(1))
-    return None
 
 
 def _matches(name: str, spec: str | Sequence[str]) -> bool:

@@ -45,60 +45,21 @@ class DoraMagnitude(nn.Module):
 
 
 class LoRALayer(AdapterLayer):
-    """What every LoRA layer is (linear, embedding, convolution): one adapter kind per module."""
+    """What every LoRA layer is (linear, embedding, convolution): ranks, scalings, the checks and the
+    merge rule are here; each kind creates its own weights (``_create``) and says its widths."""
 
-    def _check_rank(self, r: int, widths: tuple[int, int]) -> None:
-        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-            raise ConfigError(f"LoRA rank r must be a positive integer, got {r!r}.")
-        if r > 8 * max(widths):  # a typo, not a rank: refuse before allocating
-            raise ConfigError(
-                f"LoRA rank r={r} far exceeds this {widths[0]} -> {widths[1]} layer's widths; the update "
-                f"has rank <= {min(widths)} anyway. Use a smaller r."
-            )
-
-    @torch.no_grad()
-    def merge(self, names: Iterable[str] | None = None) -> None:
-        weight = self.base_layer.weight
-        for name in self.active_adapters if names is None else names:
-            if name in self.merged_adapters:
-                continue
-            merged = weight.data + self.delta_weight(name).to(weight.dtype)
-            if not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"merging adapter {name!r} would put non-finite values into the base weight."
-                )
-            weight.data = merged
-            self.merged_adapters.append(name)
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        weight = self.base_layer.weight
-        while self.merged_adapters:
-            weight.data -= self.delta_weight(self.merged_adapters.pop()).to(weight.dtype)
-
-    def delta_weight(self, name: str) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class LoRALinear(LoRALayer):
-    adapter_weights = ("lora_A", "lora_B", "lora_magnitude_vector")
     adapter_extras = ("lora_dropout", "scaling", "r")
     can_merge = True
+    supports_dora = False
 
-    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
+    def __init__(self, base_layer: nn.Module):
         super().__init__(base_layer)
-        weight = base_layer.weight
-        self.fan_in_fan_out = fan_in_fan_out
-        self.in_features, self.out_features = (
-            (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
-        )
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
         self.lora_dropout = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
         self.scaling: dict[str, float] = {}
         self.r: dict[str, int] = {}
-        self._dora_norms: dict[str, torch.Tensor] = {}  # row norms at merge time, to unmerge exactly
+
+    def widths(self) -> tuple[int, int]:
+        raise NotImplementedError
 
     def update_layer(
         self,
@@ -111,26 +72,90 @@ class LoRALinear(LoRALayer):
         use_dora: bool = False,
     ) -> None:
         """Add adapter ``name`` of rank ``r`` (init: True/"kaiming" = kaiming-uniform A and zero B,
-        "gaussian" = N(0, 1/r) A and zero B, False = both random, for tests)."""
-        if not isinstance(r, int) or r <= 0:
+        "gaussian" = N(0, 1/r) A and zero B, False = both random, for tests; embeddings: PEFT's)."""
+        widths = self.widths()
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ConfigError(f"LoRA rank r must be a positive integer, got {r!r}.")
-        if r > 8 * max(self.in_features, self.out_features):  # a typo, not a rank: refuse before allocating
+        if r > 8 * max(widths):  # a typo, not a rank: refuse before allocating
             raise ConfigError(
-                f"LoRA rank r={r} far exceeds this {self.in_features} -> {self.out_features} layer's "
-                f"widths; the update B A has rank <= {min(self.in_features, self.out_features)} anyway. "
-                "Use a smaller r."
+                f"LoRA rank r={r} far exceeds this {widths[0]} -> {widths[1]} layer's widths; the update "
+                f"has rank <= {min(widths)} anyway. Use a smaller r."
             )
         if init_lora_weights not in LORA_INITS:
             raise ConfigError(f"init_lora_weights must be one of {LORA_INITS}, got {init_lora_weights!r}.")
         if not 0.0 <= lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {lora_dropout}.")
+        if use_dora and not self.supports_dora:
+            raise ConfigError(
+                f"DoRA on {type(self.base_layer).__name__} layers is not supported by factorlab; target "
+                "linear layers for DoRA."
+            )
         weight = self.base_layer.weight
         factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
-        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
-        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **factory)
         self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
         self.r[name] = r
+        self._create(name, r, init_lora_weights, use_dora, factory)
+
+    def _create(
+        self, name: str, r: int, init_lora_weights: bool | str, use_dora: bool, factory: dict
+    ) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self, names: Iterable[str] | None = None) -> None:
+        weight = self.base_layer.weight
+        for name in self.active_adapters if names is None else names:
+            if name in self.merged_adapters:
+                continue
+            merged = self._merged_weight(name, weight)
+            if not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"merging adapter {name!r} would put non-finite values into the base weight."
+                )
+            weight.data = merged
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        weight = self.base_layer.weight
+        while self.merged_adapters:
+            weight.data = self._unmerged_weight(self.merged_adapters.pop(), weight)
+
+    def _merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight.data + self.delta_weight(name).to(weight.dtype)
+
+    def _unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        return weight.data - self.delta_weight(name).to(weight.dtype)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LoRALinear(LoRALayer):
+    adapter_weights = ("lora_A", "lora_B", "lora_magnitude_vector")
+    supports_dora = True
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        weight = base_layer.weight  # (in, out) when fan_in_fan_out (GPT-2's Conv1D), else (out, in)
+        self.in_features, self.out_features = (
+            (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
+        )
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
+        self._dora_norms: dict[str, torch.Tensor] = {}  # row norms at merge time, to unmerge exactly
+
+    def widths(self) -> tuple[int, int]:
+        return self.in_features, self.out_features
+
+    def _create(
+        self, name: str, r: int, init_lora_weights: bool | str, use_dora: bool, factory: dict
+    ) -> None:
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False, **factory)
         self.reset_lora_parameters(name, init_lora_weights)
         if use_dora:
             self.lora_magnitude_vector[name] = DoraMagnitude(self.out_features, **factory)
@@ -203,38 +228,22 @@ class LoRALinear(LoRALayer):
             result = result + update.to(result.dtype)
         return result
 
-    @torch.no_grad()
-    def merge(self, names: Iterable[str] | None = None) -> None:
-        weight = self.base_layer.weight
-        for name in self.active_adapters if names is None else names:
-            if name in self.merged_adapters:
-                continue
-            if name in self.lora_magnitude_vector:  # W' = m / ||W + dW|| * (W + dW); keep the norm to unmerge
-                norm = self._direction_norm(name)
-                self._dora_norms[name] = norm
-                factor = (self.lora_magnitude_vector[name].weight / norm)[:, None]
-                new = factor * (self._weight_out_in() + self.delta_weight(name, out_in=True))
-                merged = (new.T if self.fan_in_fan_out else new).to(weight.dtype)
-            else:
-                merged = weight.data + self.delta_weight(name).to(weight.dtype)
-            if not torch.isfinite(merged).all():
-                raise ValueError(
-                    f"merging adapter {name!r} would put non-finite values into the base weight."
-                )
-            weight.data = merged
-            self.merged_adapters.append(name)
+    def _merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name not in self.lora_magnitude_vector:
+            return super()._merged_weight(name, weight)
+        # DoRA: W' = m / ||W + dW|| * (W + dW); the norm is kept to unmerge exactly
+        norm = self._direction_norm(name)
+        self._dora_norms[name] = norm
+        factor = (self.lora_magnitude_vector[name].weight / norm)[:, None]
+        new = factor * (self._weight_out_in() + self.delta_weight(name, out_in=True))
+        return (new.T if self.fan_in_fan_out else new).to(weight.dtype)
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        weight = self.base_layer.weight
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name in self.lora_magnitude_vector:
-                factor = (self.lora_magnitude_vector[name].weight / self._dora_norms.pop(name))[:, None]
-                old = self._weight_out_in() / factor - self.delta_weight(name, out_in=True)
-                weight.data = (old.T if self.fan_in_fan_out else old).to(weight.dtype)
-            else:
-                weight.data -= self.delta_weight(name).to(weight.dtype)
+    def _unmerged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        if name not in self.lora_magnitude_vector:
+            return super()._unmerged_weight(name, weight)
+        factor = (self.lora_magnitude_vector[name].weight / self._dora_norms.pop(name))[:, None]
+        old = self._weight_out_in() / factor - self.delta_weight(name, out_in=True)
+        return (old.T if self.fan_in_fan_out else old).to(weight.dtype)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, r={self.r}"
@@ -248,41 +257,26 @@ class LoRAEmbedding(LoRALayer):
     """
 
     adapter_weights = ("lora_embedding_A", "lora_embedding_B")
-    adapter_extras = ("scaling", "r")
-    can_merge = True
 
     def __init__(self, base_layer: nn.Embedding):
         super().__init__(base_layer)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self.scaling: dict[str, float] = {}
-        self.r: dict[str, int] = {}
 
-    def update_layer(
-        self,
-        name: str,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        init_lora_weights: bool | str = True,
-        use_dora: bool = False,
-    ) -> None:
+    def widths(self) -> tuple[int, int]:
         num, dim = self.base_layer.weight.shape
-        self._check_rank(r, (num, dim))
-        if use_dora:
-            raise ConfigError(
-                "DoRA on embeddings is not supported by factorlab; target linear layers for DoRA."
-            )
-        factory = {"device": self.base_layer.weight.device, "dtype": adapter_dtype(self.base_layer.weight)}
+        return num, dim
+
+    def _create(
+        self, name: str, r: int, init_lora_weights: bool | str, use_dora: bool, factory: dict
+    ) -> None:
+        num, dim = self.widths()
         self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, num, **factory))
         self.lora_embedding_B[name] = nn.Parameter(torch.randn(dim, r, **factory))
         if init_lora_weights is not False:
             with torch.no_grad():
                 self.lora_embedding_A[name].zero_()
                 nn.init.normal_(self.lora_embedding_B[name])
-        self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.r[name] = r
 
     # Parameters, not modules, hold the weights: their keys carry no ".weight" (as PEFT saves them).
     def adapter_parameters(self, name: str):
@@ -322,8 +316,6 @@ class LoRAConv(LoRALayer):
     """
 
     adapter_weights = ("lora_A", "lora_B")
-    adapter_extras = ("lora_dropout", "scaling", "r")
-    can_merge = True
 
     def __init__(self, base_layer: nn.Conv1d | nn.Conv2d):
         super().__init__(base_layer)
@@ -337,33 +329,19 @@ class LoRAConv(LoRALayer):
         self.conv = nn.Conv2d if isinstance(base_layer, nn.Conv2d) else nn.Conv1d
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.scaling: dict[str, float] = {}
-        self.r: dict[str, int] = {}
 
-    def update_layer(
-        self,
-        name: str,
-        r: int,
-        lora_alpha: float,
-        lora_dropout: float = 0.0,
-        use_rslora: bool = False,
-        init_lora_weights: bool | str = True,
-        use_dora: bool = False,
+    def widths(self) -> tuple[int, int]:
+        return self.base_layer.in_channels, self.base_layer.out_channels
+
+    def _create(
+        self, name: str, r: int, init_lora_weights: bool | str, use_dora: bool, factory: dict
     ) -> None:
         base = self.base_layer
-        self._check_rank(r, (base.in_channels, base.out_channels))
-        if use_dora:
-            raise ConfigError("DoRA on convolutions is not supported by factorlab; target linear layers.")
-        factory = {"device": base.weight.device, "dtype": adapter_dtype(base.weight)}
         ones = (1,) * len(base.kernel_size)
         self.lora_A[name] = self.conv(
             base.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False, **factory
         )
         self.lora_B[name] = self.conv(r, base.out_channels, ones, ones, bias=False, **factory)
-        self.lora_dropout[name] = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.scaling[name] = lora_alpha / (math.sqrt(r) if use_rslora else r)
-        self.r[name] = r
         with torch.no_grad():
             a, b = self.lora_A[name].weight, self.lora_B[name].weight
             if init_lora_weights == "gaussian":

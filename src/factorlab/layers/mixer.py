@@ -176,8 +176,8 @@ class LoRAMixerLinear(AdapterLayer):
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
         super().__init__(base_layer)
-        weight = base_layer.weight
         self.fan_in_fan_out = fan_in_fan_out
+        weight = base_layer.weight  # (in, out) when fan_in_fan_out (GPT-2's Conv1D), else (out, in)
         self.in_features, self.out_features = (
             (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
         )

@@ -105,6 +105,8 @@ class Method:
     """(substring of a parameter name, what it is) for print_trainable_parameters; first match wins."""
     combinable: bool = False
     """Whether several adapters of the method can be active at once (their updates add up)."""
+    combine: Callable[..., None] | None = None
+    """(adapted, adapters, weights, new name, combination_type, svd_rank) -> None: add_weighted_adapter."""
     peft_type: str | None = None
     """PEFT's name for the method, if PEFT has it: its folders are then written in PEFT's format (the
     config provides ``to_peft_dict`` and reads PEFT's keys in ``from_dict``) and PEFT folders load."""

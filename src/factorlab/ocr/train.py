@@ -25,7 +25,6 @@ from factorlab.errors import ConfigError, TrainingDivergedError
 from factorlab.ocr.model import INITS, PARAMETRIZATIONS, BatchedAttentionOnly
 from factorlab.ocr.task import SPLITS, OCRTaskConfig, OCRWorld
 from factorlab.runtime import generator
-from factorlab.validation import check_fields
 
 OPTIMIZERS = ("adamw", "gd")
 DATA_CHUNK_STEPS = 100  # batches generated per call; fixed so every run's data stream is the same
@@ -33,7 +32,7 @@ EVAL_SAMPLES_PER_SUBJECT = 8
 
 
 @dataclass(frozen=True)
-class OCRConfig:
+class OCRConfig(OCRTaskConfig):
     """One OCR training run. Defaults follow the official code's two scripts (OCR-Theory ``scripts/``):
 
     * both scripts: batch 252, lr 5e-3, weight decay 0.03, 80 names / 20 cities / 20 animals / 5 noise
@@ -55,12 +54,7 @@ class OCRConfig:
     init: str = "default"
     """"default": N(0, 1/d) weights; "identity": the paper's 1e-4 init."""
     seed: int = 42
-    groups: int = 20
-    subjects_per_group: int = 4
-    train_fraction: float = 0.25
-    noise_tokens: int = 5
-    seq_len: int = 16
-    association: str = "causal"
+    # groups, subjects_per_group, train_fraction, noise_tokens, seq_len, association: OCRTaskConfig's
     eval_every: int | None = None
     """Steps between evaluations; None means steps // 50 (at least 1)."""
     fixed_attention: bool = False
@@ -72,8 +66,8 @@ class OCRConfig:
     """Keep W_OV at every evaluation (RunResult.w_ov_history), e.g. for cosine trajectories."""
 
     def __post_init__(self) -> None:
-        check_fields(self)
-        task = self.task  # validates the task fields
+        super().__post_init__()  # the task's fields
+        task = self.task
         if self.param not in PARAMETRIZATIONS:
             raise ConfigError(f"param must be one of {PARAMETRIZATIONS}, got {self.param!r}.")
         if self.init not in INITS:
@@ -104,14 +98,7 @@ class OCRConfig:
 
     @property
     def task(self) -> OCRTaskConfig:
-        return OCRTaskConfig(
-            groups=self.groups,
-            subjects_per_group=self.subjects_per_group,
-            train_fraction=self.train_fraction,
-            noise_tokens=self.noise_tokens,
-            seq_len=self.seq_len,
-            association=self.association,
-        )
+        return OCRTaskConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(OCRTaskConfig)})
 
     @property
     def hidden_dim(self) -> int:

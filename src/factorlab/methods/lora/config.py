@@ -3,22 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from factorlab.errors import ConfigError
 from factorlab.layers.lora import LORA_INITS
 from factorlab.methods.base import AdapterConfig
+from factorlab.peft_format import pattern_value
 from factorlab.validation import check_fields
-
-
-def pattern_value(patterns: dict[str, float], module_name: str, default: float) -> float:
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key that matches the end of the name."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return value
-    return default
 
 
 @dataclass

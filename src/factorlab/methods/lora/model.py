@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from factorlab.core.targeting import is_conv1d, is_linear
 from factorlab.errors import ConfigError
 from factorlab.layers.base import AdapterLayer
 from factorlab.layers.lora import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear
+from factorlab.layers.shapes import is_conv1d, is_linear
 from factorlab.methods.base import Method
+from factorlab.methods.lora.combine import combine_lora_adapters
 from factorlab.methods.lora.config import LoraConfig
 
 
@@ -20,27 +21,21 @@ def build_lora_layer(
     existing: LoRALayer | None,
     shared: nn.Module | None = None,
 ) -> LoRALayer:
-    if isinstance(target, (nn.Embedding, nn.Conv1d, nn.Conv2d)):
-        kind = LoRAEmbedding if isinstance(target, nn.Embedding) else LoRAConv
-        layer = existing if existing is not None else kind(target)
-        layer.update_layer(
-            adapter_name,
-            r=config.rank_for(module_name),
-            lora_alpha=config.alpha_for(module_name),
-            lora_dropout=config.lora_dropout,
-            use_rslora=config.use_rslora,
-            init_lora_weights=config.init_lora_weights,
-            use_dora=config.use_dora,
-        )
-        return layer
-    conv1d = is_conv1d(target)
-    if config.fan_in_fan_out is not None and config.fan_in_fan_out != conv1d:
-        kind = "a Conv1D (weight stored in x out)" if conv1d else "an nn.Linear (weight stored out x in)"
-        raise ConfigError(
-            f"{module_name} is {kind} but fan_in_fan_out={config.fan_in_fan_out}; "
-            "leave fan_in_fan_out=None to detect it per module."
-        )
-    layer = existing if existing is not None else LoRALinear(target, fan_in_fan_out=conv1d)
+    if existing is not None:
+        layer = existing
+    elif isinstance(target, nn.Embedding):
+        layer = LoRAEmbedding(target)
+    elif isinstance(target, (nn.Conv1d, nn.Conv2d)):
+        layer = LoRAConv(target)
+    else:
+        conv1d = is_conv1d(target)
+        if config.fan_in_fan_out is not None and config.fan_in_fan_out != conv1d:
+            kind = "a Conv1D (weight stored in x out)" if conv1d else "an nn.Linear (weight stored out x in)"
+            raise ConfigError(
+                f"{module_name} is {kind} but fan_in_fan_out={config.fan_in_fan_out}; "
+                "leave fan_in_fan_out=None to detect it per module."
+            )
+        layer = LoRALinear(target, fan_in_fan_out=conv1d)
     layer.update_layer(
         adapter_name,
         r=config.rank_for(module_name),
@@ -96,6 +91,7 @@ LORA = Method(
     in_place_parameters=lora_bias_parameters,
     peft_type="LORA",
     combinable=True,
+    combine=combine_lora_adapters,
     param_kinds=(
         (".lora_A.", "LoRA A matrices"),
         (".lora_B.", "LoRA B matrices"),

@@ -139,7 +139,7 @@ class LoraMixerConfig(AdapterConfig):
         Expert names are ``names`` or the folder names. Only the router trains (``freeze_experts``)
         unless kwargs say otherwise. The weights are read when the config is applied with ``adapt``.
         """
-        from factorlab.interop.peft import read_peft_lora
+        from factorlab.peft_format import read_peft_lora
 
         if not folders:
             raise ConfigError("from_peft_adapters needs at least one PEFT LoRA folder.")

@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from factorlab.core.targeting import is_conv1d, layer_index
 from factorlab.errors import ConfigError
 from factorlab.layers.base import AdapterLayer
 from factorlab.layers.lora import adapter_dtype
@@ -24,6 +23,7 @@ from factorlab.layers.mixer import (
     init_router,
     routing_aux_loss,
 )
+from factorlab.layers.shapes import is_conv1d, layer_index, linear_dims
 from factorlab.methods.base import WEIGHTS_FOLLOW, Method
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
 
@@ -79,7 +79,7 @@ class MixerShared(nn.Module):
 
 @functools.lru_cache(maxsize=32)
 def _read_peft(path: str, mtime: float):
-    from factorlab.interop.peft import read_peft_lora
+    from factorlab.peft_format import read_peft_lora
 
     return read_peft_lora(path)
 
@@ -128,10 +128,7 @@ def build_shared(base: nn.Module, config: LoraMixerConfig, names: list[str]) -> 
     for name in names:
         module = base.get_submodule(name)
         module = module.base_layer if isinstance(module, AdapterLayer) else module
-        widths[name] = (
-            module.weight.shape[0] if is_conv1d(module) else module.weight.shape[1],
-            module.weight,
-        )
+        widths[name] = (linear_dims(module)[0], module.weight)
     groups: dict[str, list[str]] = {}
     if config.router_granularity == "layer":
         for name in names:
@@ -165,8 +162,7 @@ def build_shared(base: nn.Module, config: LoraMixerConfig, names: list[str]) -> 
             for module, (a, b) in lora.weights.items():
                 target = base.get_submodule(module)
                 target = target.base_layer if isinstance(target, AdapterLayer) else target
-                w = target.weight
-                in_f, out_f = (w.shape[0], w.shape[1]) if is_conv1d(target) else (w.shape[1], w.shape[0])
+                in_f, out_f = linear_dims(target)
                 if a.shape[1] != in_f or b.shape[0] != out_f:
                     raise ConfigError(
                         f"expert {spec.name!r} ({spec.source}) has LoRA shapes A {tuple(a.shape)}, B "
@@ -326,7 +322,7 @@ def routing_weights_per_sample(adapted, batch: dict, adapter_name: str | None = 
 
 def export_expert_as_peft(adapted, expert: int, path, adapter_name: str | None = None):
     """Write expert ``expert`` alone as a standard PEFT LoRA folder (deployable without factorlab)."""
-    from factorlab.interop.peft import write_peft_lora
+    from factorlab.peft_format import write_peft_lora
 
     name = adapter_name or adapted.active_adapter
     modules = {}
