@@ -371,7 +371,7 @@ def _record(summary: dict[str, Any]) -> dict[str, Any]:
 
 def write_grid_report(out: Path, report, seconds: float, cell_seconds: bool = False) -> dict[str, Any]:
     """results.json, table.{md,csv,json} (mean ± 95% CI over every run), plots and report.md."""
-    from factorlab.recipes import inject_plots
+    from factorlab.inject import plots as inject_plots
 
     records = [_record(s) for s in report.results]
     machines = sorted(

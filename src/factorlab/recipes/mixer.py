@@ -24,403 +24,31 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import random
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
 from factorlab.core.adapted import AdaptedModel, adapt
-from factorlab.distributed import rank, world_size
 from factorlab.errors import ConfigError, GridCellsFailed
 from factorlab.grid import cell_id, run_grid
 from factorlab.methods.lora.config import LoraConfig
-from factorlab.methods.lora_mixer.config import LoraMixerConfig
 from factorlab.methods.lora_mixer.model import (
     export_expert_as_peft,
-    routing_weights_per_sample,
     set_routing,
-    set_stage,
 )
+from factorlab.mixer.config import MixerExperimentConfig, build_base
+from factorlab.mixer.evaluate import accuracy, predict, routing_report  # noqa: F401
+from factorlab.mixer.tasks import Example, GymTasks, SyntheticTasks, make_tasks  # noqa: F401
+from factorlab.mixer.train import collate, train, train_joint, train_router_on_peft  # noqa: F401
 from factorlab.models import resolve_model_path
 from factorlab.progress import StepBars, console
 from factorlab.reporting import Column, aggregate, write_table
 from factorlab.runtime import atomic_write_text, write_json
-from factorlab.training import run_training
-from factorlab.validation import check_fields, check_ranges
-
-# ---- tasks ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Example:
-    prompt: list[int]
-    answer: list[int]
-    task: int
-    meta: Any = None
-
-
-class SyntheticTasks:
-    """Tiny tasks with single-token answers; task k uses its own symbols and its own separator,
-    so the router can tell tasks apart token by token."""
-
-    RULES: ClassVar[dict] = {
-        "first": lambda x: x[:, 0],
-        "last": lambda x: x[:, -1],
-        "max": lambda x: x.max(1).values,
-        "min": lambda x: x.min(1).values,
-        "second": lambda x: x[:, 1],
-        "sum_mod": lambda x: x.sum(1),
-    }
-
-    def __init__(self, names: Sequence[str], symbols: int = 10, length: int = 6):
-        unknown = [n for n in names if n not in self.RULES]
-        if unknown:
-            raise ConfigError(f"unknown synthetic task(s) {unknown}; choose from {sorted(self.RULES)}.")
-        self.names, self.symbols, self.length = list(names), symbols, length
-        self.vocab_size = len(names) * symbols + len(names)  # symbols, then one separator per task
-
-    def examples(self, task: int, n: int, seed: int) -> list[Example]:
-        g = torch.Generator().manual_seed(seed * 1009 + task)
-        x = torch.randint(0, self.symbols, (n, self.length), generator=g)
-        y = self.RULES[self.names[task]](x) % self.symbols
-        offset, sep = task * self.symbols, len(self.names) * self.symbols + task
-        return [Example([*(row + offset).tolist(), sep], [int(a) + offset], task) for row, a in zip(x, y)]
-
-    def score(self, example: Example, predicted: list[int]) -> float:
-        return float(predicted[:1] == example.answer[:1])
-
-
-class GymTasks:
-    """reasoning-gym tasks as prompt -> answer text, graded by each dataset's own scorer."""
-
-    def __init__(self, names: Sequence[str], tokenizer, max_answer_tokens: int = 24):
-        try:
-            import reasoning_gym  # noqa: F401
-        except ImportError:
-            raise ConfigError("the smollm2 preset needs reasoning-gym: pip install reasoning-gym") from None
-        self.names, self.tokenizer, self.max_answer_tokens = list(names), tokenizer, max_answer_tokens
-        self._datasets: dict[tuple[int, int, int], Any] = {}
-
-    def examples(self, task: int, n: int, seed: int) -> list[Example]:
-        import reasoning_gym
-
-        dataset = reasoning_gym.create_dataset(self.names[task], size=n, seed=seed * 1009 + task)
-        self._datasets[(task, seed, n)] = dataset
-        out = []
-        for entry in dataset:
-            prompt = self.tokenizer(f"Question: {entry['question']}\nAnswer:")["input_ids"]
-            answer = self.tokenizer(f" {entry['answer']}")["input_ids"][: self.max_answer_tokens]
-            out.append(Example(prompt, [*answer, self.tokenizer.eos_token_id], task, (dataset, entry)))
-        return out
-
-    def score(self, example: Example, predicted: list[int]) -> float:
-        dataset, entry = example.meta
-        text = self.tokenizer.decode(predicted, skip_special_tokens=True).strip()
-        return float(dataset.score_answer(text, entry) >= 1.0)
-
-
-# ---- batches, training, evaluation ------------------------------------------------------------------
-
-
-def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids / attention_mask / labels (loss on answer tokens only) and task_ids."""
-    width = max(len(e.prompt) + len(e.answer) for e in examples)
-    ids = torch.full((len(examples), width), pad_id)
-    labels = torch.full((len(examples), width), -100)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for i, e in enumerate(examples):
-        seq = e.prompt + e.answer
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-        labels[i, len(e.prompt) : len(seq)] = torch.tensor(e.answer)
-    task_ids = torch.tensor([e.task for e in examples])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task_ids": task_ids}
-
-
-def train(
-    model: nn.Module,
-    data: Sequence[Sequence[Example]],
-    steps: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    hard: bool,
-    pad_id: int,
-    progress=None,
-    checkpoint_dir: str | Path | None = None,
-    checkpoint_every: int = 100,
-) -> list[float]:
-    """AdamW on batches mixed uniformly over tasks. ``hard`` passes the task ids (stage 1).
-
-    Runs unchanged under torchrun / accelerate launch (each global batch is sharded over the
-    ranks, see factorlab.training.lm_loss); with ``checkpoint_dir`` it checkpoints on rank 0 and
-    resumes. Batches are a pure function of (seed, step), so resuming reproduces the same run.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ConfigError("nothing to train: no parameter requires grad.")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    pool = [e for task in data for e in task]
-
-    def batch_for_step(step: int):
-        examples = random.Random(seed * 100_003 + step).sample(pool, min(batch_size, len(pool)))
-        batch = collate(examples[rank() :: world_size()], pad_id)
-        task_ids, labels = batch.pop("task_ids"), batch.pop("labels")
-        return batch, labels, {"task_ids": task_ids} if hard else {}
-
-    return run_training(
-        model,
-        optimizer,
-        steps,
-        batch_for_step,
-        checkpoint_dir,
-        checkpoint_every,
-        progress,
-        context=f"lr={lr}",
-    )
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    examples: Sequence[Example],
-    pad_id: int,
-    task_ids: torch.Tensor | None = None,
-    max_new_tokens: int = 1,
-    batch_size: int = 128,
-) -> list[list[int]]:
-    """Greedy answers. Single-token answers come from one forward; longer ones from generate()."""
-    model.eval()
-    out: list[list[int]] = []
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        kwargs = {} if task_ids is None else {"task_ids": task_ids[start : start + batch_size]}
-        if max_new_tokens == 1:
-            batch = collate([dataclasses.replace(e, answer=[]) for e in chunk], pad_id)
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs
-            ).logits
-            last = batch["attention_mask"].sum(1) - 1
-            out += [[int(t)] for t in logits[torch.arange(len(chunk)), last].argmax(-1)]
-        else:  # left-pad prompts for generation
-            width = max(len(e.prompt) for e in chunk)
-            ids = torch.full((len(chunk), width), pad_id)
-            mask = torch.zeros_like(ids)
-            for i, e in enumerate(chunk):
-                ids[i, width - len(e.prompt) :] = torch.tensor(e.prompt)
-                mask[i, width - len(e.prompt) :] = 1
-            generated = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad_id,
-                **kwargs,
-            )
-            out += [row[width:].tolist() for row in generated]
-    return out
-
-
-def accuracy(
-    model, tasks, examples: Sequence[Example], pad_id: int, hard: bool = False, max_new_tokens: int = 1
-) -> float:
-    task_ids = torch.tensor([e.task for e in examples]) if hard else None
-    predictions = predict(model, examples, pad_id, task_ids, max_new_tokens)
-    return sum(tasks.score(e, p) for e, p in zip(examples, predictions)) / len(examples)
-
-
-# ---- configuration ----------------------------------------------------------------------------------
-
-
-@dataclass
-class MixerExperimentConfig:
-    """One multi-task comparison. Defaults are the quick preset."""
-
-    preset: str = "quick"
-    tasks: list[str] = field(default_factory=lambda: ["first", "last", "max", "min"])
-    model: str = "tiny"
-    """"tiny" (quick preset's random tiny Llama), "smollm2", or a local causal-LM folder."""
-    seeds: list[int] = field(default_factory=lambda: [0])
-    r: int = 2
-    lora_alpha: float = 4
-    target_modules: list[str] | None = None
-    """None: LoRA-Mixer's default, the attention input and output projections (same for the single LoRA)."""
-    lr: float = 3e-3
-    steps: int = 1500
-    """Training steps of the single LoRA and of stage 1 (all experts at once, hard routing)."""
-    router_lr: float = 1e-2
-    router_steps: int = 600
-    router_examples_per_task: int = 500
-    """Size of stage 2's small mixed set, per task."""
-    train_examples_per_task: int = 4000
-    eval_examples_per_task: int = 512
-    batch_size: int = 64
-    top_k: int = 2
-    balance_coef: float = 0.01
-    specialization_coef: float = 0.1
-    max_new_tokens: int = 1
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-        for name in ("tasks", "seeds"):
-            if not getattr(self, name):
-                raise ConfigError(f"give at least one of {name}.")
-        check_ranges(
-            self,
-            positive=(
-                "r",
-                "steps",
-                "router_steps",
-                "router_examples_per_task",
-                "train_examples_per_task",
-                "eval_examples_per_task",
-                "batch_size",
-                "top_k",
-                "max_new_tokens",
-                "lr",
-                "router_lr",
-                "lora_alpha",
-            ),
-            non_negative=("balance_coef", "specialization_coef"),
-        )
-        # Names and paths are checked here, not in a grid worker, so a typo is one line before any work.
-        if self.model == "tiny":
-            SyntheticTasks(self.tasks)
-        else:
-            resolve_model_path(self.model)
-
-    def mixer_config(self) -> LoraMixerConfig:
-        """One expert per task (named after it), soft routing, this experiment's routing loss."""
-        return LoraMixerConfig(
-            experts=[{"name": n, "r": self.r, "lora_alpha": self.lora_alpha} for n in self.tasks],
-            target_modules=self.target_modules,
-            routing="soft",
-            top_k=min(self.top_k, len(self.tasks)),
-            balance_coef=self.balance_coef,
-            specialization_coef=self.specialization_coef,
-        )
-
-    @classmethod
-    def preset_config(cls, name: str, **overrides: Any) -> MixerExperimentConfig:
-        if name == "quick":
-            base = cls()
-        elif name == "smollm2":
-            base = cls(
-                preset="smollm2",
-                model="smollm2",
-                tasks=["basic_arithmetic", "letter_counting", "spell_backward", "caesar_cipher"],
-                r=8,
-                lora_alpha=16,
-                lr=1e-3,
-                steps=400,
-                router_lr=5e-3,
-                router_steps=100,
-                router_examples_per_task=200,
-                train_examples_per_task=1000,
-                eval_examples_per_task=100,
-                batch_size=8,
-                max_new_tokens=16,
-            )
-        else:
-            raise ConfigError(f"unknown preset {name!r}; choose quick or smollm2.")
-        return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
-
-
-def build_base(cfg: MixerExperimentConfig, tasks, seed: int) -> nn.Module:
-    if cfg.model == "tiny":
-        import transformers as tf
-
-        torch.manual_seed(seed)
-        config = tf.LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=tasks.vocab_size,
-            bos_token_id=0,
-            eos_token_id=0,
-            pad_token_id=0,
-        )
-        return tf.LlamaForCausalLM(config).eval()
-    from factorlab.models import load_causal_lm
-
-    return load_causal_lm(cfg.model)[0]
-
-
-def make_tasks(cfg: MixerExperimentConfig):
-    if cfg.model == "tiny":
-        return SyntheticTasks(cfg.tasks), 0
-    from factorlab.models import load_causal_lm
-
-    tokenizer = load_causal_lm(cfg.model)[1]
-    return GymTasks(cfg.tasks, tokenizer), tokenizer.pad_token_id
-
-
-# ---- the two workflows --------------------------------------------------------------------------------
-
-
-def train_joint(
-    model: nn.Module,
-    data: Sequence[Sequence[Example]],
-    mixer: LoraMixerConfig,
-    steps: int,
-    lr: float,
-    router_steps: int,
-    router_lr: float,
-    router_data: Sequence[Sequence[Example]],
-    batch_size: int = 64,
-    seed: int = 0,
-    pad_id: int = 0,
-    progress=None,
-) -> AdaptedModel:
-    """Workflow 1: stage 1 trains expert e on data[e] (hard routing); stage 2 trains the routers
-    (and, with ``preservation_coef > 0``, lightly tunes the experts under the preservation penalty).
-    ``progress(stage, step)`` is called as training advances."""
-    if len(data) != mixer.num_experts:
-        raise ConfigError(f"{len(data)} task datasets for {mixer.num_experts} experts; give one per expert.")
-    report = (lambda stage: lambda s: progress(stage, s)) if progress else (lambda stage: None)
-    adapted = adapt(model, mixer)
-    set_stage(adapted, "experts")
-    train(adapted, data, steps, lr, batch_size, seed, hard=True, pad_id=pad_id, progress=report("experts"))
-    set_stage(adapted, "all" if mixer.preservation_coef > 0 else "router")
-    train(
-        adapted,
-        router_data,
-        router_steps,
-        router_lr,
-        batch_size,
-        seed + 1,
-        hard=False,
-        pad_id=pad_id,
-        progress=report("router"),
-    )
-    return adapted
-
-
-def train_router_on_peft(
-    model: nn.Module,
-    folders: Sequence[str | Path],
-    router_data: Sequence[Sequence[Example]],
-    steps: int,
-    lr: float,
-    batch_size: int = 64,
-    seed: int = 0,
-    pad_id: int = 0,
-    names: list[str] | None = None,
-    **mixer_kwargs: Any,
-) -> AdaptedModel:
-    """Workflow 2: experts from existing PEFT LoRA folders (frozen); only the routers train."""
-    adapted = adapt(model, LoraMixerConfig.from_peft_adapters(list(folders), names, **mixer_kwargs))
-    train(adapted, router_data, steps, lr, batch_size, seed, hard=False, pad_id=pad_id)
-    return adapted
-
 
 # ---- the comparison -------------------------------------------------------------------------------------
 
@@ -464,24 +92,26 @@ def seed_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
         )
         score(single, "single LoRA (mixed data)")
 
-        mixer = adapt(copy.deepcopy(base), cfg.mixer_config())
-        set_stage(mixer, "experts")
-        train(mixer, data, cfg.steps, cfg.lr, cfg.batch_size, seed, True, pad_id, lambda s: bars.update(1, s))
-        score(mixer, "per-task LoRA (oracle)", hard=True)
-        set_routing(mixer, "uniform")
-        score(mixer, "uniform average of experts")
-        set_routing(mixer, "soft")
-        set_stage(mixer, "router")
-        train(
-            mixer,
-            router_data,
+        def score_experts(mixer):
+            score(mixer, "per-task LoRA (oracle)", hard=True)
+            set_routing(mixer, "uniform")
+            score(mixer, "uniform average of experts")
+            set_routing(mixer, "soft")
+
+        mixer = train_joint(
+            copy.deepcopy(base),
+            data,
+            cfg.mixer_config(),
+            cfg.steps,
+            cfg.lr,
             cfg.router_steps,
             cfg.router_lr,
+            router_data,
             cfg.batch_size,
-            seed + 1,
-            False,
+            seed,
             pad_id,
-            lambda s: bars.update(2, s),
+            progress=lambda stage, s: bars.update(1 if stage == "experts" else 2, s),
+            after_experts=score_experts,
         )
     score(mixer, "LoRA-Mixer (soft)")
     usage, router_acc = routing_report(mixer, evals, pad_id)
@@ -542,22 +172,6 @@ def _single_targets(cfg: MixerExperimentConfig, base: nn.Module):
     return resolve_targets(base, None, default_roles=default_mixer_roles(model_family(base)))
 
 
-@torch.no_grad()
-def routing_report(mixer: AdaptedModel, evals: Sequence[Sequence[Example]], pad_id: int):
-    """Mean routing weight per (task, expert) and router accuracy: the share of samples whose most
-    used expert is their own task's expert."""
-    usage, correct, total = [], 0, 0
-    for k, examples in enumerate(evals):
-        batch = collate([dataclasses.replace(e, answer=[]) for e in examples], pad_id)
-        weights = routing_weights_per_sample(
-            mixer, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        )
-        usage.append(weights.mean(0))
-        correct += int((weights.argmax(-1) == k).sum())
-        total += len(examples)
-    return torch.stack(usage), correct / total
-
-
 def _export(out: Path, base: nn.Module, mixer: AdaptedModel, cfg: MixerExperimentConfig) -> None:
     """The base (tiny preset), the trained mixer, and each expert as a standalone PEFT LoRA folder."""
     if cfg.model == "tiny":
@@ -571,7 +185,7 @@ def _export(out: Path, base: nn.Module, mixer: AdaptedModel, cfg: MixerExperimen
 def _write_results(
     out: Path, cfg, records, usage_by_seed, router_acc_by_seed, seconds, grid_line: str = ""
 ) -> dict[str, Any]:
-    from factorlab.recipes import mixer_plots
+    from factorlab.mixer import plots as mixer_plots
 
     write_json(
         out / "results.json",
@@ -714,7 +328,7 @@ def plug(
     seed = cfg.seeds[0]
     from transformers import AutoModelForCausalLM
 
-    from factorlab.models import OFFLINE, resolve_model_path
+    from factorlab.models import OFFLINE
 
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_path), **OFFLINE).eval()
     router_data = [tasks.examples(k, cfg.router_examples_per_task, seed) for k in range(len(cfg.tasks))]
@@ -753,7 +367,7 @@ def plug(
 def _workflow_report(
     out: Path, title: str, cfg, accuracies, usage, router_acc, oracle=None
 ) -> dict[str, Any]:
-    from factorlab.recipes import mixer_plots
+    from factorlab.mixer import plots as mixer_plots
 
     rows = [
         {"task": t, "accuracy": accuracies[t], **({"oracle": oracle[t]} if oracle else {})} for t in cfg.tasks

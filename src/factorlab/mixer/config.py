@@ -1,0 +1,132 @@
+"""One multi-task comparison: its config (with the quick and smollm2 presets) and its base model."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from factorlab.errors import ConfigError
+from factorlab.methods.lora_mixer.config import LoraMixerConfig
+from factorlab.mixer.tasks import SyntheticTasks
+from factorlab.models import resolve_model_path
+from factorlab.validation import check_fields, check_ranges
+
+
+@dataclass
+class MixerExperimentConfig:
+    """One multi-task comparison. Defaults are the quick preset."""
+
+    preset: str = "quick"
+    tasks: list[str] = field(default_factory=lambda: ["first", "last", "max", "min"])
+    model: str = "tiny"
+    """"tiny" (quick preset's random tiny Llama), "smollm2", or a local causal-LM folder."""
+    seeds: list[int] = field(default_factory=lambda: [0])
+    r: int = 2
+    lora_alpha: float = 4
+    target_modules: list[str] | None = None
+    """None: LoRA-Mixer's default, the attention input and output projections (same for the single LoRA)."""
+    lr: float = 3e-3
+    steps: int = 1500
+    """Training steps of the single LoRA and of stage 1 (all experts at once, hard routing)."""
+    router_lr: float = 1e-2
+    router_steps: int = 600
+    router_examples_per_task: int = 500
+    """Size of stage 2's small mixed set, per task."""
+    train_examples_per_task: int = 4000
+    eval_examples_per_task: int = 512
+    batch_size: int = 64
+    top_k: int = 2
+    balance_coef: float = 0.01
+    specialization_coef: float = 0.1
+    max_new_tokens: int = 1
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name in ("tasks", "seeds"):
+            if not getattr(self, name):
+                raise ConfigError(f"give at least one of {name}.")
+        check_ranges(
+            self,
+            positive=(
+                "r",
+                "steps",
+                "router_steps",
+                "router_examples_per_task",
+                "train_examples_per_task",
+                "eval_examples_per_task",
+                "batch_size",
+                "top_k",
+                "max_new_tokens",
+                "lr",
+                "router_lr",
+                "lora_alpha",
+            ),
+            non_negative=("balance_coef", "specialization_coef"),
+        )
+        # Names and paths are checked here, not in a grid worker, so a typo is one line before any work.
+        if self.model == "tiny":
+            SyntheticTasks(self.tasks)
+        else:
+            resolve_model_path(self.model)
+
+    def mixer_config(self) -> LoraMixerConfig:
+        """One expert per task (named after it), soft routing, this experiment's routing loss."""
+        return LoraMixerConfig(
+            experts=[{"name": n, "r": self.r, "lora_alpha": self.lora_alpha} for n in self.tasks],
+            target_modules=self.target_modules,
+            routing="soft",
+            top_k=min(self.top_k, len(self.tasks)),
+            balance_coef=self.balance_coef,
+            specialization_coef=self.specialization_coef,
+        )
+
+    @classmethod
+    def preset_config(cls, name: str, **overrides: Any) -> MixerExperimentConfig:
+        if name == "quick":
+            base = cls()
+        elif name == "smollm2":
+            base = cls(
+                preset="smollm2",
+                model="smollm2",
+                tasks=["basic_arithmetic", "letter_counting", "spell_backward", "caesar_cipher"],
+                r=8,
+                lora_alpha=16,
+                lr=1e-3,
+                steps=400,
+                router_lr=5e-3,
+                router_steps=100,
+                router_examples_per_task=200,
+                train_examples_per_task=1000,
+                eval_examples_per_task=100,
+                batch_size=8,
+                max_new_tokens=16,
+            )
+        else:
+            raise ConfigError(f"unknown preset {name!r}; choose quick or smollm2.")
+        return dataclasses.replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def build_base(cfg: MixerExperimentConfig, tasks, seed: int) -> nn.Module:
+    if cfg.model == "tiny":
+        import transformers as tf
+
+        torch.manual_seed(seed)
+        config = tf.LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=tasks.vocab_size,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+        )
+        return tf.LlamaForCausalLM(config).eval()
+    from factorlab.models import load_causal_lm
+
+    return load_causal_lm(cfg.model)[0]

@@ -1,0 +1,80 @@
+"""Evaluation for the mixer lab: greedy generation with the KV cache, accuracy by each task's scorer,
+and the routing report (usage per task and expert, router accuracy)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from factorlab.core.adapted import AdaptedModel
+from factorlab.methods.lora_mixer.model import routing_weights_per_sample
+from factorlab.mixer.tasks import Example
+from factorlab.mixer.train import collate
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    examples: Sequence[Example],
+    pad_id: int,
+    task_ids: torch.Tensor | None = None,
+    max_new_tokens: int = 1,
+    batch_size: int = 128,
+) -> list[list[int]]:
+    """Greedy answers. Single-token answers come from one forward; longer ones from generate()."""
+    model.eval()
+    out: list[list[int]] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        kwargs = {} if task_ids is None else {"task_ids": task_ids[start : start + batch_size]}
+        if max_new_tokens == 1:
+            batch = collate([dataclasses.replace(e, answer=[]) for e in chunk], pad_id)
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs
+            ).logits
+            last = batch["attention_mask"].sum(1) - 1
+            out += [[int(t)] for t in logits[torch.arange(len(chunk)), last].argmax(-1)]
+        else:  # left-pad prompts for generation
+            width = max(len(e.prompt) for e in chunk)
+            ids = torch.full((len(chunk), width), pad_id)
+            mask = torch.zeros_like(ids)
+            for i, e in enumerate(chunk):
+                ids[i, width - len(e.prompt) :] = torch.tensor(e.prompt)
+                mask[i, width - len(e.prompt) :] = 1
+            generated = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+                **kwargs,
+            )
+            out += [row[width:].tolist() for row in generated]
+    return out
+
+
+def accuracy(
+    model, tasks, examples: Sequence[Example], pad_id: int, hard: bool = False, max_new_tokens: int = 1
+) -> float:
+    task_ids = torch.tensor([e.task for e in examples]) if hard else None
+    predictions = predict(model, examples, pad_id, task_ids, max_new_tokens)
+    return sum(tasks.score(e, p) for e, p in zip(examples, predictions)) / len(examples)
+
+
+@torch.no_grad()
+def routing_report(mixer: AdaptedModel, evals: Sequence[Sequence[Example]], pad_id: int):
+    """Mean routing weight per (task, expert) and router accuracy: the share of samples whose most
+    used expert is their own task's expert."""
+    usage, correct, total = [], 0, 0
+    for k, examples in enumerate(evals):
+        batch = collate([dataclasses.replace(e, answer=[]) for e in examples], pad_id)
+        weights = routing_weights_per_sample(
+            mixer, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        )
+        usage.append(weights.mean(0))
+        correct += int((weights.argmax(-1) == k).sum())
+        total += len(examples)
+    return torch.stack(usage), correct / total

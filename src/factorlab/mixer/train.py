@@ -1,0 +1,137 @@
+"""Training for the mixer lab: batches, the loop wrapper, and the two LoRA-Mixer workflows."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from factorlab.core.adapted import AdaptedModel, adapt
+from factorlab.distributed import rank, world_size
+from factorlab.errors import ConfigError
+from factorlab.methods.lora_mixer.config import LoraMixerConfig
+from factorlab.methods.lora_mixer.model import set_stage
+from factorlab.mixer.tasks import Example
+from factorlab.training import run_training
+
+
+def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids / attention_mask / labels (loss on answer tokens only) and task_ids."""
+    width = max(len(e.prompt) + len(e.answer) for e in examples)
+    ids = torch.full((len(examples), width), pad_id)
+    labels = torch.full((len(examples), width), -100)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        seq = e.prompt + e.answer
+        ids[i, : len(seq)] = torch.tensor(seq)
+        mask[i, : len(seq)] = 1
+        labels[i, len(e.prompt) : len(seq)] = torch.tensor(e.answer)
+    task_ids = torch.tensor([e.task for e in examples])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task_ids": task_ids}
+
+
+def train(
+    model: nn.Module,
+    data: Sequence[Sequence[Example]],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    hard: bool,
+    pad_id: int,
+    progress=None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int = 100,
+) -> list[float]:
+    """AdamW on batches mixed uniformly over tasks. ``hard`` passes the task ids (stage 1).
+
+    Runs unchanged under torchrun / accelerate launch (each global batch is sharded over the
+    ranks, see factorlab.training.lm_loss); with ``checkpoint_dir`` it checkpoints on rank 0 and
+    resumes. Batches are a pure function of (seed, step), so resuming reproduces the same run.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ConfigError("nothing to train: no parameter requires grad.")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    pool = [e for task in data for e in task]
+
+    def batch_for_step(step: int):
+        examples = random.Random(seed * 100_003 + step).sample(pool, min(batch_size, len(pool)))
+        batch = collate(examples[rank() :: world_size()], pad_id)
+        task_ids, labels = batch.pop("task_ids"), batch.pop("labels")
+        return batch, labels, {"task_ids": task_ids} if hard else {}
+
+    return run_training(
+        model,
+        optimizer,
+        steps,
+        batch_for_step,
+        checkpoint_dir,
+        checkpoint_every,
+        progress,
+        context=f"lr={lr}",
+    )
+
+
+def train_joint(
+    model: nn.Module,
+    data: Sequence[Sequence[Example]],
+    mixer: LoraMixerConfig,
+    steps: int,
+    lr: float,
+    router_steps: int,
+    router_lr: float,
+    router_data: Sequence[Sequence[Example]],
+    batch_size: int = 64,
+    seed: int = 0,
+    pad_id: int = 0,
+    progress=None,
+    after_experts=None,
+) -> AdaptedModel:
+    """Workflow 1: stage 1 trains expert e on data[e] (hard routing); stage 2 trains the routers
+    (and, with ``preservation_coef > 0``, lightly tunes the experts under the preservation penalty).
+    ``progress(stage, step)`` is called as training advances; ``after_experts(adapted)`` between the
+    stages (the comparison scores the experts there)."""
+    if len(data) != mixer.num_experts:
+        raise ConfigError(f"{len(data)} task datasets for {mixer.num_experts} experts; give one per expert.")
+    report = (lambda stage: lambda s: progress(stage, s)) if progress else (lambda stage: None)
+    adapted = adapt(model, mixer)
+    set_stage(adapted, "experts")
+    train(adapted, data, steps, lr, batch_size, seed, hard=True, pad_id=pad_id, progress=report("experts"))
+    if after_experts is not None:
+        after_experts(adapted)
+    set_stage(adapted, "all" if mixer.preservation_coef > 0 else "router")
+    train(
+        adapted,
+        router_data,
+        router_steps,
+        router_lr,
+        batch_size,
+        seed + 1,
+        hard=False,
+        pad_id=pad_id,
+        progress=report("router"),
+    )
+    return adapted
+
+
+def train_router_on_peft(
+    model: nn.Module,
+    folders: Sequence[str | Path],
+    router_data: Sequence[Sequence[Example]],
+    steps: int,
+    lr: float,
+    batch_size: int = 64,
+    seed: int = 0,
+    pad_id: int = 0,
+    names: list[str] | None = None,
+    **mixer_kwargs: Any,
+) -> AdaptedModel:
+    """Workflow 2: experts from existing PEFT LoRA folders (frozen); only the routers train."""
+    adapted = adapt(model, LoraMixerConfig.from_peft_adapters(list(folders), names, **mixer_kwargs))
+    train(adapted, router_data, steps, lr, batch_size, seed, hard=False, pad_id=pad_id)
+    return adapted
