@@ -12,6 +12,7 @@ import typer
 
 from factorlab.errors import ConfigError, FactorlabError, GridCellsFailed
 from factorlab.ocr.train import OCRConfig
+from factorlab.recipes.inject import InjectConfig
 
 app = typer.Typer(
     help="factorlab: factorized adaptation (LoRA, Compacter, LoRA-Mixer) and out-of-context reasoning lab.",
@@ -229,7 +230,6 @@ def ocr_theory(
 ) -> None:
     """Solve the nuclear- and Frobenius-norm max-margin programs on a small instance and compare
     them with factorized and combined models trained with attention fixed (Theorem 1), over training."""
-    from factorlab.ocr.train import OCRConfig
     from factorlab.recipes import ocr
 
     defaults = {
@@ -369,6 +369,8 @@ def mixer_plug(
 
 # ---- knowledge injection --------------------------------------------------------------------------
 
+INJECT = InjectConfig()  # the defaults of `inject run` / `inject grid`
+
 InjModel = Annotated[
     str, typer.Option("--model", help="tiny, smollm2, or a local Hugging Face causal-LM folder.")
 ]
@@ -385,23 +387,23 @@ Epochs = Annotated[int | None, typer.Option(help="Epochs over the training texts
 @inject_app.command("run")
 @friendly_errors
 def inject_run(
-    model: InjModel = "tiny",
-    method: Annotated[str, typer.Option(help="full, lora, compacter++ or lora-mixer.")] = "lora",
+    model: InjModel = INJECT.model,
+    method: Annotated[str, typer.Option(help="full, lora, compacter++ or lora-mixer.")] = INJECT.method,
     relation: Annotated[
         str,
         typer.Option(
             help="city-language, city-language-cf, country-code, "
             "profession-color, sport-music, or one from --relations-file."
         ),
-    ] = "city-language",
-    seed: Annotated[int, typer.Option(help="Seed of the world and of training.")] = 0,
-    r: LoraRank = 4,
+    ] = INJECT.relation,
+    seed: Annotated[int, typer.Option(help="Seed of the world and of training.")] = INJECT.seed,
+    r: LoraRank = INJECT.r,
     lr: InjLR = None,
     epochs: Epochs = None,
     relations_file: RelationsFile = None,
     pretrain_seed: Annotated[
         int, typer.Option(help="Tiny backend: which pretrained model (seed 0 ships with factorlab).")
-    ] = 0,
+    ] = INJECT.pretrain_seed,
     save_adapter: Annotated[
         bool, typer.Option(help="Also write the trained adapter (full: the model) to OUT/adapter.")
     ] = False,
@@ -446,13 +448,13 @@ def inject_run(
 @inject_app.command("grid")
 @friendly_errors
 def inject_grid(
-    model: InjModel = "tiny",
+    model: InjModel = INJECT.model,
     relations: Annotated[
         str, typer.Option(help="Comma-separated relations.")
     ] = "city-language,city-language-cf,country-code,profession-color,sport-music",
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "full,lora,compacter++",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0,1,2",
-    r: LoraRank = 4,
+    r: LoraRank = INJECT.r,
     rank_sweep: Annotated[
         str, typer.Option(help="Extra LoRA ranks, e.g. 1,2,4,8,16,32,64 (empty: none).")
     ] = "",
