@@ -27,8 +27,23 @@ from torch import nn
 
 from factorlab.errors import ConfigError
 from factorlab.layers.base import AdapterLayer, copy_state_exact
+from factorlab.layers.shapes import weight_dims
 
 LORA_INITS = (True, False, "kaiming", "gaussian")
+
+
+@torch.no_grad()
+def init_lora_pair(a: torch.Tensor, b: torch.Tensor, init_lora_weights: bool | str, r: int) -> None:
+    """PEFT's init: True/"kaiming" = kaiming-uniform A and zero B, "gaussian" = N(0, 1/r) A and zero
+    B (both start as the base model), False = both random (for tests)."""
+    if init_lora_weights == "gaussian":
+        nn.init.normal_(a, std=1 / r)
+    else:
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    if init_lora_weights is False:
+        nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+    else:
+        nn.init.zeros_(b)
 
 
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -139,10 +154,7 @@ class LoRALinear(LoRALayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        weight = base_layer.weight  # (in, out) when fan_in_fan_out (GPT-2's Conv1D), else (out, in)
-        self.in_features, self.out_features = (
-            (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
-        )
+        self.in_features, self.out_features = weight_dims(base_layer.weight, fan_in_fan_out)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only
@@ -165,14 +177,7 @@ class LoRALinear(LoRALayer):
     @torch.no_grad()
     def reset_lora_parameters(self, name: str, init_lora_weights: bool | str = True) -> None:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        if init_lora_weights == "gaussian":
-            nn.init.normal_(a, std=1 / self.r[name])
-        else:
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-        if init_lora_weights is False:
-            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-        else:
-            nn.init.zeros_(b)
+        init_lora_pair(a, b, init_lora_weights, self.r[name])
 
     def _weight_out_in(self) -> torch.Tensor:
         weight = self.base_layer.weight
@@ -343,15 +348,7 @@ class LoRAConv(LoRALayer):
         )
         self.lora_B[name] = self.conv(r, base.out_channels, ones, ones, bias=False, **factory)
         with torch.no_grad():
-            a, b = self.lora_A[name].weight, self.lora_B[name].weight
-            if init_lora_weights == "gaussian":
-                nn.init.normal_(a, std=1 / r)
-            else:
-                nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            if init_lora_weights is False:
-                nn.init.kaiming_uniform_(b, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(b)
+            init_lora_pair(self.lora_A[name].weight, self.lora_B[name].weight, init_lora_weights, r)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """s * (B composed with A) as one kernel of the base's shape (out, in, *kernel)."""

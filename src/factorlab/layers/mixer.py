@@ -31,7 +31,8 @@ from torch import nn
 
 from factorlab.errors import ConfigError
 from factorlab.layers.base import AdapterLayer
-from factorlab.layers.lora import adapter_dtype
+from factorlab.layers.lora import adapter_dtype, init_lora_pair
+from factorlab.layers.shapes import weight_dims
 
 ROUTINGS = ("hard", "soft", "topk", "uniform")
 
@@ -121,12 +122,7 @@ class ExpertBank(nn.Module):
         with torch.no_grad():
             for e, r in enumerate(ranks):
                 if r:
-                    if init_lora_weights == "gaussian":
-                        nn.init.normal_(self.A[e, :r], std=1 / r)
-                    else:
-                        nn.init.kaiming_uniform_(self.A[e, :r], a=math.sqrt(5))
-                    if init_lora_weights is False:
-                        nn.init.kaiming_uniform_(self.B[e, :, :r], a=math.sqrt(5))
+                    init_lora_pair(self.A[e, :r], self.B[e, :, :r], init_lora_weights, r)
 
     @torch.no_grad()
     def set_expert(self, expert: int, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
@@ -177,10 +173,7 @@ class LoRAMixerLinear(AdapterLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False):
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        weight = base_layer.weight  # (in, out) when fan_in_fan_out (GPT-2's Conv1D), else (out, in)
-        self.in_features, self.out_features = (
-            (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
-        )
+        self.in_features, self.out_features = weight_dims(base_layer.weight, fan_in_fan_out)
         self.experts = nn.ModuleDict()
         self.router = nn.ModuleDict()  # own routers; shared ones are referenced in _shared_routers
         self._shared_routers: dict[str, nn.Module] = {}

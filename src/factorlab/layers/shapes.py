@@ -23,10 +23,14 @@ def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
+def weight_dims(weight, fan_in_fan_out: bool) -> tuple[int, int]:
+    """(in_features, out_features) of a weight stored (out, in), or (in, out) when fan_in_fan_out."""
+    return (weight.shape[0], weight.shape[1]) if fan_in_fan_out else (weight.shape[1], weight.shape[0])
+
+
 def linear_dims(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of an nn.Linear or a Conv1D (whose weight is stored (in, out))."""
-    weight = module.weight
-    return (weight.shape[0], weight.shape[1]) if is_conv1d(module) else (weight.shape[1], weight.shape[0])
+    return weight_dims(module.weight, is_conv1d(module))
 
 
 def layer_index(name: str) -> int | None:
