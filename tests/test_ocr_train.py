@@ -132,3 +132,45 @@ def test_divergence_stops_training_instead_of_continuing_with_nans():
 def test_bad_run_configs_fail_fast(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         OCRConfig(**kwargs)
+
+
+def test_fused_adamw_equals_torch_adamw_bit_for_bit():
+    from factorlab.ocr.train import FusedAdamW
+
+    torch.manual_seed(0)
+    ours = [torch.randn(3, 5, 4, requires_grad=True), torch.randn(3, 7, requires_grad=True)]
+    theirs = [p.detach().clone().requires_grad_(True) for p in ours]
+    fused = FusedAdamW(ours, lr=5e-3, weight_decay=0.03)
+    reference = torch.optim.AdamW(theirs, lr=5e-3, weight_decay=0.03, fused=True)
+    for _ in range(25):
+        grads = [torch.randn_like(p) for p in ours]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        fused.step()
+        reference.step()
+    assert all(torch.equal(p, q) for p, q in zip(ours, theirs))
+
+
+@pytest.mark.parametrize(
+    ("param", "d_h", "fixed"), [("factorized", 8, False), ("combined", 128, False), ("factorized", 128, True)]
+)
+def test_hand_written_gradients_equal_autograd(param, d_h, fixed):
+    import torch.nn.functional as F
+
+    from factorlab.ocr.model import BatchedAttentionOnly
+
+    torch.manual_seed(0)
+    attention = torch.tensor([1, 2, 3]) if fixed else None
+    model = BatchedAttentionOnly(128, param, d_h, [1, 2, 3], "default", attention)
+    tokens, labels = torch.randint(0, 128, (3, 252, 16)), torch.randint(0, 128, (3, 252))
+    loss = (
+        F.cross_entropy(model(tokens).flatten(0, 1), labels.flatten(), reduction="none").view(3, -1).mean(1)
+    )
+    loss.sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    for p in model.parameters():
+        p.grad = None
+    torch.testing.assert_close(model.loss_and_grads(tokens, labels), loss.detach())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7)

@@ -104,6 +104,48 @@ class BatchedAttentionOnly(nn.Module):
             return torch.bmm(torch.bmm(bag, self.w_v), self.w_o.transpose(1, 2))  # W_O W_V^T X^T a
         return torch.bmm(bag, self.w_ov.transpose(1, 2))  # W_OV X^T a
 
+    @torch.no_grad()
+    def loss_and_grads(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One training step's work without autograd: each run's mean cross-entropy (R,) and, in every
+        trainable parameter's ``.grad``, the gradient of their sum. The same operations as ``forward``
+        and its backward, written out, so a step is a dozen kernels and no graph.
+
+            scores a[r,b,t] = W_KQ[r, x_t, x_T]          bag = X^T a  (scatter-add, (R, B, d))
+            factorized: h = bag W_V, logits = h W_O^T     combined: logits = bag W_OV^T
+            g = (softmax(logits) - onehot(label)) / B     (dL/dlogits)
+            dW_O = g^T h, dh = g W_O, dW_V = bag^T dh, dbag = dh W_V^T   (combined: dW_OV = g^T bag,
+            dbag = g W_OV); da[r,b,t] = dbag[r,b,x_t]; dW_KQ[r, x_t, x_T] += da[r,b,t]
+        """
+        R, B, _ = tokens.shape
+        d = self.vocab_size
+        last = tokens[:, :, -1:]  # (R, B, 1)
+        kq_index = torch.arange(R).view(R, 1, 1) * (d * d) + tokens * d + last  # flat W_KQ[r, x_t, x_T]
+        scores = self.w_kq.reshape(-1)[kq_index]  # (R, B, T)
+        bag = torch.zeros(R, B, d, dtype=scores.dtype).scatter_add_(2, tokens, scores)
+        if self.param == "factorized":
+            h = torch.bmm(bag, self.w_v)  # (R, B, d_h)
+            logits = torch.bmm(h, self.w_o.transpose(1, 2))
+        else:
+            logits = torch.bmm(bag, self.w_ov.transpose(1, 2))
+        g = logits.softmax(-1)  # (R, B, d); becomes dL/dlogits below
+        per_run = -g.gather(2, labels.unsqueeze(-1)).squeeze(-1).log().mean(1)
+        g = g.scatter_add_(2, labels.unsqueeze(-1), torch.full((R, B, 1), -1.0)).div_(B)
+        if self.param == "factorized":
+            self.w_o.grad = torch.bmm(g.transpose(1, 2), h)
+            dh = torch.bmm(g, self.w_o)
+            self.w_v.grad = torch.bmm(bag.transpose(1, 2), dh)
+            dbag = torch.bmm(dh, self.w_v.transpose(1, 2))
+        else:
+            self.w_ov.grad = torch.bmm(g.transpose(1, 2), bag)
+            dbag = torch.bmm(g, self.w_ov)
+        if self.w_kq.requires_grad:
+            dscores = dbag.gather(2, tokens)
+            grad = torch.zeros(R * d * d, dtype=dscores.dtype).index_add_(
+                0, kq_index.flatten(), dscores.flatten()
+            )
+            self.w_kq.grad = grad.view(R, d, d)
+        return per_run
+
     def effective_w_ov(self) -> torch.Tensor:
         """The output-value matrix each run computes with, (R, d, d)."""
         if self.param == "factorized":
