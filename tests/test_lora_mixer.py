@@ -277,7 +277,7 @@ def test_stages_choose_what_trains():
     batch = inputs("llama")
     loss_before = adapted(**batch, labels=batch["input_ids"]).loss
     shared = adapted.shared_adapter_weights["default"]
-    shared.coefs = (0.0, 0.0, 1.0)  # preservation only
+    shared.coefs = (0.0, 0.0, 1.0, 0.0)  # preservation only
     with torch.no_grad():
         for _, layer in adapted.adapter_layers():
             layer.experts["default"].A.add_(0.1)

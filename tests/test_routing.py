@@ -199,3 +199,23 @@ def test_hallucination_rate_counts_only_subjects_whose_truth_differs_from_the_gr
     row = _evaluate(Model(), torch.zeros(6, 1, dtype=torch.long), [ev])[0]
     assert row["hallucination_rate"] == 0.25  # 1 of the 4 subjects whose truth differs
     assert row["group_impl_rate"] == 0.5
+
+
+def test_supervised_routing_term_is_the_cross_entropy_to_the_labels():
+    from factorlab.layers.mixer import routing_label_loss
+
+    g = torch.Generator().manual_seed(0)
+    E, batch, tokens = 3, 2, 4
+    probs = torch.softmax(torch.randn(batch * tokens, E, generator=g, dtype=torch.float64), -1)
+    state = RoutingState(E, "soft", task_labels=torch.tensor([2, 0]))
+    state.records = [(probs, probs, tokens), (None, probs, tokens)]  # a call without a router is skipped
+    per_sample = probs.view(batch, tokens, E).mean(1)
+    expected = -(math.log(per_sample[0, 2]) + math.log(per_sample[1, 0])) / 2
+    assert math.isclose(float(routing_label_loss(state)), expected, rel_tol=1e-12)
+    adapted = mixer("soft", route_label_coef=1.0, balance_coef=0.0, specialization_coef=0.0)
+    adapted.train()
+    batch_inputs = inputs("llama")
+    adapted(**batch_inputs, task_labels=torch.tensor([1, 2]))
+    with_labels = float(adapted.last_aux_loss)
+    adapted(**batch_inputs)
+    assert with_labels > 0 and float(adapted.last_aux_loss) == 0.0  # labels only act when given

@@ -262,6 +262,13 @@ Model = Annotated[
 Rank = Annotated[int | None, typer.Option("--r", help="Rank of the single LoRA and of every expert.")]
 ExpertSteps = Annotated[int | None, typer.Option(help="Steps of the single LoRA and of stage 1.")]
 RouterSteps = Annotated[int | None, typer.Option(help="Router training steps (stage 2).")]
+RouteLabelCoef = Annotated[
+    float | None,
+    typer.Option(
+        help="Ours, not the paper's: weight of the supervised routing term (cross-entropy of the router "
+        "to each sample's task label) while the routers train \\[default: 0, the paper's losses only]."
+    ),
+]
 
 
 def _mixer_config(
@@ -272,12 +279,20 @@ def _mixer_config(
     steps: int | None,
     router_steps: int | None,
     seeds: list[int],
+    route_label_coef: float | None = None,
 ):
     from factorlab.recipes.mixer import MixerExperimentConfig
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
     return MixerExperimentConfig.preset_config(
-        preset, tasks=task_list, model=model, r=r, steps=steps, router_steps=router_steps, seeds=seeds
+        preset,
+        tasks=task_list,
+        model=model,
+        r=r,
+        steps=steps,
+        router_steps=router_steps,
+        seeds=seeds,
+        route_label_coef=route_label_coef,
     )
 
 
@@ -290,6 +305,7 @@ def mixer_run(
     r: Rank = None,
     steps: ExpertSteps = None,
     router_steps: RouterSteps = None,
+    route_label_coef: RouteLabelCoef = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
     workers: Annotated[
         int, typer.Option(help="Parallel seeds (1: in this process, with progress bars).")
@@ -302,7 +318,7 @@ def mixer_run(
     experts and LoRA-Mixer, per task and seed; report routing usage and router accuracy."""
     from factorlab.recipes.mixer import run_experiment
 
-    cfg = _mixer_config(preset, tasks, model, r, steps, router_steps, _int_list(seeds))
+    cfg = _mixer_config(preset, tasks, model, r, steps, router_steps, _int_list(seeds), route_label_coef)
     result = run_experiment(cfg, out, workers=workers, backend=backend, address=address)
     typer.echo((out / "table.md").read_text())
     typer.echo(f"router accuracy {result['router_accuracy']:.3f}; {result['verdict']}")
@@ -318,13 +334,14 @@ def mixer_train(
     r: Rank = None,
     steps: ExpertSteps = None,
     router_steps: RouterSteps = None,
+    route_label_coef: RouteLabelCoef = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/mixer-train"),
 ) -> None:
     """Joint workflow: stage 1 trains one expert per task (hard routing), stage 2 the routers."""
     from factorlab.recipes.mixer import joint
 
-    result = joint(_mixer_config(preset, tasks, model, r, steps, router_steps, [seed]), out)
+    result = joint(_mixer_config(preset, tasks, model, r, steps, router_steps, [seed], route_label_coef), out)
     typer.echo((out / "table.md").read_text())
     typer.echo(f"router accuracy {result['router_accuracy']:.3f}")
     typer.echo(f"wrote {out}/report.md, mixer/ (factorlab adapter), experts/<task>/ (PEFT LoRA), base/")
@@ -340,6 +357,7 @@ def mixer_plug(
         str | None, typer.Option(help="Task of each adapter, same order \\[default: folder names].")
     ] = None,
     router_steps: RouterSteps = None,
+    route_label_coef: RouteLabelCoef = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/mixer-plug"),
 ) -> None:
@@ -352,13 +370,22 @@ def mixer_plug(
     task_names = tasks or ",".join(f.name for f in folders)
     saved = base / "factorlab_tasks.json"
     cfg = _mixer_config(
-        preset, task_names, str(base) if preset != "quick" else None, None, None, router_steps, [seed]
+        preset,
+        task_names,
+        str(base) if preset != "quick" else None,
+        None,
+        None,
+        router_steps,
+        [seed],
+        route_label_coef,
     )
     if preset == "quick" and saved.exists():  # the tiny preset's vocabulary depends on the full task list
         trained = json.loads(saved.read_text())["tasks"]
         if sorted(trained) != sorted(cfg.tasks):
             raise typer.BadParameter(f"the base was trained with tasks {trained}; adapters give {cfg.tasks}.")
-        cfg = _mixer_config(preset, ",".join(trained), None, None, None, router_steps, [seed])
+        cfg = _mixer_config(
+            preset, ",".join(trained), None, None, None, router_steps, [seed], route_label_coef
+        )
         by_task = dict(zip(task_names.split(","), folders))
         folders = [by_task[t] for t in trained]
     result = plug(cfg, base, folders, out)

@@ -46,6 +46,7 @@ class RoutingState:
     top_k: int = 2
     temperature: float = 1.0
     task_ids: torch.Tensor | None = None  # (batch,) for hard routing
+    task_labels: torch.Tensor | None = None  # (batch,) to supervise soft routing (route_label_coef)
     record: bool = False  # keep this forward's routing (aux loss, inspection)
     # one entry per mixer-layer call: router probabilities (None without a router), weights used,
     # and tokens per sample (to map rows back to samples)
@@ -239,6 +240,20 @@ class LoRAMixerLinear(AdapterLayer):
             delta = experts(flat, weights).view(*lead, self.out_features)
             result = result + delta.to(result.dtype)
         return result
+
+
+def routing_label_loss(state: RoutingState) -> torch.Tensor:
+    """Ours: mean over the recorded router calls of CE(each sample's router probabilities averaged
+    over its tokens, the sample's task label). Zero without labels or routers."""
+    labels = state.task_labels
+    with_router = [(p, tokens) for p, _, tokens in state.records if p is not None]
+    if labels is None or not with_router:
+        return torch.zeros(())
+    total = torch.zeros((), device=with_router[0][0].device)
+    for p, tokens in with_router:
+        per_sample = p.view(-1, tokens, p.shape[-1]).mean(1)  # (batch, E)
+        total = total - per_sample.clamp_min(1e-12).log().gather(1, labels.view(-1, 1)).mean()
+    return total / len(with_router)
 
 
 def routing_aux_loss(state: RoutingState, balance: float, specialization: float) -> torch.Tensor:

@@ -42,6 +42,8 @@ class MixerExperimentConfig:
     top_k: int = 2
     balance_coef: float = 0.01
     specialization_coef: float = 0.1
+    route_label_coef: float = 0.0
+    """Ours: the supervised routing term while the routers train (0: the paper's losses only)."""
     max_new_tokens: int = 1
 
     def __post_init__(self) -> None:
@@ -65,7 +67,7 @@ class MixerExperimentConfig:
                 "router_lr",
                 "lora_alpha",
             ),
-            non_negative=("balance_coef", "specialization_coef"),
+            non_negative=("balance_coef", "specialization_coef", "route_label_coef"),
         )
         # Names and paths are checked here, not in a grid worker, so a typo is one line before any work.
         if self.model == "tiny":
@@ -82,6 +84,7 @@ class MixerExperimentConfig:
             top_k=min(self.top_k, len(self.tasks)),
             balance_coef=self.balance_coef,
             specialization_coef=self.specialization_coef,
+            route_label_coef=self.route_label_coef,
         )
 
     @classmethod

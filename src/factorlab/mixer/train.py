@@ -46,8 +46,10 @@ def train(
     progress=None,
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 100,
+    supervise_routing: bool = False,
 ) -> list[float]:
-    """AdamW on batches mixed uniformly over tasks. ``hard`` passes the task ids (stage 1).
+    """AdamW on batches mixed uniformly over tasks. ``hard`` passes the task ids (stage 1);
+    ``supervise_routing`` passes them as ``task_labels`` for the supervised routing term instead.
 
     Runs unchanged under torchrun / accelerate launch (each global batch is sharded over the
     ranks, see factorlab.training.lm_loss); with ``checkpoint_dir`` it checkpoints on rank 0 and
@@ -63,7 +65,9 @@ def train(
         examples = random.Random(seed * 100_003 + step).sample(pool, min(batch_size, len(pool)))
         batch = collate(examples[rank() :: world_size()], pad_id)
         task_ids, labels = batch.pop("task_ids"), batch.pop("labels")
-        return batch, labels, {"task_ids": task_ids} if hard else {}
+        if hard:
+            return batch, labels, {"task_ids": task_ids}
+        return batch, labels, {"task_labels": task_ids} if supervise_routing else {}
 
     return run_training(
         model,
@@ -115,6 +119,7 @@ def train_joint(
         hard=False,
         pad_id=pad_id,
         progress=report("router"),
+        supervise_routing=mixer.route_label_coef > 0,
     )
     return adapted
 
@@ -132,6 +137,8 @@ def train_router_on_peft(
     **mixer_kwargs: Any,
 ) -> AdaptedModel:
     """Workflow 2: experts from existing PEFT LoRA folders (frozen); only the routers train."""
-    adapted = adapt(model, LoraMixerConfig.from_peft_adapters(list(folders), names, **mixer_kwargs))
-    train(adapted, router_data, steps, lr, batch_size, seed, hard=False, pad_id=pad_id)
+    config = LoraMixerConfig.from_peft_adapters(list(folders), names, **mixer_kwargs)
+    adapted = adapt(model, config)
+    supervise = config.route_label_coef > 0
+    train(adapted, router_data, steps, lr, batch_size, seed, False, pad_id, supervise_routing=supervise)
     return adapted

@@ -333,6 +333,7 @@ def plug(
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_path), **OFFLINE).eval()
     router_data = [tasks.examples(k, cfg.router_examples_per_task, seed) for k in range(len(cfg.tasks))]
     evals = [tasks.examples(k, cfg.eval_examples_per_task, 10_000 + seed) for k in range(len(cfg.tasks))]
+    torch.manual_seed(seed)  # the routers' init: the same run whatever ran before in this process
     with console.status("training the routers"):
         adapted = train_router_on_peft(
             base,
@@ -348,6 +349,7 @@ def plug(
             top_k=min(cfg.top_k, len(cfg.tasks)),
             balance_coef=cfg.balance_coef,
             specialization_coef=cfg.specialization_coef,
+            route_label_coef=cfg.route_label_coef,
         )
     adapted.save_pretrained(out / "mixer")
     accuracies = {

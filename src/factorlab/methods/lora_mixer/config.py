@@ -14,6 +14,11 @@ Choices the paper leaves open, made here and documented:
 * A projection an expert does not adapt (plug-and-play experts with different target modules)
   contributes nothing for that expert; routers still score all experts.
 * Passing ``task_ids`` to forward/generate routes hard for that call whatever ``routing`` says.
+* Ours, not the paper's: ``route_label_coef * CE(router, task label)``. When task labels exist
+  (plug-and-play on labelled data), passing ``task_labels`` (one per sample) to forward adds the
+  cross-entropy of each sample's mean router probabilities (over its tokens) to its task's expert,
+  averaged over the routed projections; the routing itself stays soft. 0 (default): the paper's
+  losses only.
 """
 
 from __future__ import annotations
@@ -77,6 +82,8 @@ class LoraMixerConfig(AdapterConfig):
     """lambda of the per-token routing-entropy term (minimised: confident routing)."""
     preservation_coef: float = 0.0
     """beta of the preservation penalty sum ||theta - theta_0||^2 (stage 2)."""
+    route_label_coef: float = 0.0
+    """Ours: weight of the supervised routing term (needs ``task_labels`` in forward; see above)."""
     freeze_experts: bool = False
     """Train only the routers (plug-and-play with existing LoRA adapters)."""
     init_lora_weights: bool | str = True
@@ -109,7 +116,7 @@ class LoraMixerConfig(AdapterConfig):
             raise ConfigError(
                 f"router_granularity must be one of {GRANULARITIES}, got {self.router_granularity!r}."
             )
-        for name in ("balance_coef", "specialization_coef", "preservation_coef"):
+        for name in ("balance_coef", "specialization_coef", "preservation_coef", "route_label_coef"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
 

@@ -22,6 +22,7 @@ from factorlab.layers.mixer import (
     RoutingState,
     init_router,
     routing_aux_loss,
+    routing_label_loss,
 )
 from factorlab.layers.shapes import is_conv1d, layer_index, linear_dims
 from factorlab.methods.base import WEIGHTS_FOLLOW, Method
@@ -39,39 +40,54 @@ class MixerShared(nn.Module):
         self.routers = nn.ModuleDict()
         self.routing = RoutingState(config.num_experts, config.routing, config.top_k, config.temperature)
         self.expert_names = config.expert_names()
-        self.coefs = (config.balance_coef, config.specialization_coef, config.preservation_coef)
+        self.coefs = (
+            config.balance_coef,
+            config.specialization_coef,
+            config.preservation_coef,
+            config.route_label_coef,
+        )
         self.train_router = True
 
     def trainable_parameters(self):
         return self.routers.parameters() if self.train_router else iter(())
 
     # -- called by AdaptedModel around every forward / generate ---------------------------------
-    def begin_forward(self, task_ids: torch.Tensor | None, record: bool) -> None:
+    def begin_forward(
+        self, task_ids: torch.Tensor | None, record: bool, task_labels: torch.Tensor | None = None
+    ) -> None:
+        self.routing.task_labels = (
+            self._check_ids(task_labels, "task_labels") if task_labels is not None else None
+        )
         if task_ids is not None:
-            task_ids = torch.as_tensor(task_ids)
-            if task_ids.dtype not in (torch.int64, torch.int32) or task_ids.dim() != 1:
-                raise ConfigError(
-                    f"task_ids must be a 1-D integer tensor (one id per sample), got "
-                    f"{task_ids.dtype} of shape {tuple(task_ids.shape)}."
-                )
-            E = self.routing.num_experts
-            bad = task_ids[(task_ids < 0) | (task_ids >= E)]
-            if len(bad):
-                raise ConfigError(
-                    f"task id {int(bad[0])} is outside 0..{E - 1}; this adapter's experts are "
-                    f"{dict(enumerate(self.expert_names))}."
-                )
-            task_ids = task_ids.long()
+            task_ids = self._check_ids(task_ids, "task_ids")
         self.routing.task_ids = task_ids
-        self.routing.record = record
+        self.routing.record = record or task_labels is not None
         self.routing.clear()
 
+    def _check_ids(self, task_ids, what: str) -> torch.Tensor:
+        task_ids = torch.as_tensor(task_ids)
+        if task_ids.dtype not in (torch.int64, torch.int32) or task_ids.dim() != 1:
+            raise ConfigError(
+                f"{what} must be a 1-D integer tensor (one id per sample), got "
+                f"{task_ids.dtype} of shape {tuple(task_ids.shape)}."
+            )
+        E = self.routing.num_experts
+        bad = task_ids[(task_ids < 0) | (task_ids >= E)]
+        if len(bad):
+            raise ConfigError(
+                f"task id {int(bad[0])} is outside 0..{E - 1} ({what}); this adapter's experts are "
+                f"{dict(enumerate(self.expert_names))}."
+            )
+        return task_ids.long()
+
     def end_forward(self) -> None:
-        self.routing.task_ids = None
+        self.routing.task_ids = None  # labels stay until the next call: extra_loss reads them
 
     def extra_loss(self, layers: list[LoRAMixerLinear], adapter_name: str) -> torch.Tensor:
-        balance, specialization, preservation = self.coefs
+        balance, specialization, preservation, route_label = self.coefs
         loss = routing_aux_loss(self.routing, balance, specialization)
+        if route_label > 0:
+            loss = loss + route_label * routing_label_loss(self.routing)
         if preservation > 0:
             loss = loss + preservation * sum(layer.experts[adapter_name].preservation() for layer in layers)
         return loss
@@ -229,7 +245,7 @@ def mixer_forward(adapted, adapter_name: str, kwargs: dict, record: bool):
     """Around one forward / generate: hard-route by ``task_ids`` if given, record routing when asked,
     and yield the routing loss of this call (computed when called, once)."""
     shared = adapted.shared_adapter_weights[adapter_name]
-    shared.begin_forward(kwargs.pop("task_ids", None), record)
+    shared.begin_forward(kwargs.pop("task_ids", None), record, kwargs.pop("task_labels", None))
     try:
         yield lambda: shared.extra_loss(mixer_layers(adapted, adapter_name), adapter_name)
     finally:
@@ -243,7 +259,7 @@ LORA_MIXER = Method(
     build_mixer_layer,
     default_mixer_roles,
     build_shared=build_shared,
-    forward_keywords=("task_ids",),
+    forward_keywords=("task_ids", "task_labels"),
     forward_context=mixer_forward,
     param_kinds=((".experts.", "LoRA-Mixer experts (A, B)"), ("router", "LoRA-Mixer routers")),
 )
