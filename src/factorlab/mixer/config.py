@@ -95,18 +95,19 @@ class MixerExperimentConfig:
             base = cls(
                 preset="smollm2",
                 model="smollm2",
-                tasks=["basic_arithmetic", "letter_counting", "spell_backward", "caesar_cipher"],
+                # arithmetic, counting, logic, conversion: short exact answers (GYM_TASK_OPTIONS)
+                tasks=["basic_arithmetic", "letter_counting", "syllogism", "base_conversion"],
                 r=8,
                 lora_alpha=16,
                 lr=1e-3,
                 steps=400,
                 router_lr=5e-3,
                 router_steps=100,
-                router_examples_per_task=200,
-                train_examples_per_task=1000,
-                eval_examples_per_task=100,
+                router_examples_per_task=400,  # 1,600 mixed samples (the paper's LoRAHub setting: <= 2k)
+                train_examples_per_task=400,
+                eval_examples_per_task=200,
                 batch_size=8,
-                max_new_tokens=16,
+                max_new_tokens=9,  # <= 8 answer tokens and the end-of-turn token
             )
         else:
             raise ConfigError(f"unknown preset {name!r}; choose quick or smollm2.")

@@ -43,7 +43,7 @@ from factorlab.methods.lora_mixer.model import (
 )
 from factorlab.mixer.config import MixerExperimentConfig, build_base
 from factorlab.mixer.evaluate import accuracy, predict, routing_report  # noqa: F401
-from factorlab.mixer.tasks import Example, GymTasks, SyntheticTasks, make_tasks  # noqa: F401
+from factorlab.mixer.tasks import Example, GymTasks, SyntheticTasks, make_tasks, train_and_eval_sets  # noqa: F401
 from factorlab.mixer.train import collate, train, train_joint, train_router_on_peft  # noqa: F401
 from factorlab.models import resolve_model_path
 from factorlab.progress import StepBars, console
@@ -68,9 +68,8 @@ def seed_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
     seed = cell["seed"]
     tasks, pad_id = make_tasks(cfg)
     records: list[dict[str, Any]] = []
-    data = [tasks.examples(k, cfg.train_examples_per_task, seed) for k in range(len(cfg.tasks))]
+    data, evals = train_and_eval_sets(tasks, cfg.train_examples_per_task, cfg.eval_examples_per_task, seed)
     router_data = [d[: cfg.router_examples_per_task] for d in data]
-    evals = [tasks.examples(k, cfg.eval_examples_per_task, 10_000 + seed) for k in range(len(cfg.tasks))]
     base = build_base(cfg, tasks, seed)
 
     def score(model, system, hard=False):
@@ -284,8 +283,7 @@ def joint(cfg: MixerExperimentConfig, out: str | Path) -> dict[str, Any]:
     out = Path(out)
     tasks, pad_id = make_tasks(cfg)
     seed = cfg.seeds[0]
-    data = [tasks.examples(k, cfg.train_examples_per_task, seed) for k in range(len(cfg.tasks))]
-    evals = [tasks.examples(k, cfg.eval_examples_per_task, 10_000 + seed) for k in range(len(cfg.tasks))]
+    data, evals = train_and_eval_sets(tasks, cfg.train_examples_per_task, cfg.eval_examples_per_task, seed)
     base = build_base(cfg, tasks, seed)
     mixer_config = cfg.mixer_config()
     with StepBars("joint training") as bars:
@@ -331,8 +329,9 @@ def plug(
     from factorlab.models import OFFLINE
 
     base = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_path), **OFFLINE).eval()
-    router_data = [tasks.examples(k, cfg.router_examples_per_task, seed) for k in range(len(cfg.tasks))]
-    evals = [tasks.examples(k, cfg.eval_examples_per_task, 10_000 + seed) for k in range(len(cfg.tasks))]
+    router_data, evals = train_and_eval_sets(
+        tasks, cfg.router_examples_per_task, cfg.eval_examples_per_task, seed
+    )
     torch.manual_seed(seed)  # the routers' init: the same run whatever ran before in this process
     with console.status("training the routers"):
         adapted = train_router_on_peft(
