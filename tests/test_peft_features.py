@@ -9,7 +9,7 @@ import torch
 
 from factorlab import AdaptedModel, LoraConfig, adapt
 from factorlab.errors import ConfigError
-from tiny_models import VOCAB, build, inputs, logits
+from tiny_models import build, inputs, logits
 
 TARGETS = {"llama": ["q_proj", "v_proj"], "gpt2": ["c_attn"], "bert": ["query", "value"]}
 SAVED = {"llama": ["lm_head"], "gpt2": ["ln_f"], "bert": ["decoder"]}
@@ -104,19 +104,7 @@ def test_dora_starts_as_the_base_model_and_trains_its_magnitude():
 
 
 def bert_classifier():
-    import transformers as tf
-
-    torch.manual_seed(0)
-    config = tf.BertConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        vocab_size=VOCAB,
-        max_position_embeddings=128,
-        num_labels=3,
-    )
-    return tf.BertForSequenceClassification(config).eval()
+    return build("bert-cls")
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

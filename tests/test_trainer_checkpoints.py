@@ -9,24 +9,13 @@ from safetensors.torch import load_file
 
 import factorlab
 from factorlab.errors import AdapterLoadError
+from tiny_models import build
 
 VOCAB = 1000
 
 
 def tied_llama():
-    import transformers as tf
-
-    torch.manual_seed(0)
-    config = tf.LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        tie_word_embeddings=True,
-    )
-    model = tf.LlamaForCausalLM(config)
+    model = build("llama", tie_word_embeddings=True).train()
     assert model.lm_head.weight is model.model.embed_tokens.weight
     return model
 

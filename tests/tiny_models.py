@@ -8,7 +8,9 @@ VOCAB = 1000
 ARCHS = ("llama", "gpt2", "t5", "bert", "mamba")
 
 
-def build(arch: str, seed: int = 0) -> torch.nn.Module:
+def build(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny random model of ``arch`` ("llama", "gpt2", "t5", "bert", "bert-cls" (sequence
+    classification, 3 labels), "mamba"); ``overrides`` change its config (e.g. tie_word_embeddings)."""
     import transformers as tf
 
     torch.manual_seed(seed)
@@ -20,6 +22,7 @@ def build(arch: str, seed: int = 0) -> torch.nn.Module:
             num_attention_heads=4,
             num_key_value_heads=2,
             vocab_size=VOCAB,
+            **overrides,
         )
         model = tf.LlamaForCausalLM(cfg)
     elif arch == "gpt2":
@@ -38,7 +41,7 @@ def build(arch: str, seed: int = 0) -> torch.nn.Module:
             decoder_start_token_id=0,
         )
         model = tf.T5ForConditionalGeneration(cfg)
-    elif arch == "bert":
+    elif arch in ("bert", "bert-cls"):
         cfg = tf.BertConfig(
             hidden_size=64,
             intermediate_size=128,
@@ -46,8 +49,10 @@ def build(arch: str, seed: int = 0) -> torch.nn.Module:
             num_attention_heads=4,
             vocab_size=VOCAB,
             max_position_embeddings=128,
+            **({"num_labels": 3} if arch == "bert-cls" else {}),
+            **overrides,
         )
-        model = tf.BertForMaskedLM(cfg)
+        model = tf.BertForSequenceClassification(cfg) if arch == "bert-cls" else tf.BertForMaskedLM(cfg)
     elif arch == "mamba":
         cfg = tf.MambaConfig(hidden_size=64, num_hidden_layers=2, vocab_size=VOCAB, state_size=8)
         model = tf.MambaForCausalLM(cfg)
