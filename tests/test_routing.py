@@ -5,12 +5,13 @@ that it reaches out.loss exactly once), task ids in generate, and the OCR halluc
 import math
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from factorlab import LoraMixerConfig, adapt
+from factorlab import ConfigError, LoraMixerConfig, adapt
 from factorlab.layers.mixer import ExpertBank, RoutingState, route, routing_aux_loss
 from factorlab.methods.lora_mixer import set_routing
 from factorlab.training import lm_loss
@@ -221,3 +222,5 @@ def test_supervised_routing_term_is_the_cross_entropy_to_the_labels():
     with_labels = float(adapted.last_aux_loss)
     adapted(**batch_inputs)
     assert with_labels > 0 and float(adapted.last_aux_loss) == 0.0  # labels only act when given
+    with pytest.raises(ConfigError, match="one task label per sample"):
+        adapted(**batch_inputs, task_labels=torch.tensor([0, 1, 1]))

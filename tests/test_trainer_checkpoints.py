@@ -92,5 +92,9 @@ def test_state_dict_round_trip_and_refusals():
     key = next(iter(state))
     with pytest.raises(AdapterLoadError, match="NaN"):
         target.load_state_dict({**state, key: torch.full_like(state[key], float("nan"))})
+    with pytest.raises(AdapterLoadError, match="has shape"):
+        target.load_state_dict({**state, key: torch.zeros(3)})
+    with pytest.raises(AdapterLoadError, match="mapping"):
+        target.load_state_dict([1, 2])
     full = {f"base_model.{k}": v for k, v in target.base_model.state_dict().items()}
     assert target.load_state_dict({**full, **state}).unexpected_keys == []  # a full state dict loads too

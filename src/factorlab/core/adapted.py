@@ -18,7 +18,7 @@ import inspect
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -573,6 +573,8 @@ class AdaptedModel(nn.Module):
         and keys this model does not have are refused (``strict``) instead of loaded."""
         from torch.nn.modules.module import _IncompatibleKeys
 
+        if not isinstance(state_dict, Mapping) or not all(torch.is_tensor(v) for v in state_dict.values()):
+            raise AdapterLoadError("load_state_dict takes a mapping of parameter names to tensors.")
         own = set(self.state_dict())
         known = set(super().state_dict())
         missing = sorted(own - set(state_dict))
@@ -582,6 +584,15 @@ class AdaptedModel(nn.Module):
                 f"state dict does not fit this model: {len(missing)} adapter keys missing (e.g. "
                 f"{missing[:3]}), {len(unexpected)} unknown keys (e.g. {unexpected[:3]}); it was saved from "
                 "another model or adapter config."
+            )
+        current = super().state_dict()
+        shapes = [k for k in set(state_dict) & set(current) if state_dict[k].shape != current[k].shape]
+        if shapes:
+            k = sorted(shapes)[0]
+            raise AdapterLoadError(
+                f"state dict does not fit this model: {k} has shape {tuple(state_dict[k].shape)}, the "
+                f"model's {tuple(current[k].shape)} ({len(shapes)} tensors differ); saved with another "
+                "config or model."
             )
         bad = [k for k in own & set(state_dict) if state_dict[k].is_floating_point()]
         bad = [k for k in bad if not torch.isfinite(state_dict[k]).all()]

@@ -252,6 +252,11 @@ def routing_label_loss(state: RoutingState) -> torch.Tensor:
     total = torch.zeros((), device=with_router[0][0].device)
     for p, tokens in with_router:
         per_sample = p.view(-1, tokens, p.shape[-1]).mean(1)  # (batch, E)
+        if per_sample.shape[0] != labels.shape[0]:
+            raise ConfigError(
+                f"task_labels has {labels.shape[0]} entries but the batch has {per_sample.shape[0]} samples; "
+                "give one task label per sample."
+            )
         total = total - per_sample.clamp_min(1e-12).log().gather(1, labels.view(-1, 1)).mean()
     return total / len(with_router)
 
