@@ -103,3 +103,21 @@ def test_demo_quick_writes_a_report(tmp_path):
     assert "Factorized generalizes" in report and "max-margin" in report and "Knowledge injection" in report
     for png in ("ocr/curves.png", "rank-sweep/accuracy_vs_dh.png", "theory/theory.png"):
         assert (tmp_path / "demo" / png).exists()
+
+
+def test_set_overrides_any_mixer_setting():
+    from factorlab.cli import _mixer_config
+
+    cfg = _mixer_config(
+        "quick",
+        None,
+        None,
+        None,
+        None,
+        None,
+        [0],
+        None,
+        ["router_lr=0.005", "balance_coef=0", 'tasks=["first","max"]'],
+    )
+    assert cfg.router_lr == 0.005 and cfg.balance_coef == 0 and cfg.tasks == ["first", "max"]
+    assert cfg.steps == 1500  # the rest keeps the preset's values

@@ -262,6 +262,14 @@ Model = Annotated[
 Rank = Annotated[int | None, typer.Option("--r", help="Rank of the single LoRA and of every expert.")]
 ExpertSteps = Annotated[int | None, typer.Option(help="Steps of the single LoRA and of stage 1.")]
 RouterSteps = Annotated[int | None, typer.Option(help="Router training steps (stage 2).")]
+Settings = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        help="key=value override of any experiment setting (repeatable), e.g. --set router_lr=0.005 "
+        "--set balance_coef=0; see factorlab.mixer.config.MixerExperimentConfig for the keys.",
+    ),
+]
 RouteLabelCoef = Annotated[
     float | None,
     typer.Option(
@@ -280,6 +288,7 @@ def _mixer_config(
     router_steps: int | None,
     seeds: list[int],
     route_label_coef: float | None = None,
+    settings: list[str] | None = None,
 ):
     from factorlab.recipes.mixer import MixerExperimentConfig
 
@@ -293,7 +302,29 @@ def _mixer_config(
         router_steps=router_steps,
         seeds=seeds,
         route_label_coef=route_label_coef,
+        **_key_values(settings or [], MixerExperimentConfig),
     )
+
+
+def _key_values(pairs: list[str], config_cls) -> dict:
+    """torchtune-style ``key=value`` overrides of a config dataclass's fields; values are JSON
+    (numbers, true/false, lists) or plain strings. The config itself checks them."""
+    import json
+
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    out = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in fields:
+            raise ConfigError(
+                f"--set {pair!r}: expected key=value with key one of {sorted(fields)}, "
+                "e.g. --set router_lr=0.005."
+            )
+        try:
+            out[key] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key] = text
+    return out
 
 
 @mixer_app.command("run")
@@ -306,6 +337,7 @@ def mixer_run(
     steps: ExpertSteps = None,
     router_steps: RouterSteps = None,
     route_label_coef: RouteLabelCoef = None,
+    settings: Settings = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
     workers: Annotated[
         int, typer.Option(help="Parallel seeds (1: in this process, with progress bars).")
@@ -318,7 +350,9 @@ def mixer_run(
     experts and LoRA-Mixer, per task and seed; report routing usage and router accuracy."""
     from factorlab.recipes.mixer import run_experiment
 
-    cfg = _mixer_config(preset, tasks, model, r, steps, router_steps, _int_list(seeds), route_label_coef)
+    cfg = _mixer_config(
+        preset, tasks, model, r, steps, router_steps, _int_list(seeds), route_label_coef, settings
+    )
     result = run_experiment(cfg, out, workers=workers, backend=backend, address=address)
     typer.echo((out / "table.md").read_text())
     typer.echo(f"router accuracy {result['router_accuracy']:.3f}; {result['verdict']}")
@@ -335,13 +369,15 @@ def mixer_train(
     steps: ExpertSteps = None,
     router_steps: RouterSteps = None,
     route_label_coef: RouteLabelCoef = None,
+    settings: Settings = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/mixer-train"),
 ) -> None:
     """Joint workflow: stage 1 trains one expert per task (hard routing), stage 2 the routers."""
     from factorlab.recipes.mixer import joint
 
-    result = joint(_mixer_config(preset, tasks, model, r, steps, router_steps, [seed], route_label_coef), out)
+    cfg = _mixer_config(preset, tasks, model, r, steps, router_steps, [seed], route_label_coef, settings)
+    result = joint(cfg, out)
     typer.echo((out / "table.md").read_text())
     typer.echo(f"router accuracy {result['router_accuracy']:.3f}")
     typer.echo(f"wrote {out}/report.md, mixer/ (factorlab adapter), experts/<task>/ (PEFT LoRA), base/")
