@@ -293,17 +293,18 @@ def _mixer_config(
     from factorlab.recipes.mixer import MixerExperimentConfig
 
     task_list = [t.strip() for t in tasks.split(",") if t.strip()] if tasks else None
-    return MixerExperimentConfig.preset_config(
-        preset,
-        tasks=task_list,
-        model=model,
-        r=r,
-        steps=steps,
-        router_steps=router_steps,
-        seeds=seeds,
-        route_label_coef=route_label_coef,
-        **_key_values(settings or [], MixerExperimentConfig),
-    )
+    options = {
+        "tasks": task_list,
+        "model": model,
+        "r": r,
+        "steps": steps,
+        "router_steps": router_steps,
+        "seeds": seeds,
+        "route_label_coef": route_label_coef,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+    options |= _key_values(settings or [], MixerExperimentConfig)  # --set wins over the named options
+    return MixerExperimentConfig.preset_config(preset, **options)
 
 
 def _key_values(pairs: list[str], config_cls) -> dict:
@@ -312,7 +313,7 @@ def _key_values(pairs: list[str], config_cls) -> dict:
     import json
 
     fields = {f.name for f in dataclasses.fields(config_cls)}
-    out = {}
+    out: dict = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
         if not sep or key not in fields:
