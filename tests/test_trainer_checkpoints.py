@@ -98,3 +98,19 @@ def test_state_dict_round_trip_and_refusals():
         target.load_state_dict([1, 2])
     full = {f"base_model.{k}": v for k, v in target.base_model.state_dict().items()}
     assert target.load_state_dict({**full, **state}).unexpected_keys == []  # a full state dict loads too
+
+
+def test_tied_trained_biases_appear_once_so_safetensors_can_write_them(tmp_path):
+    from safetensors.torch import save_file
+
+    source = factorlab.adapt(build("bert"), factorlab.LoraConfig(r=2, target_modules=["query"], bias="all"))
+    with torch.no_grad():
+        for p in source.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+    state = source.state_dict()  # BERT's decoder.bias is predictions.bias: one key
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    target = factorlab.adapt(build("bert"), factorlab.LoraConfig(r=2, target_modules=["query"], bias="all"))
+    assert target.load_state_dict(load_file(tmp_path / "model.safetensors")).missing_keys == []
+    batch = torch.randint(1, VOCAB, (2, 8))
+    torch.testing.assert_close(target(input_ids=batch).logits, source(input_ids=batch).logits)

@@ -562,8 +562,11 @@ class AdaptedModel(nn.Module):
             return any(key.startswith(p) and not key.startswith(p + "base_layer.") for p in layers)
 
         out = destination if destination is not None else type(full)()
+        seen: set[tuple] = set()  # a tied tensor once (BERT's decoder.bias is predictions.bias): safetensors
         for key, value in full.items():
-            if is_adapter(key):
+            identity = (value.data_ptr(), value.storage_offset(), tuple(value.shape))
+            if is_adapter(key) and identity not in seen:
+                seen.add(identity)
                 out[prefix + key] = value
         return out
 
