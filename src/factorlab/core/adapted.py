@@ -735,6 +735,8 @@ class AdaptedModel(nn.Module):
                     self.base_model,
                     **targeting,
                     default_roles=method.default_roles(model_family(self.base_model)),
+                    accepts=method.accepts,
+                    accepted_kinds=method.accepted_kinds,
                 )
             )
         except (TargetError, TypeError):
