@@ -138,7 +138,7 @@ def test_peft_keywords_are_accepted_or_refused_with_the_alternative():
     with pytest.raises(ConfigError, match="LoftQ"):
         LoraConfig(loftq_config={"loftq_bits": 4})
     with pytest.raises(ConfigError, match="layers_to_transform alone"):
-        LoraConfig(layers_pattern="layers")
+        LoraConfig(layers_pattern="blocks_x")
     with pytest.raises(ConfigError, match="one of 'none', 'all', 'lora_only'"):
         LoraConfig(bias="some")
     with pytest.raises(ConfigError, match="task_type"):
@@ -262,3 +262,20 @@ def test_several_active_adapters_add_up_like_peft(tmp_path):
     ours.unmerge_adapter()
     ours.delete_adapter("a")
     assert ours.active_adapters == ["b"]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_peft_folder_with_layers_to_transform_and_pattern_loads(tmp_path):
+    batch = inputs("llama")
+    config = peft.LoraConfig(
+        r=2,
+        target_modules=["q_proj"],
+        layers_to_transform=[1],
+        layers_pattern="layers",
+        init_lora_weights=False,
+    )
+    peft_model = peft.get_peft_model(build("llama"), config)
+    peft_model.save_pretrained(tmp_path)
+    ours = AdaptedModel.from_pretrained(build("llama"), tmp_path)
+    assert [n for n, _ in ours.adapter_layers()] == ["model.layers.1.self_attn.q_proj"]
+    torch.testing.assert_close(logits(ours, batch), logits(peft_model, batch), atol=1e-5, rtol=0)

@@ -8,6 +8,7 @@ from typing import Any, ClassVar, Literal
 
 from factorlab.errors import ConfigError
 from factorlab.layers.lora import LORA_INITS
+from factorlab.layers.shapes import LAYER_PATTERNS
 from factorlab.methods.base import AdapterConfig
 from factorlab.peft_format import pattern_value
 from factorlab.validation import check_fields
@@ -68,7 +69,9 @@ class LoraConfig(AdapterConfig):
 
     # What to use instead, for each PEFT option above.
     NOT_SUPPORTED: ClassVar[dict[str, str]] = {
-        "layers_pattern": "factorlab finds layer indices itself; use layers_to_transform alone",
+        "layers_pattern": "factorlab finds layer indices itself in blocks named "
+        + "/".join(LAYER_PATTERNS)
+        + "; use layers_to_transform alone",
         "layer_replication": "not supported; replicate layers in the base model before adapting",
         "target_parameters": "LoRA on raw nn.Parameters is not supported; target the modules",
         "lora_bias": "a bias on lora_B is not supported; use bias='lora_only' to train the layer biases",
@@ -95,7 +98,12 @@ class LoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         check_fields(self)
         for name, instead in self.NOT_SUPPORTED.items():
-            if getattr(self, name) not in (None, False, {}):
+            value = getattr(self, name)
+            if name == "layers_pattern" and set([value] if isinstance(value, str) else value or []) <= set(
+                LAYER_PATTERNS
+            ):
+                continue  # a block-list name factorlab finds by itself (PEFT folders often record it)
+            if value not in (None, False, {}):
                 raise ConfigError(f"LoraConfig.{name}={getattr(self, name)!r}: {instead}.")
         for where, r in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
             if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
