@@ -1,4 +1,6 @@
-"""LoRA-Mixer recipes: the two workflows and the multi-task comparison.
+"""LoRA-Mixer recipes: the two workflows and the multi-task comparison, as CLI-driven runs with
+reports. The components (tasks, config and presets, training, evaluation, plots) live in
+``factorlab.mixer``.
 
 Workflows (each one Python call and one CLI command):
 
@@ -16,8 +18,9 @@ task and system (mean ± std over seeds), router usage per task and router accur
 
 Presets: ``quick`` — a tiny Llama (random, frozen) on four synthetic tasks with their own symbols
 (answer = first / last / max / min of six symbols), about a minute per seed on 2 CPU cores;
-``smollm2`` — SmolLM2-135M-Instruct from its PyPI package on four reasoning-gym tasks (needs
-``pip install reasoning-gym``), graded by each task's own scorer; an hour or more on CPU.
+``smollm2`` — SmolLM2-135M-Instruct from its PyPI package on four reasoning-gym tasks with short
+exact answers (arithmetic, letter counting, syllogism, base conversion; chat-template prompts; needs
+``pip install reasoning-gym``), graded by each task's own scorer; hours on CPU.
 """
 
 from __future__ import annotations
