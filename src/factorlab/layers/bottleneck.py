@@ -12,6 +12,7 @@ from torch import nn
 
 from factorlab.errors import ConfigError
 from factorlab.layers.base import AdapterLayer
+from factorlab.layers.shapes import linear_dims
 
 ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -33,8 +34,7 @@ def activation(name: str) -> nn.Module:
 
 def output_features(module: nn.Module) -> int:
     """Width of a linear layer's output (nn.Linear weight (out, in); Conv1D weight (in, out))."""
-    weight = module.weight
-    return weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0]
+    return linear_dims(module)[1]
 
 
 class BottleneckAdapterLayer(AdapterLayer):
