@@ -352,9 +352,23 @@ def method_label(cfg: dict[str, Any]) -> str:
     )
 
 
+# The paper's LLM table (Huang et al., 2025): mean rank of test implications after full fine-tuning,
+# 3 seeds, 7-9B models; quoted beside real-model grids for shape, not comparable in absolute terms.
+PAPER_LLM_RANKS = {
+    "Gemma-2-9B": (0.00, 0.19, 0.19, 1.64, 0.56),
+    "OLMo-7B": (0.07, 1.33, 0.15, 1.84, 0.17),
+    "Qwen-2-7B": (0.13, 4.55, 3.63, 0.82, 0.40),
+    "Mistral-7B-v0.3": (0.00, 2.10, 1.48, 1.15, 1.28),
+    "Llama-3-8B": (0.00, 1.18, 0.77, 0.93, 0.63),
+}
+PAPER_RELATIONS = ("city-language", "city-language-cf", "country-code", "profession-color", "sport-music")
+MEMORISED = 0.5  # a cell memorised its training facts when their mean rank is at most this
+
+
 def _record(summary: dict[str, Any]) -> dict[str, Any]:
     cfg = summary["config"]
     return {
+        "model": cfg["model"],
         "relation": cfg["relation"],
         "method": method_label(cfg),
         "pretrain_seed": cfg.get("pretrain_seed", 0),
@@ -486,8 +500,40 @@ def write_grid_report(out: Path, report, seconds: float, cell_seconds: bool = Fa
             f"{', '.join(low_probe)}; read those columns with care.",
             "",
         ]
+    unlearned = [r for r in records if r["train_fact_rank"] is None or r["train_fact_rank"] > MEMORISED]
+    lines += [
+        f"Every cell memorised its training facts (train-fact rank <= {MEMORISED}), {len(records)} of "
+        f"{len(records)}."
+        if not unlearned
+        else f"**{len(unlearned)} of {len(records)} cells did not memorise their training facts** "
+        f"(train-fact rank > {MEMORISED}): "
+        + "; ".join(
+            f"{r['relation']} {r['method']} pretraining seed {r['pretrain_seed']} seed {r['seed']} "
+            f"({r['train_fact_rank']:.2f})"
+            for r in unlearned
+        ),
+        "",
+    ]
     if has_sweep:
         lines += ["## LoRA rank sweep against full fine-tuning", "", "![rank sweep](rank_sweep.png)", ""]
+    if any(r["model"] != "tiny" for r in records):
+        shown = [rel for rel in PAPER_RELATIONS if rel in relations]
+        lines += [
+            "## The paper's LLMs, for shape",
+            "",
+            "Huang et al. (2025), full fine-tuning of 7-9B models, 3 seeds, mean test-implication rank "
+            "(their setup, not comparable in absolute terms):",
+            "",
+            "| model | " + " | ".join(shown) + " |",
+            "|---|" + "---|" * len(shown),
+            *(
+                f"| {name} | "
+                + " | ".join(f"{ranks[PAPER_RELATIONS.index(rel)]:.2f}" for rel in shown)
+                + " |"
+                for name, ranks in PAPER_LLM_RANKS.items()
+            ),
+            "",
+        ]
     lines += ["## Machines", "", *(f"- `{m}`" for m in machines), ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     return {"records": records, "rows": rows, "report": report}
