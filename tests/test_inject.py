@@ -129,3 +129,44 @@ def test_a_summary_written_for_another_cell_or_corrupt_is_recomputed(tmp_path):
     (folders[0] / "summary.json").mkdir()  # a directory where the file should be
     third = run_grid("test_inject:_square", cells[1:], tmp_path, workers=1)
     assert third.reused == 2 and third.ran == 0
+
+
+def test_grid_report_names_unmemorised_cells_and_quotes_the_paper_for_real_models(tmp_path):
+    from factorlab.grid import GridReport
+    from factorlab.recipes.inject import write_grid_report
+
+    def summary(method, r, seed, train_fact):
+        ranks = {f"{k}_rank": 0.2 for k in ("train_implication", "test_fact", "test_implication")}
+        before = {
+            f"{k}_rank_before": 2.0
+            for k in ("train_fact", "train_implication", "test_fact", "test_implication")
+        }
+        return {
+            "config": {
+                "model": "smollm2",
+                "relation": "city-language",
+                "method": method,
+                "r": r,
+                "seed": seed,
+            },
+            "causal": True,
+            "train_fact_rank": train_fact,
+            **ranks,
+            **before,
+            "probe": {"accuracy": 0.9},
+            "verdict": "generalization",
+            "seconds": 1.0,
+            "num_candidates": 5,
+            "machine": {"cpu_capability": "AVX512"},
+        }
+
+    report = GridReport(
+        results=[summary("lora", 4, 0, 0.0), summary("lora", 4, 1, 0.9), summary("full", 4, 0, 0.1)]
+    )
+    write_grid_report(tmp_path, report, 3.0)
+    text = (tmp_path / "report.md").read_text()
+    assert "1 of 3 cells did not memorise" in text and "seed 1 (0.90)" in text
+    assert "The paper's LLMs" in text and "| Gemma-2-9B | 0.00 |" in text
+    report.results[1]["train_fact_rank"] = 0.3
+    write_grid_report(tmp_path, report, 3.0)
+    assert "Every cell memorised its training facts" in (tmp_path / "report.md").read_text()
