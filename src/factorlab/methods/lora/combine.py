@@ -1,7 +1,8 @@
 """PEFT's ``add_weighted_adapter`` for LoRA on linear layers: cat, linear and svd combinations.
 
 For each target module with adapters i = 1..n (weights w_i, scalings s_i, factors A_i (r_i, in) and
-B_i (out, r_i)), the new adapter has alpha = r, so its own scaling is 1 (PEFT's rule):
+B_i (out, r_i)), the new adapter has alpha = r, so its own scaling is 1 (PEFT's rule; like PEFT,
+it keeps the first adapter's use_rslora, which then makes it alpha / sqrt(r)):
 
     cat:    A = [w_1 s_1 A_1; ...; w_n s_n A_n]  B = [B_1, ..., B_n]  so B A = sum_i w_i s_i B_i A_i
     linear: A = sum_i sign_i sqrt|w_i s_i| A_i   B = sum_i sqrt|w_i s_i| B_i  (equal ranks; PEFT's rule)
