@@ -579,7 +579,8 @@ class AdaptedModel(nn.Module):
         if not isinstance(state_dict, Mapping) or not all(torch.is_tensor(v) for v in state_dict.values()):
             raise AdapterLoadError("load_state_dict takes a mapping of parameter names to tensors.")
         own = set(self.state_dict())
-        known = set(super().state_dict())
+        current = super().state_dict()  # the whole model's tensors, read once
+        known = set(current)
         missing = sorted(own - set(state_dict))
         unexpected = sorted(set(state_dict) - known)
         if strict and (missing or unexpected):
@@ -588,7 +589,6 @@ class AdaptedModel(nn.Module):
                 f"{missing[:3]}), {len(unexpected)} unknown keys (e.g. {unexpected[:3]}); it was saved from "
                 "another model or adapter config."
             )
-        current = super().state_dict()
         shapes = [k for k in set(state_dict) & set(current) if state_dict[k].shape != current[k].shape]
         if shapes:
             k = sorted(shapes)[0]
