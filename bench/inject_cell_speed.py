@@ -8,6 +8,10 @@ embedding table counted once, as the tied output head):
     full fine-tuning   6 P t      (forward 2 P t, backward 4 P t: activation and weight gradients)
     adapters (frozen)  4 P t      (forward 2 P t, backward 2 P t: activation gradients only)
 
+Adam's step is memory traffic, not FLOPs: 28 bytes per trainable parameter (read weight, gradient and
+both moments, write weight and moments). A second floor adds that traffic at the machine's memory
+bandwidth (a large tensor copy timed in the same run); it matters only for full fine-tuning.
+
     python bench/inject_cell_speed.py --model smollm2 --method lora --steps 10    # ~1 minute
 """
 
@@ -33,6 +37,38 @@ def gemm_gflops(size: int = 1024, seconds: float = 1.0) -> float:
     return 2 * size**3 * runs / (time.perf_counter() - started) / 1e9
 
 
+def model_gemm_gflops(model: torch.nn.Module, tokens: int, seconds: float = 1.0) -> float:
+    """The rate of the model's own matmuls at ``tokens`` rows: every linear layer's forward GEMM and its
+    input-gradient GEMM with its own weight (streamed from memory as in training), the head included."""
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = {w.shape: (torch.randn(tokens, w.shape[1]), torch.randn(tokens, w.shape[0])) for w in weights}
+
+    def step() -> None:
+        for w in weights:
+            x, grad_out = inputs[w.shape]
+            x @ w.T
+            grad_out @ w
+
+    step()
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        step()
+        runs += 1
+    flops = sum(4 * tokens * w.numel() for w in weights) * runs
+    return flops / (time.perf_counter() - started) / 1e9
+
+
+def copy_gbytes_per_s(megabytes: int = 512, seconds: float = 1.0) -> float:
+    src = torch.ones(megabytes * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    runs, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        dst.copy_(src)
+        runs += 1
+    return 2 * src.numel() * 4 * runs / (time.perf_counter() - started) / 1e9  # read + write
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -45,6 +81,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     peak = gemm_gflops()
+    bandwidth = copy_gbytes_per_s()
     cfg = InjectConfig(model=args.model, relation=args.relation, method=args.method)
 
     started = time.perf_counter()
@@ -52,30 +89,49 @@ def main() -> None:
     load = time.perf_counter() - started
     world = World.generate(relation_by_name(cfg.relation, cfg.known_relations()), 0, cfg.num_subjects)
     settings = FineTuneSettings(cfg.method, cfg.r, cfg.lora_alpha, seed=0)
-    _, _, batch_size = settings.resolved(backend)
 
+    stamps: list[float] = []
+    step_tokens: list[int] = []
+    encode = backend.encode
+
+    def counting_encode(texts):  # the tokens each training step really trains
+        enc = encode(texts)
+        step_tokens.append(int(enc["attention_mask"].sum()))
+        return enc
+
+    backend.encode = counting_encode
     started = time.perf_counter()
-    model, _ = fine_tune(backend, world, settings, stop_after=args.steps)
-    train = time.perf_counter() - started
-    texts = world.training_texts()
-    tokens = sum(
-        int(backend.encode(texts[i : i + batch_size])["attention_mask"].sum())
-        for i in range(0, args.steps * batch_size, batch_size)
-    )  # about the tokens of the timed steps (the first epoch's order differs; lengths are alike)
+    model, _ = fine_tune(
+        backend, world, settings, lambda _: stamps.append(time.perf_counter()), stop_after=args.steps + 1
+    )
+    whole = time.perf_counter() - started
+    train = stamps[-1] - stamps[0]  # steps 2 .. steps + 1: no model copy, no first-step warm-up
+    backend.encode = encode
+    tokens = sum(step_tokens[1:])  # the timed steps
     params = sum(p.numel() for p in backend.model.parameters())  # tied head counted once
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     flops = (6 if cfg.method == "full" else 4) * params * tokens
+    optimizer_bytes = 28 * trainable * args.steps
+    floor = flops / (peak * 1e9) + optimizer_bytes / (bandwidth * 1e9)
+    attainable = model_gemm_gflops(backend.model, round(tokens / args.steps))
 
     started = time.perf_counter()
     backend.ranks(model, world.queries())
     evaluate = time.perf_counter() - started
 
     achieved = flops / train / 1e9
-    print(f"GEMM throughput (1024^3 fp32, {args.threads} thread(s)): {peak:.1f} GFLOP/s")
-    print(f"{cfg.model} {cfg.method} {cfg.relation}: load {load:.1f} s, train {train:.1f} s "
-          f"({args.steps} steps, {train / args.steps:.3f} s/step, {tokens / args.steps:.0f} tokens/step), "
-          f"evaluate {evaluate:.1f} s")  # fmt: skip
+    print(f"GEMM throughput (1024^3 fp32, {args.threads} thread(s)): {peak:.1f} GFLOP/s; "
+          f"memory bandwidth (512 MiB copy): {bandwidth:.1f} GB/s")  # fmt: skip
+    print(f"{cfg.model} {cfg.method} {cfg.relation}: load {load:.1f} s, prepare + {args.steps + 1} steps "
+          f"{whole:.1f} s, {args.steps} steps timed {train:.1f} s ({train / args.steps:.3f} s/step, "
+          f"{tokens / args.steps:.0f} tokens/step), evaluate {evaluate:.1f} s")  # fmt: skip
     print(f"training: {flops / 1e9:.1f} GFLOP of floor work, {achieved:.1f} GFLOP/s = "
           f"{achieved / peak:.0%} of GEMM throughput (floor time {flops / (peak * 1e9):.1f} s)")  # fmt: skip
+    print(f"the model's own GEMMs at {round(tokens / args.steps)} rows (forward + input gradient): "
+          f"{attainable:.1f} GFLOP/s = {attainable / peak:.0%} of the large GEMM; training reaches "
+          f"{achieved / attainable:.0%} of that")  # fmt: skip
+    print(f"with Adam's memory traffic ({optimizer_bytes / 1e9:.1f} GB): floor {floor:.1f} s = "
+          f"{floor / train:.0%} of the time trained")  # fmt: skip
 
 
 if __name__ == "__main__":

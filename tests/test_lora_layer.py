@@ -89,3 +89,20 @@ def test_half_precision_base_gets_float32_adapters():
 def test_bad_rank(r):
     with pytest.raises(ConfigError, match="positive integer"):
         LoRALinear(torch.nn.Linear(4, 4)).update_layer("a", r=r, lora_alpha=1)
+
+
+@pytest.mark.parametrize("r, alpha", [(4, 8.0), (1, 8.0), (64, 8.0), (3, 8.0), (4, 6.0)])
+def test_the_update_is_bit_equal_to_scaling_the_output_as_peft_does(r, alpha):
+    # a power-of-two scaling is applied at width r (cheaper); it must not change a single bit
+    torch.manual_seed(0)
+    layer = LoRALinear(torch.nn.Linear(48, 40))
+    layer.update_layer("a", r=r, lora_alpha=alpha, init_lora_weights=False)
+    layer.set_adapter(["a"])
+    x = torch.randn(2, 7, 48, requires_grad=True)
+    a, b = layer.lora_A["a"], layer.lora_B["a"]
+    got = layer(x)
+    expected = layer.base_layer(x) + b(a(x)) * (alpha / r)
+    assert torch.equal(got, expected)
+    (grad_got,) = torch.autograd.grad(got.square().sum(), x)
+    (grad_expected,) = torch.autograd.grad(expected.square().sum(), x)
+    assert torch.equal(grad_got, grad_expected)

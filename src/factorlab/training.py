@@ -27,14 +27,16 @@ def lm_loss(net: nn.Module, model: nn.Module, inputs: dict, labels: torch.Tensor
     global batch, times the number of ranks (DistributedDataParallel averages gradients over
     ranks): every rank's gradient then adds up to the global mean, so N processes follow the same
     loss curve as one process with the same global batch. Auxiliary losses the model exposes
-    (LoRA-Mixer's routing loss) are added to the first.
+    (LoRA-Mixer's routing loss) are added to the first. The output head runs only where a label is
+    predicted (``logits_at``).
     """
-    logits = net(**inputs, **forward_kwargs).logits[:, :-1]
     targets = labels[:, 1:]
-    loss_sum = F.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum"
-    )
-    tokens = all_reduce_sum((targets != -100).sum()).clamp_min(1)
+    predicts = targets != -100  # (B, L - 1): positions whose next token is a label
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = predicts
+    logits = logits_at(net, model, keep, **inputs, **forward_kwargs)
+    loss_sum = F.cross_entropy(logits.float(), targets[predicts], reduction="sum")
+    tokens = all_reduce_sum(predicts.sum()).clamp_min(1)
     loss = loss_sum * world_size() / tokens
     aux = getattr(model, "last_aux_loss", None)
     if torch.is_tensor(aux) and aux.requires_grad:
@@ -42,6 +44,67 @@ def lm_loss(net: nn.Module, model: nn.Module, inputs: dict, labels: torch.Tensor
     if not torch.isfinite(loss):
         raise TrainingDivergedError("non-finite training loss; lower the learning rate.")
     return loss, (all_reduce_sum(loss_sum.detach()) / tokens).item()
+
+
+def logits_at(net: nn.Module, model: nn.Module, keep: torch.Tensor, **inputs) -> torch.Tensor:
+    """Logits of ``net(**inputs)`` at the positions where ``keep`` (batch, length) is True, as
+    (kept positions, vocabulary) in row-major order.
+
+    The output head runs only on those positions when ``model`` names its head (Hugging Face models
+    do): on short texts the head (vocabulary x hidden) is a large share of the model, and padding or
+    a text's last token would pay for it without contributing to the loss.
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module):
+        return net(**inputs).logits[keep]
+    handle = head.register_forward_pre_hook(lambda _, args: (args[0][keep], *args[1:]))
+    try:
+        logits = net(**inputs).logits
+    except (IndexError, RuntimeError):
+        logits = None  # the model feeds its head another shape, or reshapes the logits
+    finally:
+        handle.remove()
+    if logits is None or logits.shape[:-1] != (int(keep.sum()),):
+        return net(**inputs).logits[keep]  # correct, at the price of the whole head
+    return logits
+
+
+def pack(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """A right-padded batch as one row without padding: (inputs, labels) for ``lm_loss``.
+
+    ``position_ids`` restart at 0 for every text and there is no attention mask, which Hugging Face
+    models read as packed sequences (each text attends only to itself). A text's first token is not a
+    label, so no text learns to predict the next one's start. Use ``packs_sequences`` to check that a
+    model keeps packed texts apart before relying on this.
+    """
+    lengths = attention_mask.sum(1).tolist()
+    ids = torch.cat([row[:n] for row, n in zip(input_ids, lengths)])
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    labels = ids.masked_fill(positions == 0, -100)
+    inputs = {"input_ids": ids[None], "position_ids": positions[None], "use_cache": False}
+    return inputs, labels[None]
+
+
+def packs_sequences(model: nn.Module, vocab_size: int) -> bool:
+    """Whether ``model`` keeps packed texts apart: logits of two packed texts equal their padded ones."""
+    ids = torch.randint(vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            padded = model(input_ids=ids, attention_mask=mask).logits
+            inputs, _ = pack(ids, mask)
+            packed = model(**inputs).logits[0]
+    except (TypeError, ValueError, RuntimeError):
+        return False  # the model takes no position_ids, or no packed input
+    finally:
+        model.train(was_training)
+    expected = torch.cat([padded[0], padded[1, :4]])
+    return bool(torch.allclose(packed, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max())))
 
 
 def run_training(

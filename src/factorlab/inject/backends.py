@@ -23,6 +23,7 @@ from factorlab.errors import ConfigError
 from factorlab.inject.tiny import TinyPretrainConfig, tiny_model
 from factorlab.inject.world import BUILTIN_RELATIONS, Query, Relation, query_of
 from factorlab.models import load_causal_lm
+from factorlab.training import logits_at, pack, packs_sequences
 
 
 @dataclass
@@ -49,22 +50,36 @@ class Backend:
         batch = self.tokenizer(texts, return_tensors="pt", padding=True)
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
-    @torch.no_grad()
     def ranks(self, model: nn.Module, queries: list[Query], batch_size: int = 64) -> list[int]:
         """Rank (0 = best) of each query's answer among its candidates, by first-token logit."""
+        return [
+            int((scores > scores[q.candidates.index(q.answer)]).sum())
+            for scores, q in zip(self.candidate_logits(model, queries, batch_size), queries)
+        ]
+
+    @torch.no_grad()
+    def candidate_logits(
+        self, model: nn.Module, queries: list[Query], batch_size: int = 64
+    ) -> list[torch.Tensor]:
+        """Each query's next-token logits of its candidates' first tokens, in candidate order."""
         model.eval()
+        packed = packs_sequences(model, model.get_input_embeddings().num_embeddings)
+        first = {c: self.first_token(c) for c in {c for q in queries for c in q.candidates}}
         out = []
         for start in range(0, len(queries), batch_size):
             chunk = queries[start : start + batch_size]
             enc = self.tokenizer([q.prompt for q in chunk], return_tensors="pt", padding=True)
-            logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-            last = enc["attention_mask"].sum(1) - 1
-            final = logits[torch.arange(len(chunk)), last]
-            for row, q in zip(final, chunk):
-                ids = torch.tensor([self.first_token(c) for c in q.candidates])
-                scores = row[ids]
-                correct = scores[q.candidates.index(q.answer)]
-                out.append(int((scores > correct).sum()))
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            if packed:  # one row without padding; the head only at each prompt's last token
+                inputs, _ = pack(ids, mask)
+                last = torch.zeros_like(inputs["input_ids"], dtype=torch.bool)
+                last[0, mask.sum(1).cumsum(0) - 1] = True
+            else:
+                inputs = {"input_ids": ids, "attention_mask": mask}
+                last = torch.zeros_like(mask, dtype=torch.bool)
+                last[torch.arange(len(chunk)), mask.sum(1) - 1] = True
+            final = logits_at(model, model, last, **inputs)
+            out += [row[torch.tensor([first[c] for c in q.candidates])] for row, q in zip(final, chunk)]
         return out
 
     def probe(self, relation: Relation, known: dict[str, Relation] | None = None) -> dict[str, Any]:

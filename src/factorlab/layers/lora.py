@@ -219,7 +219,11 @@ class LoRALinear(LoRALayer):
                 continue
             lora_a, lora_b = self.lora_A[name], self.lora_B[name]
             x_in = self.lora_dropout[name](x.to(lora_a.weight.dtype))
-            update = lora_b(lora_a(x_in)) * self.scaling[name]
+            scaling = self.scaling[name]
+            if math.frexp(scaling)[0] == 0.5:  # a power of two scales exactly, so at width r, not out
+                update = lora_b(lora_a(x_in) * scaling)
+            else:
+                update = lora_b(lora_a(x_in)) * scaling
             if name in self.lora_magnitude_vector:
                 scale = self.lora_magnitude_vector[name].weight / self._direction_norm(name)  # (out,)
                 if x_in is x or isinstance(self.lora_dropout[name], nn.Identity) or not self.training:
