@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_PIN := torch==2.13.0
 
-.PHONY: demo test lint install install-dev clean
+.PHONY: demo test lint mutate install install-dev clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -34,8 +34,15 @@ test: $(VENV)/.dev-installed
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(VENV)/.dev-installed
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench tools
+	$(VENV)/bin/ruff format --check src tests bench tools
+
+# Mutation testing of layers/ and methods/ (about an hour on 2 cores; see results/mutation/summary.md)
+mutate: $(VENV)/.dev-installed
+	$(PIP) install "mutmut==3.8.1"
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children 2 > mutants.log 2>&1 || (tail -c 2000 mutants.log; exit 1)
+	$(PY) tools/mutation_summary.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache mutants mutants.log

@@ -1,3 +1,4 @@
+import inspect
 import json
 
 import pytest
@@ -5,7 +6,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import factorlab
-from factorlab import AdaptedModel, AdapterLoadError, ConfigError, LoraConfig, TargetError, adapt
+from factorlab import (
+    AdaptedModel,
+    AdapterLoadError,
+    ConfigError,
+    LoraConfig,
+    LoraMixerConfig,
+    TargetError,
+    adapt,
+)
 from factorlab.core.targeting import resolve_targets
 from factorlab.layers import AdapterLayer, LoRALinear
 from tiny_models import ARCHS, build, inputs, logits
@@ -362,3 +371,39 @@ def test_mamba_dt_proj_is_refused_and_the_called_projections_train():
     for name, grad in grads.items():  # B starts at zero, so A's gradient is zero: check B
         if ".lora_B." in name:
             assert grad is not None and grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize(
+    "config", [LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), LoraMixerConfig(num_experts=2, r=2)]
+)
+def test_a_copy_runs_and_trains_its_own_weights(config):
+    """deepcopy / pickle of an adapted model: the copy's forward reads the copy's weights (a forward
+    bound to the original would train the original through the copy, and the copy not at all)."""
+    import copy
+    import io
+
+    original = adapt(build("llama"), config)
+    batch = inputs("llama")
+    for clone in (copy.deepcopy(original), torch.load(io.BytesIO(_pickled(original)), weights_only=False)):
+        before = logits(original, batch)
+        weights = [p for p in clone.parameters() if p.requires_grad]
+        with torch.no_grad():
+            for weight in weights:
+                weight.add_(0.5)
+        assert not torch.allclose(logits(clone, batch), before)  # the copy reads its own weights
+        torch.testing.assert_close(logits(original, batch), before)  # and leaves the original alone
+        clone.train()
+        clone(**batch, labels=batch["input_ids"]).loss.backward()
+        assert all(w.grad is not None for w in weights) and all(p.grad is None for p in original.parameters())
+        assert (
+            inspect.signature(clone.forward).parameters.keys()
+            == inspect.signature(original.forward).parameters.keys()
+        )
+
+
+def _pickled(model) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    return buffer.getvalue()

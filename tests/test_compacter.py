@@ -194,37 +194,80 @@ def test_learn_phm_false_really_freezes_the_rule(tmp_path):
     assert torch.equal(logits(restored, batch), logits(adapted, batch))
 
 
-def test_every_option_does_what_it_says():
-    def layer_of(config):
-        adapted = adapt(build("llama"), config)
-        _name, layer = next(
-            (n, m) for n, m in adapted.adapter_layers() if isinstance(m, BottleneckAdapterLayer)
-        )
-        return adapted, layer.adapter_down["default"], layer.adapter_up["default"]
+def layer_of(config):
+    """The adapted tiny Llama and its first Compacter adapter's down and up PHM layers."""
+    adapted = adapt(build("llama"), config)
+    _name, layer = next((n, m) for n, m in adapted.adapter_layers() if isinstance(m, BottleneckAdapterLayer))
+    return adapted, layer.adapter_down["default"], layer.adapter_up["default"]
 
-    adapted, down, _ = layer_of(CompacterConfig(**TINY))
+
+def _shared_rule(adapted, down, up):
     assert down.fast.s.shape == (4, 2, 1) and down.fast.t.shape == (4, 16, 1)  # 64 -> 8, n = 4, rank 1
     assert down.bias is not None and down.rule is adapted.shared_adapter_weights["default"]["phm_rule"]
-    _, down, _ = layer_of(CompacterConfig(phm_rank=3, **TINY))
-    assert down.fast.s.shape == (4, 2, 3)
-    _, down, _ = layer_of(CompacterConfig(factorized_phm_W=False, **TINY))
-    assert down.fast.B.shape == (4, 2, 16) and not down.fast.factorized
-    _, down, _ = layer_of(CompacterConfig(shared_phm_rule=False, **TINY))
-    assert down.rule is down.own_rule and down.rule.A.std().item() == pytest.approx(1e-4, rel=0.3)
-    adapted, down, up = layer_of(CompacterConfig(shared_W_phm=True, **TINY))
+    assert down.rule.A.std().item() == pytest.approx(1e-4, rel=0.3)  # phm_init_range
+
+
+def _unshared_rule(adapted, down, up):
+    # a layer's own rule: N(0, 0.01^2) as the original code and AdapterHub, whatever phm_init_range says
+    assert down.rule is down.own_rule and down.rule.A.std().item() == pytest.approx(0.01, rel=0.3)
+    assert up.rule is up.own_rule and up.rule is not down.rule
+
+
+def _shared_fast(adapted, down, up):
     shared = adapted.shared_adapter_weights["default"]
     assert down.fast is shared["W_down"] and up.fast is shared["W_up"]
-    _, down, _ = layer_of(CompacterConfig(factorized_phm_rule=True, **TINY))
-    assert down.rule.A_left.shape == (4, 4, 1) and down.rule().shape == (4, 4, 4)
-    _, down, _ = layer_of(CompacterConfig(phm_bias=False, **TINY))
-    assert down.bias is None
-    _, down, _ = layer_of(CompacterConfig(phm_c_init="uniform", phm_init_range=0.5, **TINY))
-    assert down.rule.A.abs().max() <= 0.5 and down.rule.A.abs().max() > 0.3
-    _, down, _ = layer_of(CompacterConfig(hypercomplex_nonlinearity="normal", phm_init_range=0.01, **TINY))
-    assert down.fast.t.std().item() == pytest.approx(0.01, rel=0.3)
-    _, down, _ = layer_of(CompacterConfig(hypercomplex_nonlinearity="glorot-uniform", **TINY))
+
+
+def _glorot(adapted, down, up):
     bound = 2**0.5 * (6 / (16 + 1)) ** 0.5  # xavier-uniform, gain sqrt(2), t_i is 16 x 1
-    assert down.fast.t.abs().max() <= bound
+    assert down.fast.t.abs().max() <= bound and down.fast.t.abs().max() > bound / 3
+
+
+def _rank_3(adapted, down, up):
+    assert down.fast.s.shape == (4, 2, 3)
+
+
+def _full_fast(adapted, down, up):
+    assert down.fast.B.shape == (4, 2, 16) and not down.fast.factorized
+
+
+def _factorized_rule(adapted, down, up):
+    assert down.rule.A_left.shape == (4, 4, 1) and down.rule().shape == (4, 4, 4)
+
+
+def _no_bias(adapted, down, up):
+    assert down.bias is None and up.bias is None
+
+
+def _uniform_rule(adapted, down, up):
+    assert 0.3 < down.rule.A.abs().max() <= 0.5
+
+
+def _normal_fast(adapted, down, up):
+    assert down.fast.t.std().item() == pytest.approx(0.01, rel=0.3)
+
+
+OPTIONS = {
+    "defaults": ({}, _shared_rule),
+    "phm_rank": ({"phm_rank": 3}, _rank_3),
+    "full fast weights": ({"factorized_phm_W": False}, _full_fast),
+    "unshared rule": ({"shared_phm_rule": False}, _unshared_rule),
+    "shared fast weights": ({"shared_W_phm": True}, _shared_fast),
+    "factorized rule": ({"factorized_phm_rule": True}, _factorized_rule),
+    "no bias": ({"phm_bias": False}, _no_bias),
+    "uniform rule": ({"phm_c_init": "uniform", "phm_init_range": 0.5}, _uniform_rule),
+    "normal fast weights": ({"hypercomplex_nonlinearity": "normal", "phm_init_range": 0.01}, _normal_fast),
+    "glorot fast weights": ({"hypercomplex_nonlinearity": "glorot-uniform"}, _glorot),
+}
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_every_option_does_what_it_says(option):
+    kwargs, check = OPTIONS[option]
+    check(*layer_of(CompacterConfig(**kwargs, **TINY)))
+
+
+def test_the_non_linearity_is_the_one_asked_for():
     relu = logits(
         adapt(build("llama"), CompacterConfig(non_linearity="relu", phm_init_range=1.0, **TINY)),
         inputs("llama"),
@@ -234,6 +277,20 @@ def test_every_option_does_what_it_says():
         inputs("llama"),
     )
     assert not torch.allclose(relu, ident)
+
+
+@pytest.mark.parametrize(
+    "config, phm_dim", [(CompacterConfig, 4), (CompacterPlusPlusConfig, 4), (PHMAdapterConfig, 12)]
+)
+def test_paper_recipe_is_the_papers_training_setup(config, phm_dim):
+    recipe = config.paper_recipe()
+    assert type(recipe) is config and recipe.phm_dim == phm_dim and recipe.reduction_factor == 32
+    assert recipe.non_linearity == "gelu_new" and recipe.train_layer_norms
+    defaults = config()
+    assert (defaults.non_linearity, defaults.train_layer_norms) == ("gelu", False)  # AdapterHub's
+    assert config.paper_recipe(reduction_factor=16).reduction_factor == 16
+    with pytest.raises(ConfigError):
+        config.paper_recipe(phm_dim=0)
 
 
 def test_compacter_cannot_merge_but_unloads_cleanly():

@@ -224,3 +224,37 @@ def test_supervised_routing_term_is_the_cross_entropy_to_the_labels():
     assert with_labels > 0 and float(adapted.last_aux_loss) == 0.0  # labels only act when given
     with pytest.raises(ConfigError, match="one task label per sample"):
         adapted(**batch_inputs, task_labels=torch.tensor([0, 1, 1]))
+
+
+def test_padding_tokens_take_no_part_in_the_routing_losses():
+    """The routing losses of a right-padded batch do not depend on what the padding holds, and equal
+    the losses over the real tokens alone."""
+    adapted = mixer("topk", balance_coef=0.5, specialization_coef=0.2, route_label_coef=0.3)
+    adapted.train()
+    batch = inputs("llama")
+    mask = torch.ones_like(batch["input_ids"])
+    mask[1, 7:] = 0  # the second sample has 7 real tokens
+    labels = torch.tensor([0, 2])
+    losses = []
+    for pad in (5, 900):
+        ids = batch["input_ids"].masked_fill(mask == 0, pad)
+        adapted(input_ids=ids, attention_mask=mask, task_labels=labels)
+        losses.append(float(adapted.last_aux_loss))
+        state = adapted.shared_adapter_weights["default"].routing
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    # the same losses from the real rows only, by the reference formulas
+    keep = mask.reshape(-1).bool()
+    real = [(p.detach().double()[keep], w.double()[keep], t) for p, w, t in state.records]
+    expected = reference_aux(real, "topk", 0.5, 0.2)
+    label_ce = []
+    for p, _, t in state.records:
+        p = p.detach().double().view(2, t, -1)
+        first, second = p[0].mean(0), p[1, :7].mean(0)  # each sample's real tokens
+        label_ce.append(-(first[0].log() + second[2].log()) / 2)
+    expected += 0.3 * float(sum(label_ce) / len(label_ce))
+    assert losses[1] == pytest.approx(expected, rel=1e-5)
+    # without the mask the padding would count: the check above can fail
+    state.token_mask = None
+    assert float(routing_aux_loss(state, 0.5, 0.2)) != pytest.approx(
+        reference_aux(real, "topk", 0.5, 0.2), rel=1e-5
+    )

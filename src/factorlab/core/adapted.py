@@ -115,13 +115,18 @@ class AdaptedModel(nn.Module):
         self.shared_adapter_weights = nn.ModuleDict()  # per adapter: weights all its layers share
         self._original_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
 
-        # Expose the base model's forward signature: Trainer drops dataset columns that the
-        # signature of model.forward does not name.
+        self._install_forward()
+
+    def _install_forward(self) -> None:
+        """Expose the base model's forward signature: Trainer drops dataset columns that the
+        signature of model.forward does not name."""
+
         def forward(*args, **kwargs):
             return type(self).forward(self, *args, **kwargs)
 
-        functools.update_wrapper(forward, base_model.forward)
-        signature = inspect.signature(base_model.forward)
+        base_forward = self.base_model.forward
+        functools.update_wrapper(forward, base_forward)
+        signature = inspect.signature(base_forward)
         params = list(signature.parameters.values())
         extra = [  # the per-call keywords of every method (LoRA-Mixer's task_ids), so Trainer keeps them
             inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=None)
@@ -131,6 +136,17 @@ class AdaptedModel(nn.Module):
         cut = next((i for i, p in enumerate(params) if p.kind == inspect.Parameter.VAR_KEYWORD), len(params))
         forward.__signature__ = signature.replace(parameters=[*params[:cut], *extra, *params[cut:]])
         object.__setattr__(self, "forward", forward)
+
+    # The forward above closes over this instance: a copy (deepcopy, pickle) must get its own, or it
+    # would run, and train, the original's weights.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("forward", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._install_forward()
 
     def __getattr__(self, name: str) -> Any:
         try:

@@ -48,6 +48,7 @@ class RoutingState:
     task_ids: torch.Tensor | None = None  # (batch,) for hard routing
     task_labels: torch.Tensor | None = None  # (batch,) to supervise soft routing (route_label_coef)
     record: bool = False  # keep this forward's routing (aux loss, inspection)
+    token_mask: torch.Tensor | None = None  # (batch, tokens), False at padding: the losses skip it
     # one entry per mixer-layer call: router probabilities (None without a router), weights used,
     # and tokens per sample (to map rows back to samples)
     records: list[tuple[torch.Tensor | None, torch.Tensor, int]] = field(default_factory=list)
@@ -242,16 +243,31 @@ class LoRAMixerLinear(AdapterLayer):
         return result
 
 
+def real_tokens(state: RoutingState, rows: int) -> torch.Tensor | None:
+    """The call's non-padding rows as a (rows,) bool mask, or None when every row counts (no mask,
+    or a mask of another call's shape, as in cached generation where a call sees one new token)."""
+    mask = state.token_mask
+    if mask is None or mask.numel() != rows:
+        return None
+    return mask.reshape(-1).to(torch.bool)
+
+
 def routing_label_loss(state: RoutingState) -> torch.Tensor:
     """Ours: mean over the recorded router calls of CE(each sample's router probabilities averaged
-    over its tokens, the sample's task label). Zero without labels or routers."""
+    over its real (non-padding) tokens, the sample's task label). Zero without labels or routers."""
     labels = state.task_labels
     with_router = [(p, tokens) for p, _, tokens in state.records if p is not None]
     if labels is None or not with_router:
         return torch.zeros(())
     total = torch.zeros((), device=with_router[0][0].device)
     for p, tokens in with_router:
-        per_sample = p.view(-1, tokens, p.shape[-1]).mean(1)  # (batch, E)
+        keep = real_tokens(state, p.shape[0])
+        weight = (torch.ones(p.shape[0], device=p.device) if keep is None else keep.to(p.dtype)).view(
+            -1, tokens, 1
+        )
+        per_sample = (p.view(-1, tokens, p.shape[-1]) * weight).sum(1) / weight.sum(1).clamp_min(
+            1
+        )  # (batch, E)
         if per_sample.shape[0] != labels.shape[0]:
             raise ConfigError(
                 f"task_labels has {labels.shape[0]} entries but the batch has {per_sample.shape[0]} samples; "
@@ -269,12 +285,16 @@ def routing_aux_loss(state: RoutingState, balance: float, specialization: float)
     the first term balances the experts. The entropy term is ADDED (the paper prints a minus, which
     would maximise per-token entropy against its stated goal of specialised routing): minimising it
     makes each token's routing confident. Nothing is recorded under hard or uniform routing.
+    Padding tokens (``state.token_mask``, from the attention mask) take no part.
     """
     with_router = [(p, w) for p, w, _ in state.records if p is not None]
     if not with_router:
         return torch.zeros(())
     total = torch.zeros((), device=with_router[0][0].device)
     for p, w in with_router:
+        keep = real_tokens(state, p.shape[0])
+        if keep is not None:
+            p, w = p[keep], w[keep]
         E = p.shape[-1]
         assigned = w.float() if state.routing == "topk" else F.one_hot(p.argmax(-1), E).float()
         pbar, fbar = p.mean(0), assigned.mean(0)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from factorlab.errors import ConfigError
-from factorlab.methods.lora_mixer.config import LoraMixerConfig
+from factorlab.methods.lora_mixer.config import PRESERVATION_COEF, LoraMixerConfig
 from factorlab.mixer.tasks import SyntheticTasks
 from factorlab.models import resolve_model_path
 from factorlab.validation import check_fields, check_ranges
@@ -39,7 +39,10 @@ class MixerExperimentConfig:
     train_examples_per_task: int = 4000
     eval_examples_per_task: int = 512
     batch_size: int = 64
-    top_k: int = 2
+    top_k: int = 3
+    """Experts per token at inference (top-k routing; the paper's K = 3, at most the task count)."""
+    preservation_coef: float = PRESERVATION_COEF
+    """beta of stage 2's preservation penalty; experts train beside the routers when > 0."""
     balance_coef: float = 0.01
     specialization_coef: float = 0.1
     route_label_coef: float = 0.0
@@ -67,7 +70,7 @@ class MixerExperimentConfig:
                 "router_lr",
                 "lora_alpha",
             ),
-            non_negative=("balance_coef", "specialization_coef", "route_label_coef"),
+            non_negative=("balance_coef", "specialization_coef", "preservation_coef", "route_label_coef"),
         )
         # Names and paths are checked here, not in a grid worker, so a typo is one line before any work.
         if self.model == "tiny":
@@ -84,6 +87,7 @@ class MixerExperimentConfig:
             top_k=min(self.top_k, len(self.tasks)),
             balance_coef=self.balance_coef,
             specialization_coef=self.specialization_coef,
+            preservation_coef=self.preservation_coef,
             route_label_coef=self.route_label_coef,
         )
 

@@ -12,7 +12,12 @@ from factorlab.layers.lora import adapter_dtype
 from factorlab.layers.modules_to_save import ModulesToSave
 from factorlab.layers.phm import PHMFastWeights, PHMLinear, PHMRule, check_phm_dim
 from factorlab.methods.base import Method
-from factorlab.methods.compacter.config import CompacterConfig, CompacterPlusPlusConfig, PHMAdapterConfig
+from factorlab.methods.compacter.config import (
+    UNSHARED_RULE_STD,
+    CompacterConfig,
+    CompacterPlusPlusConfig,
+    PHMAdapterConfig,
+)
 
 
 def bottleneck_size(hidden: int, config: CompacterConfig, module_name: str) -> int:
@@ -91,7 +96,7 @@ def build_compacter_layer(
         "bias": config.phm_bias,
         "rule": shared.get("phm_rule"),
         "rule_init": config.phm_c_init,
-        "rule_init_range": config.phm_init_range,
+        "rule_init_range": config.phm_init_range if config.shared_phm_rule else UNSHARED_RULE_STD,
         "learn_rule": config.learn_phm,
         "factorized_rule": config.factorized_phm_rule,
         "fast_init": config.hypercomplex_nonlinearity,

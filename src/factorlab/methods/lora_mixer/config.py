@@ -36,6 +36,13 @@ from factorlab.validation import check_fields
 
 GRANULARITIES = ("projection", "layer", "shared")
 
+# The paper gives no beta. Its gradient 2 beta (theta - theta_0) balances the task gradient g of an
+# expert weight at a drift of g / (2 beta); LoRA weights' task gradients are ~1e-3 (SmolLM2 and the
+# quick preset), so beta = 0.1 lets an expert weight settle ~5e-3 away from its stage-1 value: a
+# few percent of trained LoRA weights, enough to adapt to mixed routing without forgetting the task
+# (measured: see the README's LoRA-Mixer section, "stage-2 drift").
+PRESERVATION_COEF = 0.1
+
 
 @dataclass
 class ExpertSpec:
@@ -71,7 +78,8 @@ class LoraMixerConfig(AdapterConfig):
     """Per-expert specs (names, ranks, targets, PEFT sources)."""
     routing: str = "soft"
     """"hard" (by task_ids), "soft" (dense softmax), "topk" (k largest, renormalised) or "uniform"."""
-    top_k: int = 2
+    top_k: int | None = None
+    """Experts kept per token under "topk" routing. None: min(3, E), the paper's K = 3 at inference."""
     temperature: float = 1.0
     """Softmax temperature of the router."""
     router_granularity: str = "projection"
@@ -80,8 +88,10 @@ class LoraMixerConfig(AdapterConfig):
     """alpha of the balance term sum_i pbar_i fbar_i."""
     specialization_coef: float = 0.01
     """lambda of the per-token routing-entropy term (minimised: confident routing)."""
-    preservation_coef: float = 0.0
-    """beta of the preservation penalty sum ||theta - theta_0||^2 (stage 2)."""
+    preservation_coef: float = PRESERVATION_COEF
+    """beta of the preservation penalty sum ||theta - theta_0||^2 in stage 2, where the experts keep
+    training beside the routers (the paper's stage 2); 0 trains the routers alone. See
+    PRESERVATION_COEF for the default's value and why."""
     route_label_coef: float = 0.0
     """Ours: weight of the supervised routing term (needs ``task_labels`` in forward; see above)."""
     freeze_experts: bool = False
@@ -108,6 +118,8 @@ class LoraMixerConfig(AdapterConfig):
                 raise ConfigError(f"expert {spec.name!r}: rank r must be a positive integer, got {spec.r!r}.")
         if self.routing not in ROUTINGS:
             raise ConfigError(f"routing must be one of {ROUTINGS}, got {self.routing!r}.")
+        if self.top_k is None:
+            self.top_k = min(3, self.num_experts)
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= self.num_experts:
             raise ConfigError(f"top_k must be in 1..num_experts={self.num_experts}, got {self.top_k!r}.")
         if self.temperature <= 0:

@@ -53,8 +53,14 @@ class MixerShared(nn.Module):
 
     # -- called by AdaptedModel around every forward / generate ---------------------------------
     def begin_forward(
-        self, task_ids: torch.Tensor | None, record: bool, task_labels: torch.Tensor | None = None
+        self,
+        task_ids: torch.Tensor | None,
+        record: bool,
+        task_labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> None:
+        mask = attention_mask
+        self.routing.token_mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
         self.routing.task_labels = (
             self._check_ids(task_labels, "task_labels") if task_labels is not None else None
         )
@@ -245,7 +251,9 @@ def mixer_forward(adapted, adapter_name: str, kwargs: dict, record: bool):
     """Around one forward / generate: hard-route by ``task_ids`` if given, record routing when asked,
     and yield the routing loss of this call (computed when called, once)."""
     shared = adapted.shared_adapter_weights[adapter_name]
-    shared.begin_forward(kwargs.pop("task_ids", None), record, kwargs.pop("task_labels", None))
+    shared.begin_forward(
+        kwargs.pop("task_ids", None), record, kwargs.pop("task_labels", None), kwargs.get("attention_mask")
+    )
     try:
         yield lambda: shared.extra_loss(mixer_layers(adapted, adapter_name), adapter_name)
     finally:
