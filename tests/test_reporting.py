@@ -33,3 +33,24 @@ def test_aggregate_and_write_table(tmp_path):
         "n": 2,
         "ci95": pytest.approx(half_width, rel=1e-4),
     }
+
+
+@pytest.mark.parametrize("grid", ["inject-tiny", "inject-smollm2"])
+def test_readme_tables_are_the_ones_rebuilt_from_the_committed_cells(grid, tmp_path):
+    """The README quotes each real grid's tables; `factorlab report results/<grid>` must rebuild them
+    from the committed cell summaries with identical numbers."""
+    import shutil
+    from pathlib import Path
+
+    from factorlab.recipes.inject import report_from_cells
+
+    root = Path(__file__).resolve().parents[1]
+    for summary in (root / "results" / grid / "cells").glob("*/summary.json"):
+        target = tmp_path / "cells" / summary.parent.name
+        target.mkdir(parents=True)
+        shutil.copy(summary, target / "summary.json")
+    report_from_cells(tmp_path)
+    readme = (root / "README.md").read_text()
+    for name in ("table.md", "train_fact_table.md"):
+        table = (tmp_path / name).read_text().strip()
+        assert table in readme, f"README's {grid} {name} differs from `factorlab report results/{grid}`"
