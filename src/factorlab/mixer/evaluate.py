@@ -66,15 +66,16 @@ def accuracy(
 
 @torch.no_grad()
 def routing_report(mixer: AdaptedModel, evals: Sequence[Sequence[Example]], pad_id: int):
-    """Mean routing weight per (task, expert) and router accuracy: the share of samples whose most
-    used expert is their own task's expert."""
-    usage, correct, total = [], 0, 0
+    """(mean routing weight per (task, expert), router accuracy, router accuracy per task): accuracy is
+    the share of samples whose most used expert is their own task's expert."""
+    usage, per_task = [], []
     for k, examples in enumerate(evals):
         batch = collate([dataclasses.replace(e, answer=[]) for e in examples], pad_id)
         weights = routing_weights_per_sample(
             mixer, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         )
         usage.append(weights.mean(0))
-        correct += int((weights.argmax(-1) == k).sum())
-        total += len(examples)
-    return torch.stack(usage), correct / total
+        per_task.append(float((weights.argmax(-1) == k).float().mean()))
+    total = sum(len(e) for e in evals)
+    overall = sum(acc * len(e) for acc, e in zip(per_task, evals)) / total
+    return torch.stack(usage), overall, per_task

@@ -535,8 +535,32 @@ def write_grid_report(out: Path, report, seconds: float, cell_seconds: bool = Fa
             "",
         ]
     lines += ["## Machines", "", *(f"- `{m}`" for m in machines), ""]
+    lines += ["## Every cell", "", *_cell_lines(records), ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     return {"records": records, "rows": rows, "report": report}
+
+
+def _cell_lines(records: list[dict[str, Any]]) -> list[str]:
+    """One row per cell: whether it memorised its training facts, and its test implications."""
+
+    def rank(value: float | None) -> str:
+        return "–" if value is None else f"{value:.2f}"
+
+    lines = [
+        "| relation | method | pretraining seed | seed | train-fact rank | memorised | "
+        "test implication before -> after | seconds | CPU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = sorted(records, key=lambda r: (r["relation"], r["method"], r["pretrain_seed"], r["seed"]))
+    for r in order:
+        fact = r["train_fact_rank"]
+        memorised = "yes" if fact is not None and fact <= MEMORISED else "**no**"
+        before, after = rank(r["test_implication_rank_before"]), rank(r["test_implication_rank"])
+        lines.append(
+            f"| {r['relation']} | {r['method']} | {r['pretrain_seed']} | {r['seed']} | {rank(fact)} | "
+            f"{memorised} | {before} -> {after} | {r['seconds']:.0f} | {r['cpu_capability']} |"
+        )
+    return lines
 
 
 def _num_candidates(report) -> int:

@@ -116,7 +116,7 @@ def seed_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
             after_experts=score_experts,
         )
     score(mixer, "LoRA-Mixer (soft)")
-    usage, router_acc = routing_report(mixer, evals, pad_id)
+    usage, router_acc, _ = routing_report(mixer, evals, pad_id)
     set_routing(mixer, "topk")
     score(mixer, "LoRA-Mixer (top-k)")
     set_routing(mixer, "soft")
@@ -313,8 +313,8 @@ def joint(cfg: MixerExperimentConfig, out: str | Path) -> dict[str, Any]:
         t: accuracy(adapted, tasks, evals[k], pad_id, max_new_tokens=cfg.max_new_tokens)
         for k, t in enumerate(cfg.tasks)
     }
-    usage, router_acc = routing_report(adapted, evals, pad_id)
-    return _workflow_report(out, "joint training", cfg, accuracies, usage, router_acc)
+    usage, router_acc, router_per_task = routing_report(adapted, evals, pad_id)
+    return _workflow_report(out, "joint training", cfg, accuracies, usage, router_acc, router_per_task)
 
 
 def plug(
@@ -362,21 +362,38 @@ def plug(
         t: accuracy(adapted, tasks, evals[k], pad_id, hard=True, max_new_tokens=cfg.max_new_tokens)
         for k, t in enumerate(cfg.tasks)
     }
-    usage, router_acc = routing_report(adapted, evals, pad_id)
+    usage, router_acc, router_per_task = routing_report(adapted, evals, pad_id)
     return _workflow_report(
-        out, "plug-and-play (frozen PEFT experts)", cfg, accuracies, usage, router_acc, oracle
+        out,
+        "plug-and-play (frozen PEFT experts)",
+        cfg,
+        accuracies,
+        usage,
+        router_acc,
+        router_per_task,
+        oracle,
     )
 
 
 def _workflow_report(
-    out: Path, title: str, cfg, accuracies, usage, router_acc, oracle=None
+    out: Path, title: str, cfg, accuracies, usage, router_acc, router_per_task, oracle=None
 ) -> dict[str, Any]:
     from factorlab.mixer import plots as mixer_plots
 
     rows = [
-        {"task": t, "accuracy": accuracies[t], **({"oracle": oracle[t]} if oracle else {})} for t in cfg.tasks
+        {
+            "task": t,
+            "accuracy": accuracies[t],
+            "routed": router_per_task[k],
+            **({"oracle": oracle[t]} if oracle else {}),
+        }
+        for k, t in enumerate(cfg.tasks)
     ]
-    columns = [Column("task", "task"), Column("accuracy", "LoRA-Mixer accuracy", "{:.3f}")]
+    columns = [
+        Column("task", "task"),
+        Column("accuracy", "LoRA-Mixer accuracy", "{:.3f}"),
+        Column("routed", "routed to its expert", "{:.3f}"),
+    ]
     if oracle:
         columns.append(Column("oracle", "expert alone (task id given)", "{:.3f}"))
     table = write_table(rows, columns, out / "table")
@@ -385,7 +402,9 @@ def _workflow_report(
         "accuracy": accuracies,
         "oracle": oracle,
         "router_accuracy": router_acc,
+        "router_accuracy_per_task": dict(zip(cfg.tasks, router_per_task)),
         "usage": usage.tolist(),
+        "config": dataclasses.asdict(cfg),
     }
     write_json(out / "results.json", result)
     atomic_write_text(
