@@ -359,3 +359,29 @@ def test_files_of_factorlab_0_1_with_modules_to_save_keys_still_load(tmp_path):
     save_file(old, file)
     restored = AdaptedModel.from_pretrained(build("llama"), tmp_path)
     assert torch.equal(logits(restored, batch), logits(adapted, batch))
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        # tiny Llama: L = 2 layers, k = 64, d = 8 (reduction 8), n = 4; Compacter: 4L(k + d) fast + n^3 rule
+        (
+            CompacterConfig(**TINY),
+            {"PHM fast weights s_i, t_i / B_i": 4 * 2 * (64 + 8), "PHM rule A_i (slow weights)": 4**3},
+        ),
+        # PHM-Adapter: full B_i (kd/n per layer) and an own rule (n^3) in each of the 8 PHM layers
+        (
+            PHMAdapterConfig(phm_dim=4, **TINY),
+            {"PHM fast weights s_i, t_i / B_i": 8 * 64 * 8 // 4, "PHM rule A_i (slow weights)": 8 * 4**3},
+        ),
+        # shared fast weights: one down and one up set for the model
+        (
+            CompacterConfig(shared_W_phm=True, **TINY),
+            {"PHM fast weights (shared)": 2 * (64 + 8), "PHM rule A_i (slow weights)": 4**3},
+        ),
+    ],
+)
+def test_trainable_parameters_by_kind_follow_the_papers_counts(config, expected):
+    adapted = adapt(build("llama"), config)
+    by_kind = count_parameters(adapted)["trainable_by_kind"]
+    assert by_kind == {**expected, "PHM biases": 4 * (8 + 64)}  # 4 adapters, down and up biases
