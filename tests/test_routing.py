@@ -258,3 +258,13 @@ def test_padding_tokens_take_no_part_in_the_routing_losses():
     assert float(routing_aux_loss(state, 0.5, 0.2)) != pytest.approx(
         reference_aux(real, "topk", 0.5, 0.2), rel=1e-5
     )
+
+
+def test_hard_routing_repeats_each_task_id_over_its_beams():
+    """generate with num_beams / num_return_sequences multiplies the batch: sample i's id covers its
+    consecutive copies; a batch that is no multiple of the ids is refused."""
+    state = RoutingState(3, "soft", task_ids=torch.tensor([2, 0]))
+    weights = route(None, state, batch=4, tokens=1)
+    assert weights.argmax(-1).tolist() == [2, 2, 0, 0] and torch.equal(weights.sum(-1), torch.ones(4))
+    with pytest.raises(ConfigError, match="task_ids has 2 entries but the batch has 3"):
+        route(None, state, batch=3, tokens=1)
