@@ -1,8 +1,8 @@
 """Count mutmut's verdicts (after `make mutate`) per file and write results/mutation/summary.json + .md.
 
-mutmut keeps one ``mutants/<file>.meta`` per mutated file with each mutant's pytest exit code:
-1 = a test failed (killed), 0 = every test passed (survived), 33 = no test reaches the mutant,
-others = timeout / crash / type error (counted apart).
+mutmut keeps one ``mutants/<file>.meta`` per mutated file with each mutant's pytest exit code; the
+verdict of each code is mutmut's own (``mutmut.stats.status_by_exit_code``): killed, survived, no tests
+(no selected test reaches the mutant), timeout, ...
 """
 
 from __future__ import annotations
@@ -15,16 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-
-VERDICT = {
-    1: "killed",
-    0: "survived",
-    33: "no tests",
-    3: "killed",
-    36: "timeout",
-    24: "timeout",
-    152: "timeout",
-}
+from mutmut.stats import status_by_exit_code
 
 
 def main(mutants: Path = Path("mutants"), out: Path = Path("results/mutation")) -> None:
@@ -36,9 +27,7 @@ def main(mutants: Path = Path("mutants"), out: Path = Path("results/mutation")) 
     for meta in metas:
         codes = json.loads(meta.read_text())["exit_code_by_key"]
         name = str(meta.relative_to(mutants))[: -len(".meta")]
-        counts = Counter(
-            VERDICT.get(code, "not run" if code is None else f"exit {code}") for code in codes.values()
-        )
+        counts = Counter(status_by_exit_code.get(code, f"exit {code}") for code in codes.values())
         per_file[name] = counts
         survivors += [key for key, code in codes.items() if code == 0]
     total = sum(per_file.values(), Counter())
