@@ -131,9 +131,8 @@ def fine_tune(
     torch.manual_seed(settings.seed)
     model = prepare(backend.model, settings.method, settings.r, settings.lora_alpha)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(
-        params, lr=lr, fused=True
-    )  # the paper's recipe: Adam, no weight decay, constant rate
+    # the paper's recipe: Adam, no weight decay, constant rate; fused: one kernel for all parameters
+    optimizer = torch.optim.Adam(params, lr=lr, fused=True)
     texts = world.training_texts()
     # One row without padding when the model keeps packed texts apart (the same loss, fewer tokens)
     packed = packs_sequences(model, model.get_input_embeddings().num_embeddings)

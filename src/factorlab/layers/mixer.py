@@ -262,12 +262,9 @@ def routing_label_loss(state: RoutingState) -> torch.Tensor:
     total = torch.zeros((), device=with_router[0][0].device)
     for p, tokens in with_router:
         keep = real_tokens(state, p.shape[0])
-        weight = (torch.ones(p.shape[0], device=p.device) if keep is None else keep.to(p.dtype)).view(
-            -1, tokens, 1
-        )
-        per_sample = (p.view(-1, tokens, p.shape[-1]) * weight).sum(1) / weight.sum(1).clamp_min(
-            1
-        )  # (batch, E)
+        real = torch.ones(p.shape[0], device=p.device) if keep is None else keep.to(p.dtype)
+        real = real.view(-1, tokens, 1)  # (batch, tokens, 1)
+        per_sample = (p.view(-1, tokens, p.shape[-1]) * real).sum(1) / real.sum(1).clamp_min(1)  # (batch, E)
         if per_sample.shape[0] != labels.shape[0]:
             raise ConfigError(
                 f"task_labels has {labels.shape[0]} entries but the batch has {per_sample.shape[0]} samples; "

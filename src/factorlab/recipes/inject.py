@@ -365,6 +365,11 @@ PAPER_RELATIONS = ("city-language", "city-language-cf", "country-code", "profess
 MEMORISED = 0.5  # a cell memorised its training facts when their mean rank is at most this
 
 
+def memorised(record: dict[str, Any]) -> bool:
+    fact = record["train_fact_rank"]
+    return fact is not None and fact <= MEMORISED
+
+
 def _record(summary: dict[str, Any]) -> dict[str, Any]:
     cfg = summary["config"]
     return {
@@ -500,7 +505,7 @@ def write_grid_report(out: Path, report, seconds: float, cell_seconds: bool = Fa
             f"{', '.join(low_probe)}; read those columns with care.",
             "",
         ]
-    unlearned = [r for r in records if r["train_fact_rank"] is None or r["train_fact_rank"] > MEMORISED]
+    unlearned = [r for r in records if not memorised(r)]
     lines += [
         f"Every cell memorised its training facts (train-fact rank <= {MEMORISED}), {len(records)} of "
         f"{len(records)}."
@@ -553,12 +558,12 @@ def _cell_lines(records: list[dict[str, Any]]) -> list[str]:
     ]
     order = sorted(records, key=lambda r: (r["relation"], r["method"], r["pretrain_seed"], r["seed"]))
     for r in order:
-        fact = r["train_fact_rank"]
-        memorised = "yes" if fact is not None and fact <= MEMORISED else "**no**"
         before, after = rank(r["test_implication_rank_before"]), rank(r["test_implication_rank"])
         lines.append(
-            f"| {r['relation']} | {r['method']} | {r['pretrain_seed']} | {r['seed']} | {rank(fact)} | "
-            f"{memorised} | {before} -> {after} | {r['seconds']:.0f} | {r['cpu_capability']} |"
+            f"| {r['relation']} | {r['method']} | {r['pretrain_seed']} | {r['seed']} | "
+            f"{rank(r['train_fact_rank'])} | {'yes' if memorised(r) else '**no**'} | {before} -> {after} | "
+            f"{r['seconds']:.0f} | "
+            f"{r['cpu_capability']} |"
         )
     return lines
 

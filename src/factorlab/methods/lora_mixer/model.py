@@ -59,8 +59,8 @@ class MixerShared(nn.Module):
         task_labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
     ) -> None:
-        mask = attention_mask
-        self.routing.token_mask = mask if torch.is_tensor(mask) and mask.dim() == 2 else None
+        two_d = torch.is_tensor(attention_mask) and attention_mask.dim() == 2
+        self.routing.token_mask = attention_mask if two_d else None
         self.routing.task_labels = (
             self._check_ids(task_labels, "task_labels") if task_labels is not None else None
         )
