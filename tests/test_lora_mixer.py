@@ -315,6 +315,21 @@ def test_routing_inspection_reports_per_sample_weights():
     assert not isinstance(next(m for _, m in adapted.adapter_layers()), LoRALinear)
 
 
+def test_per_sample_routing_weights_skip_padding():
+    """A right-padded sample's weights equal its weights run alone, whatever the padding holds."""
+    adapted = mixer("soft")
+    torch.manual_seed(0)
+    short, long = torch.randint(1, 100, (1, 5)), torch.randint(1, 100, (1, 9))
+    alone = routing_weights_per_sample(adapted, {"input_ids": short})
+    for pad in (0, 7):
+        ids = torch.cat([torch.cat([short, torch.full((1, 4), pad)], 1), long])
+        mask = torch.tensor([[1] * 5 + [0] * 4, [1] * 9])
+        padded = routing_weights_per_sample(adapted, {"input_ids": ids, "attention_mask": mask})
+        torch.testing.assert_close(padded[0], alone[0], rtol=1e-5, atol=1e-6)
+    unmasked = routing_weights_per_sample(adapted, {"input_ids": ids})
+    assert not torch.allclose(unmasked[0], alone[0], rtol=1e-5, atol=1e-6)  # the padding did count
+
+
 def test_paper_defaults_top3_inference_and_a_preservation_penalty_in_stage_2():
     from factorlab.methods.lora_mixer.config import PRESERVATION_COEF
     from factorlab.mixer.config import MixerExperimentConfig

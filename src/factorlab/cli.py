@@ -347,8 +347,9 @@ def mixer_run(
     address: RayAddress = None,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/mixer"),
 ) -> None:
-    """Compare base, one LoRA on the mixed data, per-task LoRA (oracle), the uniform average of the
-    experts and LoRA-Mixer, per task and seed; report routing usage and router accuracy."""
+    """Compare base, one multi-task LoRA of the mixer's total rank, Compacter++, full fine-tuning, per-task
+    LoRA (oracle), the uniform average of the experts, LoRA-Mixer joint and plug-and-play, and X-LoRA, per
+    task and seed; report trainable parameters, training time and tokens/s, and routing accuracy."""
     from factorlab.recipes.mixer import run_experiment
 
     cfg = _mixer_config(
@@ -580,7 +581,18 @@ def inject_pretrain(
 def report(
     folder: Annotated[Path, typer.Argument(help="A grid's output folder (it holds cells/).")],
 ) -> None:
-    """Rebuild a grid's tables, plots and report.md from its committed cell summaries."""
+    """Rebuild a grid's tables, plots and report.md from its committed cell summaries (a fact-injection
+    grid or a LoRA-Mixer comparison)."""
+    from factorlab.cells import load_summary
+
+    summaries = [load_summary(f) for f in sorted((folder / "cells").glob("*/"))]
+    if any(s is not None and "unit" in s.get("cell", {}) for s in summaries):
+        from factorlab.recipes.mixer import report_from_cells as mixer_report
+
+        result = mixer_report(folder)
+        typer.echo((folder / "table.md").read_text())
+        typer.echo(f"{len(result['missing'])} cells missing; wrote {folder}/report.md, table.*, results.json")
+        return
     from factorlab.recipes.inject import report_from_cells
 
     result = report_from_cells(folder)

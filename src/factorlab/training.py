@@ -71,19 +71,21 @@ def logits_at(net: nn.Module, model: nn.Module, keep: torch.Tensor, **inputs) ->
 
 
 def pack(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """A right-padded batch as one row without padding: (inputs, labels) for ``lm_loss``.
 
     ``position_ids`` restart at 0 for every text and there is no attention mask, which Hugging Face
-    models read as packed sequences (each text attends only to itself). A text's first token is not a
-    label, so no text learns to predict the next one's start. Use ``packs_sequences`` to check that a
-    model keeps packed texts apart before relying on this.
+    models read as packed sequences (each text attends only to itself). Labels are the tokens
+    themselves, or ``labels`` (same shape as ``input_ids``, -100 = no label) packed alike; a text's
+    first token is never a label, so no text learns to predict the next one's start. Use
+    ``packs_sequences`` to check that a model keeps packed texts apart before relying on this.
     """
     lengths = attention_mask.sum(1).tolist()
     ids = torch.cat([row[:n] for row, n in zip(input_ids, lengths)])
     positions = torch.cat([torch.arange(n) for n in lengths])
-    labels = ids.masked_fill(positions == 0, -100)
+    targets = ids if labels is None else torch.cat([row[:n] for row, n in zip(labels, lengths)])
+    labels = targets.masked_fill(positions == 0, -100)
     inputs = {"input_ids": ids[None], "position_ids": positions[None], "use_cache": False}
     return inputs, labels[None]
 

@@ -15,7 +15,7 @@ from factorlab.distributed import init_from_env, rank, world_size
 from factorlab.errors import ConfigError
 from factorlab.inject.backends import Backend
 from factorlab.inject.world import World
-from factorlab.methods.compacter.config import CompacterPlusPlusConfig
+from factorlab.methods.compacter.config import CompacterPlusPlusConfig, reduction_for
 from factorlab.methods.lora.config import LoraConfig
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
 from factorlab.training import pack, packs_sequences, run_training
@@ -70,17 +70,6 @@ class FineTuneSettings:
         return lr, epochs, batch
 
 
-def compacter_reduction(hidden: int, phm_dim: int = 4, largest: int = 32) -> int:
-    """The largest reduction factor <= 32 whose bottleneck phm_dim divides (T5-base: 32)."""
-    for factor in range(largest, 0, -1):
-        bottleneck = hidden // factor
-        if bottleneck >= phm_dim and bottleneck % phm_dim == 0:
-            return factor
-    raise ConfigError(
-        f"no reduction factor gives a bottleneck divisible by phm_dim={phm_dim} for hidden {hidden}."
-    )
-
-
 def prepare(model: nn.Module, method: str, r: int, lora_alpha: float = 8.0) -> nn.Module:
     """A trainable copy of ``model`` for ``method``."""
     model = copy.deepcopy(model)
@@ -94,7 +83,7 @@ def prepare(model: nn.Module, method: str, r: int, lora_alpha: float = 8.0) -> n
         hidden = model.config.hidden_size
         return adapt(
             model,
-            CompacterPlusPlusConfig(reduction_factor=compacter_reduction(hidden), train_layer_norms=True),
+            CompacterPlusPlusConfig(reduction_factor=reduction_for(hidden), train_layer_norms=True),
         )
     if method == "lora-mixer":
         return adapt(

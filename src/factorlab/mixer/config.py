@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from factorlab.errors import ConfigError
+from factorlab.methods.compacter.config import PAPER_LR
 from factorlab.methods.lora_mixer.config import PRESERVATION_COEF, LoraMixerConfig
 from factorlab.mixer.tasks import SyntheticTasks
 from factorlab.models import resolve_model_path
@@ -45,8 +46,15 @@ class MixerExperimentConfig:
     """beta of stage 2's preservation penalty; experts train beside the routers when > 0."""
     balance_coef: float = 0.01
     specialization_coef: float = 0.1
-    route_label_coef: float = 0.0
-    """Ours: the supervised routing term while the routers train (0: the paper's losses only)."""
+    route_label_coef: float = 1.0
+    """Ours: the supervised routing term while the routers train, since every recipe here has task
+    labels (0: the paper's losses only; on SmolLM2 they leave two of four tasks unrouted, see README)."""
+    compacter_lr: float = PAPER_LR
+    """Compacter++ (multi-task) learning rate."""
+    full_lr: float = 1e-3
+    """Full fine-tuning (multi-task) learning rate."""
+    full_seeds: list[int] | None = None
+    """Seeds on which full fine-tuning runs (None: every seed); the smollm2 preset runs the first only."""
     max_new_tokens: int = 1
 
     def __post_init__(self) -> None:
@@ -68,6 +76,8 @@ class MixerExperimentConfig:
                 "max_new_tokens",
                 "lr",
                 "router_lr",
+                "compacter_lr",
+                "full_lr",
                 "lora_alpha",
             ),
             non_negative=("balance_coef", "specialization_coef", "preservation_coef", "route_label_coef"),
@@ -112,6 +122,9 @@ class MixerExperimentConfig:
                 eval_examples_per_task=200,
                 batch_size=8,
                 max_new_tokens=9,  # <= 8 answer tokens and the end-of-turn token
+                compacter_lr=2e-3,  # as the SmolLM2 fact-injection grid (factorlab.inject.train)
+                full_lr=3e-5,
+                full_seeds=[0],  # ~2x a LoRA cell's time; the issue allows one seed
             )
         else:
             raise ConfigError(f"unknown preset {name!r}; choose quick or smollm2.")

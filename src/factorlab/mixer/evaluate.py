@@ -24,7 +24,8 @@ def predict(
     max_new_tokens: int = 1,
     batch_size: int = 128,
 ) -> list[list[int]]:
-    """Greedy answers. Single-token answers come from one forward; longer ones from generate()."""
+    """Greedy answers. Single-token answers come from one forward; longer ones from generate() with the
+    KV cache, or, for a model whose config turns the cache off, from a loop that drops finished texts."""
     model.eval()
     out: list[list[int]] = []
     for start in range(0, len(examples), batch_size):
@@ -37,16 +38,14 @@ def predict(
             ).logits
             last = batch["attention_mask"].sum(1) - 1
             out += [[int(t)] for t in logits[torch.arange(len(chunk)), last].argmax(-1)]
-        else:  # left-pad prompts for generation
-            width = max(len(e.prompt) for e in chunk)
-            ids = torch.full((len(chunk), width), pad_id)
-            mask = torch.zeros_like(ids)
-            for i, e in enumerate(chunk):
-                ids[i, width - len(e.prompt) :] = torch.tensor(e.prompt)
-                mask[i, width - len(e.prompt) :] = 1
+        elif not bool(getattr(getattr(model, "config", None), "use_cache", True)):
+            out += _greedy_without_cache(model, [e.prompt for e in chunk], pad_id, max_new_tokens, **kwargs)
+        else:
+            padded = _left_padded([e.prompt for e in chunk], pad_id)
+            width = padded["input_ids"].shape[1]
             generated = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
+                input_ids=padded["input_ids"],
+                attention_mask=padded["attention_mask"],
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 pad_token_id=pad_id,
@@ -54,6 +53,39 @@ def predict(
             )
             out += [row[width:].tolist() for row in generated]
     return out
+
+
+def _left_padded(prompts: Sequence[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _greedy_without_cache(
+    model: nn.Module, prompts: Sequence[list[int]], pad_id: int, max_new_tokens: int, **kwargs
+) -> list[list[int]]:
+    """Greedy decoding for models that cannot keep a KV cache (X-LoRA): every step re-reads each text,
+    so a text leaves the batch as soon as it ends (generate() would keep computing it, padded)."""
+    stops = model.generation_config.eos_token_id
+    stops = set(stops if isinstance(stops, list) else [stops]) - {None}
+    texts = [list(p) for p in prompts]
+    answers: list[list[int]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))
+    for _ in range(max_new_tokens):
+        if not active:
+            break
+        forward = {k: v[active] for k, v in kwargs.items()}  # per-sample inputs (task ids)
+        logits = model(**_left_padded([texts[i] for i in active], pad_id), **forward).logits[:, -1]
+        for i, token in zip(list(active), logits.argmax(-1).tolist()):
+            texts[i].append(token)
+            answers[i].append(token)
+            if token in stops:
+                active.remove(i)
+    return answers
 
 
 def accuracy(

@@ -16,7 +16,7 @@ from factorlab.errors import ConfigError
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
 from factorlab.methods.lora_mixer.model import set_stage
 from factorlab.mixer.tasks import Example
-from factorlab.training import run_training
+from factorlab.training import pack, packs_sequences, run_training
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -34,6 +34,21 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task_ids": task_ids}
 
 
+def sample_batch(pool: Sequence[Example], seed: int, step: int, batch_size: int) -> list[Example]:
+    """The global batch of ``step``: a pure function of (seed, step), so a resumed run repeats it."""
+    return random.Random(seed * 100_003 + step).sample(list(pool), min(batch_size, len(pool)))
+
+
+def tokens_trained(data: Sequence[Sequence[Example]], steps: int, batch_size: int, seed: int) -> int:
+    """Real (unpadded) tokens that ``train`` feeds the model in ``steps`` steps (throughput numerator)."""
+    pool = [e for task in data for e in task]
+    return sum(
+        len(e.prompt) + len(e.answer)
+        for step in range(steps)
+        for e in sample_batch(pool, seed, step, batch_size)
+    )
+
+
 def train(
     model: nn.Module,
     data: Sequence[Sequence[Example]],
@@ -47,9 +62,12 @@ def train(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 100,
     supervise_routing: bool = False,
+    pack_batches: bool = True,
 ) -> list[float]:
     """AdamW on batches mixed uniformly over tasks. ``hard`` passes the task ids (stage 1);
     ``supervise_routing`` passes them as ``task_labels`` for the supervised routing term instead.
+    Otherwise each batch is packed into one row without padding (``pack_batches``) where the model
+    keeps packed texts apart: the same loss, fewer tokens computed.
 
     Runs unchanged under torchrun / accelerate launch (each global batch is sharded over the
     ranks, see factorlab.training.lm_loss); with ``checkpoint_dir`` it checkpoints on rank 0 and
@@ -60,14 +78,23 @@ def train(
         raise ConfigError("nothing to train: no parameter requires grad.")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     pool = [e for task in data for e in task]
+    # Task ids and labels are per sample, so only batches without them pack into one row (when the
+    # model keeps packed texts apart): the same loss without computing on padding.
+    packed = (
+        pack_batches and not hard and not supervise_routing and packs_sequences(model, _vocab_size(model))
+    )
 
     def batch_for_step(step: int):
-        examples = random.Random(seed * 100_003 + step).sample(pool, min(batch_size, len(pool)))
+        examples = sample_batch(pool, seed, step, batch_size)
         batch = collate(examples[rank() :: world_size()], pad_id)
         task_ids, labels = batch.pop("task_ids"), batch.pop("labels")
         if hard:
             return batch, labels, {"task_ids": task_ids}
-        return batch, labels, {"task_labels": task_ids} if supervise_routing else {}
+        if supervise_routing:
+            return batch, labels, {"task_labels": task_ids}
+        if packed:
+            return (*pack(batch["input_ids"], batch["attention_mask"], labels), {})
+        return batch, labels, {}
 
     return run_training(
         model,
@@ -100,14 +127,47 @@ def train_joint(
     (and, with ``preservation_coef > 0``, lightly tunes the experts under the preservation penalty).
     ``progress(stage, step)`` is called as training advances; ``after_experts(adapted)`` between the
     stages (the comparison scores the experts there)."""
-    if len(data) != mixer.num_experts:
-        raise ConfigError(f"{len(data)} task datasets for {mixer.num_experts} experts; give one per expert.")
     report = (lambda stage: lambda s: progress(stage, s)) if progress else (lambda stage: None)
-    adapted = adapt(model, mixer)
-    set_stage(adapted, "experts")
-    train(adapted, data, steps, lr, batch_size, seed, hard=True, pad_id=pad_id, progress=report("experts"))
+    adapted = train_experts(model, data, mixer, steps, lr, batch_size, seed, pad_id, report("experts"))
     if after_experts is not None:
         after_experts(adapted)
+    train_stage2(adapted, router_data, router_steps, router_lr, batch_size, seed, pad_id, report("router"))
+    return adapted
+
+
+def train_experts(
+    model: nn.Module,
+    data: Sequence[Sequence[Example]],
+    mixer: LoraMixerConfig,
+    steps: int,
+    lr: float,
+    batch_size: int = 64,
+    seed: int = 0,
+    pad_id: int = 0,
+    progress=None,
+) -> AdaptedModel:
+    """Stage 1: expert e trains on data[e] (hard routing: each sample goes to its task's expert)."""
+    if len(data) != mixer.num_experts:
+        raise ConfigError(f"{len(data)} task datasets for {mixer.num_experts} experts; give one per expert.")
+    adapted = adapt(model, mixer)
+    set_stage(adapted, "experts")
+    train(adapted, data, steps, lr, batch_size, seed, hard=True, pad_id=pad_id, progress=progress)
+    return adapted
+
+
+def train_stage2(
+    adapted: AdaptedModel,
+    router_data: Sequence[Sequence[Example]],
+    router_steps: int,
+    router_lr: float,
+    batch_size: int = 64,
+    seed: int = 0,
+    pad_id: int = 0,
+    progress=None,
+) -> AdaptedModel:
+    """Stage 2: the routers train on a small mixed set (soft routing); with ``preservation_coef > 0`` the
+    experts train too, held near their stage-1 weights. ``seed`` is the run's: stage 2 draws with seed + 1."""
+    mixer = adapted.adapter_configs[adapted.active_adapter]
     set_stage(adapted, "all" if mixer.preservation_coef > 0 else "router")
     train(
         adapted,
@@ -118,7 +178,7 @@ def train_joint(
         seed + 1,
         hard=False,
         pad_id=pad_id,
-        progress=report("router"),
+        progress=progress,
         supervise_routing=mixer.route_label_coef > 0,
     )
     return adapted
@@ -142,3 +202,9 @@ def train_router_on_peft(
     supervise = config.route_label_coef > 0
     train(adapted, router_data, steps, lr, batch_size, seed, False, pad_id, supervise_routing=supervise)
     return adapted
+
+
+def _vocab_size(model: nn.Module) -> int:
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    return getattr(embeddings, "num_embeddings", 2)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import shutil
 import time
 from collections.abc import Sequence
@@ -38,91 +39,262 @@ from torch import nn
 
 from factorlab.core.adapted import AdaptedModel, adapt
 from factorlab.errors import ConfigError, GridCellsFailed
-from factorlab.grid import cell_id, run_grid
-from factorlab.methods.lora.config import LoraConfig
-from factorlab.methods.lora_mixer.model import (
-    export_expert_as_peft,
-    set_routing,
-)
+from factorlab.grid import cell_id, load_summary, run_grid
+from factorlab.methods.lora_mixer.config import LoraMixerConfig
+from factorlab.methods.lora_mixer.model import export_expert_as_peft, set_routing, set_stage
 from factorlab.mixer.config import MixerExperimentConfig, build_base
 from factorlab.mixer.evaluate import accuracy, predict, routing_report  # noqa: F401
+from factorlab.mixer.systems import (
+    compacter_plus_plus,
+    full_finetune,
+    multitask_lora,
+    trainable_parameters,
+    xlora,
+    xlora_routing_report,
+)
 from factorlab.mixer.tasks import Example, GymTasks, SyntheticTasks, make_tasks, train_and_eval_sets  # noqa: F401
-from factorlab.mixer.train import collate, train, train_joint, train_router_on_peft  # noqa: F401
+from factorlab.mixer.train import (  # noqa: F401
+    collate,
+    tokens_trained,
+    train,
+    train_joint,
+    train_router_on_peft,
+    train_stage2,
+)
 from factorlab.models import resolve_model_path
 from factorlab.progress import StepBars, console
 from factorlab.reporting import Column, aggregate, write_table
-from factorlab.runtime import atomic_write_text, write_json
+from factorlab.runtime import atomic_write_text, machine_info, write_json
 
 # ---- the comparison -------------------------------------------------------------------------------------
 
 SYSTEMS = (
     "base",
-    "single LoRA (mixed data)",
+    "multi-task LoRA (equal total rank)",
+    "Compacter++ (multi-task)",
+    "full fine-tuning (multi-task)",
     "per-task LoRA (oracle)",
     "uniform average of experts",
-    "LoRA-Mixer (soft)",
-    "LoRA-Mixer (top-k)",
+    "LoRA-Mixer joint (soft)",
+    "LoRA-Mixer joint (top-k)",
+    "LoRA-Mixer plug-and-play (top-k)",
+    "X-LoRA (peft)",
 )
+# A grid cell is one unit of work for one seed. Phase 2 units start from the same seed's "experts" cell
+# (its stage-1 mixer and the experts exported as PEFT folders), so they run after phase 1.
+PHASES = (("base", "experts", "multi-task LoRA", "Compacter++", "full"), ("joint", "plug", "X-LoRA"))
 
 
-def seed_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """Grid cell: every system of the comparison for one seed (see factorlab.grid)."""
+def _cell(cfg: MixerExperimentConfig, seed: int, unit: str, export: bool) -> dict[str, Any]:
+    # seeds / full_seeds only choose which cells exist: out of the cell, so adding a seed reuses the rest
+    config = dataclasses.asdict(dataclasses.replace(cfg, seeds=[seed], full_seeds=None))
+    return {"config": config, "seed": seed, "unit": unit, "export": export}
+
+
+def comparison_cells(cfg: MixerExperimentConfig) -> list[list[dict[str, Any]]]:
+    """The cells of each phase: every unit for every seed (full fine-tuning on ``cfg.full_seeds``)."""
+    full = cfg.seeds if cfg.full_seeds is None else cfg.full_seeds
+    return [
+        [
+            _cell(cfg, seed, unit, export=i == 0)
+            for i, seed in enumerate(cfg.seeds)
+            for unit in units
+            if unit != "full" or seed in full
+        ]
+        for units in PHASES
+    ]
+
+
+def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Grid cell: one unit of the comparison for one seed (see factorlab.grid). Returns its accuracy
+    records, and per system the trainable parameters, training seconds and tokens, and routing."""
     cfg = MixerExperimentConfig(**cell["config"])
-    seed = cell["seed"]
+    seed, unit = cell["seed"], cell["unit"]
     tasks, pad_id = make_tasks(cfg)
-    records: list[dict[str, Any]] = []
     data, evals = train_and_eval_sets(tasks, cfg.train_examples_per_task, cfg.eval_examples_per_task, seed)
     router_data = [d[: cfg.router_examples_per_task] for d in data]
     base = build_base(cfg, tasks, seed)
+    experts_folder = folder.parent / cell_id(_cell(cfg, seed, "experts", cell["export"]))
+    records: list[dict[str, Any]] = []
+    systems: dict[str, dict[str, Any]] = {}
+    routing: dict[str, dict[str, Any]] = {}
+    evaluating = 0.0
 
     def score(model, system, hard=False):
+        nonlocal evaluating
+        began = time.perf_counter()
         for k, name in enumerate(cfg.tasks):
             acc = accuracy(model, tasks, evals[k], pad_id, hard, cfg.max_new_tokens)
             records.append({"seed": seed, "system": system, "task": name, "accuracy": acc})
+        evaluating += time.perf_counter() - began
 
-    with StepBars(f"LoRA-Mixer, seed {seed}") as bars:
-        bars.start(
-            ["single LoRA", "experts (hard routing)", "router"], [cfg.steps, cfg.steps, cfg.router_steps]
+    def fit(model, label, steps, lr, train_data, run, names):
+        """Train with ``run`` (a bar per run), time it, and note the trained model under ``names``."""
+        with StepBars(f"{unit}, seed {seed}") as bars:
+            bars.start([label], [steps])
+            began = time.perf_counter()
+            run(model, lambda s: bars.update(0, s))
+            seconds = time.perf_counter() - began
+        batch_seed = seed + 1 if label == "routers + experts (stage 2)" else seed
+        tokens = tokens_trained(train_data, steps, cfg.batch_size, batch_seed)
+        for name in names:
+            systems[name] = {
+                "trainable": trainable_parameters(model),
+                "seconds": seconds,
+                "tokens": tokens,
+                "lr": lr,
+                "steps": steps,
+            }
+
+    def plain(steps, lr, train_data):
+        return lambda model, progress: train(
+            model, train_data, steps, lr, cfg.batch_size, seed, False, pad_id, progress
         )
+
+    if unit == "base":
         score(base, "base")
-        targets = _single_targets(cfg, base)
-        single = adapt(
-            copy.deepcopy(base), LoraConfig(r=cfg.r, lora_alpha=cfg.lora_alpha, target_modules=targets)
-        )
-        train(
-            single, data, cfg.steps, cfg.lr, cfg.batch_size, seed, False, pad_id, lambda s: bars.update(0, s)
-        )
-        score(single, "single LoRA (mixed data)")
+        systems["base"] = {"trainable": 0, "seconds": 0.0, "tokens": 0}
+    elif unit in ("multi-task LoRA", "Compacter++", "full"):
+        name, model, lr = {
+            "multi-task LoRA": (
+                "multi-task LoRA (equal total rank)",
+                lambda: multitask_lora(cfg, base),
+                cfg.lr,
+            ),
+            "Compacter++": ("Compacter++ (multi-task)", lambda: compacter_plus_plus(base), cfg.compacter_lr),
+            "full": ("full fine-tuning (multi-task)", lambda: full_finetune(base), cfg.full_lr),
+        }[unit]
+        model = model()
+        fit(model, name, cfg.steps, lr, data, plain(cfg.steps, lr, data), [name])
+        score(model, name)
+    elif unit == "experts":
+        mixer = adapt(copy.deepcopy(base), cfg.mixer_config())
 
-        def score_experts(mixer):
-            score(mixer, "per-task LoRA (oracle)", hard=True)
-            set_routing(mixer, "uniform")
-            score(mixer, "uniform average of experts")
-            set_routing(mixer, "soft")
+        def stage1(model, progress):
+            set_stage(model, "experts")
+            train(model, data, cfg.steps, cfg.lr, cfg.batch_size, seed, True, pad_id, progress)
 
-        mixer = train_joint(
-            copy.deepcopy(base),
-            data,
-            cfg.mixer_config(),
-            cfg.steps,
-            cfg.lr,
-            cfg.router_steps,
-            cfg.router_lr,
-            router_data,
-            cfg.batch_size,
-            seed,
-            pad_id,
-            progress=lambda stage, s: bars.update(1 if stage == "experts" else 2, s),
-            after_experts=score_experts,
-        )
-    score(mixer, "LoRA-Mixer (soft)")
-    usage, router_acc, _ = routing_report(mixer, evals, pad_id)
-    set_routing(mixer, "topk")
-    score(mixer, "LoRA-Mixer (top-k)")
-    set_routing(mixer, "soft")
-    if cell.get("export"):
-        _export(folder, base, mixer, cfg)
-    return {"records": records, "usage": usage.tolist(), "router_accuracy": router_acc}
+        names = ["per-task LoRA (oracle)", "uniform average of experts"]
+        fit(mixer, "experts (stage 1, hard routing)", cfg.steps, cfg.lr, data, stage1, names)
+        for e, task in enumerate(cfg.tasks):  # the stage-1 weights count as training, the router does not
+            systems[names[0]]["trainable"] = systems[names[1]]["trainable"] = trainable_parameters(mixer)
+            export_expert_as_peft(mixer, e, folder / "experts" / task)
+        mixer.save_pretrained(folder / "stage1")
+        if cell["export"] and cfg.model == "tiny":
+            base.save_pretrained(folder / "base")
+            write_json(folder / "base" / "factorlab_tasks.json", {"tasks": cfg.tasks})
+        score(mixer, names[0], hard=True)
+        set_routing(mixer, "uniform")
+        score(mixer, names[1])
+    else:
+        stage1 = load_summary(experts_folder)
+        if stage1 is None:
+            raise ConfigError(f"{unit} needs the same seed's experts cell first ({experts_folder}).")
+        folders = [experts_folder / "experts" / t for t in cfg.tasks]
+        if unit == "joint":
+            mixer = AdaptedModel.from_pretrained(
+                copy.deepcopy(base), experts_folder / "stage1", is_trainable=True
+            )
+            names = ["LoRA-Mixer joint (soft)", "LoRA-Mixer joint (top-k)"]
+
+            def stage2(model, progress):
+                train_stage2(
+                    model,
+                    router_data,
+                    cfg.router_steps,
+                    cfg.router_lr,
+                    cfg.batch_size,
+                    seed,
+                    pad_id,
+                    progress,
+                )
+
+            fit(
+                mixer,
+                "routers + experts (stage 2)",
+                cfg.router_steps,
+                cfg.router_lr,
+                router_data,
+                stage2,
+                names,
+            )
+            first = stage1["systems"]["per-task LoRA (oracle)"]
+            for name in names:  # the joint system's training is both stages
+                systems[name].update(stage1_seconds=first["seconds"], stage1_tokens=first["tokens"])
+            score(mixer, names[0])
+            routing[names[0]] = _routing(*routing_report(mixer, evals, pad_id))
+            set_routing(mixer, "topk")
+            score(mixer, names[1])
+            if cell["export"]:
+                mixer.save_pretrained(folder / "mixer")
+        elif unit == "plug":
+            name = "LoRA-Mixer plug-and-play (top-k)"
+            config = LoraMixerConfig.from_peft_adapters(
+                folders,
+                list(cfg.tasks),
+                routing="soft",
+                top_k=min(cfg.top_k, len(cfg.tasks)),
+                balance_coef=cfg.balance_coef,
+                specialization_coef=cfg.specialization_coef,
+                route_label_coef=cfg.route_label_coef,
+            )
+            torch.manual_seed(seed)  # the routers' init
+            mixer = adapt(copy.deepcopy(base), config)
+
+            def routers(model, progress):
+                train(
+                    model,
+                    router_data,
+                    cfg.router_steps,
+                    cfg.router_lr,
+                    cfg.batch_size,
+                    seed,
+                    False,
+                    pad_id,
+                    progress,
+                    supervise_routing=cfg.route_label_coef > 0,
+                )
+
+            fit(
+                mixer,
+                "routers (frozen PEFT experts)",
+                cfg.router_steps,
+                cfg.router_lr,
+                router_data,
+                routers,
+                [name],
+            )
+            routing[name] = _routing(*routing_report(mixer, evals, pad_id))
+            set_routing(mixer, "topk")
+            score(mixer, name)
+        elif unit == "X-LoRA":
+            name = "X-LoRA (peft)"
+            torch.manual_seed(seed)  # the classifier's init
+            model = xlora(base, folders)
+            fit(
+                model,
+                "X-LoRA classifier",
+                cfg.router_steps,
+                cfg.router_lr,
+                router_data,
+                plain(cfg.router_steps, cfg.router_lr, router_data),
+                [name],
+            )
+            routing[name] = _routing(*xlora_routing_report(model, evals, pad_id))
+            score(model, name)
+        else:
+            raise ConfigError(f"unknown comparison unit {unit!r}; units: {[u for p in PHASES for u in p]}.")
+    return {
+        "records": records,
+        "systems": systems,
+        "routing": routing,
+        "eval_seconds": evaluating,
+        "machine": machine_info(),
+    }
+
+
+def _routing(usage: torch.Tensor, overall: float, per_task: list[float]) -> dict[str, Any]:
+    return {"usage": usage.tolist(), "accuracy": overall, "per_task": per_task}
 
 
 def run_experiment(
@@ -133,45 +305,193 @@ def run_experiment(
     backend: str = "local",
     address: str | None = None,
 ) -> dict[str, Any]:
-    """The comparison over ``cfg.seeds``: one grid cell per seed (parallel, resumable, Ray-capable).
+    """The comparison over ``cfg.seeds``: one grid cell per unit and seed (parallel, resumable,
+    Ray-capable), phase 1 then phase 2 (which starts from phase 1's experts).
 
-    The first seed's base, mixer and experts (as PEFT folders) are exported to ``out``.
+    The first seed's base (tiny model), joint mixer and experts (as PEFT folders) are copied to ``out``.
     """
     out = Path(out)
     started = time.perf_counter()
-    cells = [
-        {
-            "config": dataclasses.asdict(dataclasses.replace(cfg, seeds=[seed])),
-            "seed": seed,
-            "export": export and i == 0,
-        }
-        for i, seed in enumerate(cfg.seeds)
-    ]
-    grid = run_grid(
-        "factorlab.recipes.mixer:seed_cell", cells, out, workers, backend=backend, address=address
+    phases = comparison_cells(cfg)
+    if not export:
+        phases = [[{**c, "export": False} for c in cells] for cells in phases]
+    for cells in phases:
+        grid = run_grid(
+            "factorlab.recipes.mixer:comparison_cell", cells, out, workers, backend=backend, address=address
+        )
+        if grid.failed:
+            raise GridCellsFailed("comparison cell(s)", grid.failed)
+    if export:
+        for cells in phases:
+            for cell in cells:
+                if cell["export"]:
+                    for name in ("base", "mixer", "experts"):
+                        if (out / "cells" / cell_id(cell) / name).exists():
+                            shutil.copytree(
+                                out / "cells" / cell_id(cell) / name, out / name, dirs_exist_ok=True
+                            )
+    return write_comparison(out, [c for cells in phases for c in cells], time.perf_counter() - started)
+
+
+def report_from_cells(out: str | Path) -> dict[str, Any]:
+    """`factorlab report OUT` for a comparison: rebuild its tables, plots and report from OUT/cells."""
+    out = Path(out)
+    summaries = [load_summary(folder) for folder in sorted((out / "cells").glob("*/"))]
+    cells = [s["cell"] for s in summaries if s is not None and "unit" in s.get("cell", {})]
+    if not cells:
+        raise ConfigError(f"{out}/cells holds no finished comparison cells; run `factorlab mixer run` first.")
+    return write_comparison(out, cells, None)
+
+
+def write_comparison(out: Path, cells: list[dict[str, Any]], seconds: float | None) -> dict[str, Any]:
+    """results.json, the tables, the plots and report.md from the cells' summaries (cells still missing
+    are listed, never filled in)."""
+    from factorlab.mixer import plots as mixer_plots
+
+    summaries = [load_summary(out / "cells" / cell_id(c), c) for c in cells]
+    done = [s for s in summaries if s is not None]
+    missing = [c for c, s in zip(cells, summaries) if s is None]
+    cfg = MixerExperimentConfig(
+        **{**done[0]["cell"]["config"], "seeds": sorted({s["cell"]["seed"] for s in done})}
     )
-    if grid.failed:
-        raise GridCellsFailed("seed(s)", grid.failed)
-    if export:  # copy the first seed's artefacts next to the report
-        first = out / "cells" / cell_id(cells[0])
-        for name in ("base", "mixer", "experts"):
-            if (first / name).exists():
-                shutil.copytree(first / name, out / name, dirs_exist_ok=True)
-    records = [r for res in grid.results for r in res["records"]]
-    usage_by_seed = [torch.tensor(res["usage"]) for res in grid.results]
-    router_acc_by_seed = [res["router_accuracy"] for res in grid.results]
-    seconds = time.perf_counter() - started
-    return _write_results(out, cfg, records, usage_by_seed, router_acc_by_seed, seconds, grid.line())
+    records = [r for s in done for r in s["records"]]
+    systems = [s for s in SYSTEMS if any(r["system"] == s for r in records)]
+    by_task = aggregate(records, ["system", "task"], ["accuracy"])
+    costs: dict[str, list[dict[str, Any]]] = {}
+    routes: dict[str, list[dict[str, Any]]] = {}
+    for s in done:
+        for name, cost in s["systems"].items():
+            train_s = cost["seconds"] + cost.get("stage1_seconds", 0.0)
+            tokens = cost["tokens"] + cost.get("stage1_tokens", 0)
+            costs.setdefault(name, []).append(
+                {
+                    "trainable": cost["trainable"],
+                    "train_s": train_s,
+                    "tok_s": tokens / cost["seconds"] if cost["seconds"] else None,
+                }
+            )
+        for name, route in s.get("routing", {}).items():
+            routes.setdefault(name, []).append(route)
+    rows = []
+    for system in systems:
+        row: dict[str, Any] = {"system": system}
+        for r in by_task:
+            if r["system"] == system:
+                row[r["task"]] = r["accuracy"]
+        per_seed: dict[int, list[float]] = {}
+        for rec in records:
+            if rec["system"] == system:
+                per_seed.setdefault(rec["seed"], []).append(rec["accuracy"])
+        row["mean"] = aggregate([{"m": sum(v) / len(v)} for v in per_seed.values()], [], ["m"])[0]["m"]
+        row["seeds"] = len(per_seed)
+        if system in costs:
+            cost = aggregate(costs[system], [], ["trainable", "train_s", "tok_s"])[0]
+            row["trainable"], row["train_s"] = cost["trainable"].mean, cost["train_s"]
+            row["tok_s"] = cost["tok_s"] if system != "base" else None
+        if system in routes:
+            row["routed"] = aggregate([{"a": r["accuracy"]} for r in routes[system]], [], ["a"])[0]["a"]
+        rows.append(row)
+    columns = [
+        Column("system", "system"),
+        *(Column(t, t, "{:.3f}") for t in cfg.tasks),
+        Column("mean", "mean", "{:.3f}"),
+        Column("routed", "routed to own expert", "{:.3f}"),
+        Column("trainable", "trainable params", "{:,.0f}"),
+        Column("train_s", "train s", "{:.0f}"),
+        Column("tok_s", "train tokens/s", "{:.0f}"),
+        Column("seeds", "seeds"),
+    ]
+    table = write_table(rows, columns, out / "table")
+    machine = sorted({json.dumps(s["machine"], sort_keys=True) for s in done})
+    write_json(
+        out / "results.json",
+        {
+            "config": dataclasses.asdict(cfg),
+            "records": records,
+            "systems": {s: costs[s] for s in costs},
+            "routing": routes,
+            "machines": [json.loads(m) for m in machine],
+            "seconds": seconds,
+            "missing": missing,
+        },
+    )
+    mixer_plots.accuracy_bars(rows, cfg.tasks, out / "accuracy.png")
+    usage = None
+    joint = routes.get("LoRA-Mixer joint (soft)")
+    if joint:
+        usage = torch.tensor([r["usage"] for r in joint]).mean(0)
+        mixer_plots.usage_heatmap(usage, cfg.tasks, out / "routing.png")
+    router_acc = sum(r["accuracy"] for r in joint) / len(joint) if joint else float("nan")
+    verdict = mixer_verdict(rows, cfg.tasks)
+    cpus = ", ".join(
+        f"{m['cpu_capability']} torch {m['torch']} {m['threads']} thread(s)" for m in map(json.loads, machine)
+    )
+    report = [
+        f"# LoRA-Mixer multi-task comparison ({cfg.preset} preset)",
+        "",
+        f"Model {cfg.model}; tasks {', '.join(cfg.tasks)}; seeds {cfg.seeds}; expert rank {cfg.r}; "
+        f"{cfg.steps} training steps for every multi-task system and for stage 1, {cfg.router_steps} router "
+        f"steps on {cfg.router_examples_per_task} examples per task; {cfg.eval_examples_per_task} test "
+        f"examples per task, greedy generation. Machine: {cpus}."
+        + (f" {seconds:.0f} s." if seconds is not None else ""),
+        "",
+        "Accuracy (mean ± std over seeds); *routed*: share of test samples whose strongest expert is their "
+        "task's; *train s*: training time of one seed (joint mixer: both stages); *train tokens/s*: "
+        "real tokens of the last training stage per second.",
+        "",
+        table,
+        f"Verdict: {verdict}",
+        "",
+        "![accuracy](accuracy.png)",
+        "",
+    ]
+    if missing:
+        report += [
+            f"**Not yet run** ({len(missing)} cells): "
+            + ", ".join(f"{c['unit']} seed {c['seed']}" for c in missing),
+            "",
+        ]
+    if usage is not None:
+        usage_rows = [
+            {"task": t, **{f"→ {e}": float(usage[k, j]) for j, e in enumerate(cfg.tasks)}}
+            for k, t in enumerate(cfg.tasks)
+        ]
+        usage_table = write_table(
+            usage_rows,
+            [Column("task", "task"), *(Column(f"→ {e}", f"→ {e}", "{:.2f}") for e in cfg.tasks)],
+            out / "routing",
+        )
+        report += [
+            "## Routing (LoRA-Mixer joint, soft)",
+            "",
+            "Mean routing weight of each task's samples (rows) on each expert (columns):",
+            "",
+            usage_table,
+            "![routing](routing.png)",
+            "",
+        ]
+    atomic_write_text(out / "report.md", "\n".join(report))
+    return {
+        "rows": rows,
+        "router_accuracy": router_acc,
+        "usage": usage,
+        "records": records,
+        "verdict": verdict,
+        "missing": missing,
+    }
 
 
-def _single_targets(cfg: MixerExperimentConfig, base: nn.Module):
-    """The single LoRA adapts exactly the projections the mixer adapts."""
-    from factorlab.core.targeting import model_family, resolve_targets
-    from factorlab.methods.lora_mixer.model import default_mixer_roles
-
-    if cfg.target_modules is not None:
-        return cfg.target_modules
-    return resolve_targets(base, None, default_roles=default_mixer_roles(model_family(base)))
+def mixer_verdict(rows: list[dict[str, Any]], tasks: Sequence[str]) -> str:
+    by_name = {r["system"]: r for r in rows}
+    single, mixer = by_name.get("multi-task LoRA (equal total rank)"), by_name.get("LoRA-Mixer joint (top-k)")
+    if single is None or mixer is None:
+        return "not yet comparable (multi-task LoRA or the joint mixer still missing)."
+    better = [t for t in tasks if mixer[t].mean > single[t].mean]
+    worse = [t for t in tasks if mixer[t].mean < single[t].mean]
+    return (
+        f"LoRA-Mixer joint (top-k) beats the multi-task LoRA of equal total rank on {better or 'no task'} "
+        f"and is behind it on {worse or 'no task'}."
+    )
 
 
 def _export(out: Path, base: nn.Module, mixer: AdaptedModel, cfg: MixerExperimentConfig) -> None:
@@ -182,99 +502,6 @@ def _export(out: Path, base: nn.Module, mixer: AdaptedModel, cfg: MixerExperimen
     mixer.save_pretrained(out / "mixer")
     for e, name in enumerate(cfg.tasks):
         export_expert_as_peft(mixer, e, out / "experts" / name)
-
-
-def _write_results(
-    out: Path, cfg, records, usage_by_seed, router_acc_by_seed, seconds, grid_line: str = ""
-) -> dict[str, Any]:
-    from factorlab.mixer import plots as mixer_plots
-
-    write_json(
-        out / "results.json",
-        {
-            "config": dataclasses.asdict(cfg),
-            "records": records,
-            "router_accuracy": router_acc_by_seed,
-            "usage": [u.tolist() for u in usage_by_seed],
-            "seconds": seconds,
-        },
-    )
-    by_task = aggregate(records, ["system", "task"], ["accuracy"])
-    rows = []
-    for system in SYSTEMS:
-        row: dict[str, Any] = {"system": system}
-        for r in by_task:
-            if r["system"] == system:
-                row[r["task"]] = r["accuracy"]
-        per_seed = {}
-        for rec in records:
-            if rec["system"] == system:
-                per_seed.setdefault(rec["seed"], []).append(rec["accuracy"])
-        row["mean"] = aggregate([{"m": sum(v) / len(v)} for v in per_seed.values()], [], ["m"])[0]["m"]
-        rows.append(row)
-    columns = [
-        Column("system", "system"),
-        *(Column(t, t, "{:.3f}") for t in cfg.tasks),
-        Column("mean", "mean", "{:.3f}"),
-    ]
-    table = write_table(rows, columns, out / "table")
-    usage = torch.stack(usage_by_seed).mean(0)
-    mixer_plots.accuracy_bars(rows, cfg.tasks, out / "accuracy.png")
-    mixer_plots.usage_heatmap(usage, cfg.tasks, out / "routing.png")
-    router_acc = sum(router_acc_by_seed) / len(router_acc_by_seed)
-    usage_rows = [
-        {"task": t, **{f"→ {e}": float(usage[k, j]) for j, e in enumerate(cfg.tasks)}}
-        for k, t in enumerate(cfg.tasks)
-    ]
-    usage_table = write_table(
-        usage_rows,
-        [Column("task", "task"), *(Column(f"→ {e}", f"→ {e}", "{:.2f}") for e in cfg.tasks)],
-        out / "routing",
-    )
-    verdict = mixer_verdict(rows, cfg.tasks)
-    report = [
-        f"# LoRA-Mixer multi-task comparison ({cfg.preset} preset)",
-        "",
-        f"{grid_line.replace('cells', 'seeds')}. " if grid_line else "",
-        f"Model {cfg.model}; tasks {', '.join(cfg.tasks)}; seeds {cfg.seeds}; rank {cfg.r}; "
-        f"{cfg.steps} steps for the single LoRA and for stage 1, {cfg.router_steps} router steps on "
-        f"{cfg.router_examples_per_task} examples per task; {cfg.eval_examples_per_task} test examples "
-        f"per task. {seconds:.0f} s.",
-        "",
-        "Accuracy (mean ± std over seeds):",
-        "",
-        table,
-        f"Verdict: {verdict}",
-        "",
-        "![accuracy](accuracy.png)",
-        "",
-        f"## Routing\n\nRouter accuracy against task labels: **{router_acc:.3f}** "
-        f"(chance {1 / len(cfg.tasks):.3f}). "
-        "Mean routing weight of each task's samples (rows) on each expert (columns):",
-        "",
-        usage_table,
-        "![routing](routing.png)",
-        "",
-    ]
-    atomic_write_text(out / "report.md", "\n".join(report))
-    return {
-        "rows": rows,
-        "router_accuracy": router_acc,
-        "usage": usage,
-        "records": records,
-        "verdict": verdict,
-    }
-
-
-def mixer_verdict(rows: list[dict[str, Any]], tasks: Sequence[str]) -> str:
-    single = next(r for r in rows if r["system"] == "single LoRA (mixed data)")
-    mixer = next(r for r in rows if r["system"] == "LoRA-Mixer (soft)")
-    better = [t for t in tasks if mixer[t].mean > single[t].mean]
-    worse = [t for t in tasks if mixer[t].mean < single[t].mean]
-    return (
-        f"LoRA-Mixer (soft) beats the single LoRA on {better or 'no task'} and is behind it on "
-        f"{worse or 'no task'}."
-    )
 
 
 # ---- the two workflows as recipes (CLI) ------------------------------------------------------------

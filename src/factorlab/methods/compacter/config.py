@@ -32,6 +32,17 @@ PAPER_LR = 3e-3
 """The paper's learning rate for every Compacter variant (T5-base, GLUE / SuperGLUE)."""
 
 
+def reduction_for(hidden: int, phm_dim: int = 4, largest: int = 32) -> int:
+    """The largest reduction factor <= ``largest`` whose bottleneck ``phm_dim`` divides (T5-base: 32)."""
+    for factor in range(largest, 0, -1):
+        bottleneck = hidden // factor
+        if bottleneck >= phm_dim and bottleneck % phm_dim == 0:
+            return factor
+    raise ConfigError(
+        f"no reduction factor gives a bottleneck divisible by phm_dim={phm_dim} for hidden {hidden}."
+    )
+
+
 @dataclass
 class CompacterConfig(AdapterConfig):
     """Compacter: LPHM bottleneck adapters after attention and FFN blocks (Karimi Mahabadi et al., 2021)."""

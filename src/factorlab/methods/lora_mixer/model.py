@@ -328,8 +328,9 @@ def set_routing(
 
 @torch.no_grad()
 def routing_weights_per_sample(adapted, batch: dict, adapter_name: str | None = None) -> torch.Tensor:
-    """Mean routing weight per expert for each sample of ``batch`` (averaged over tokens and
-    projections), (batch, E). Uses the adapter's routing (no task ids)."""
+    """Mean routing weight per expert for each sample of ``batch`` (averaged over its real tokens, where
+    ``batch["attention_mask"]`` is 1, and over projections), (batch, E). Uses the adapter's routing (no
+    task ids)."""
     name = adapter_name or adapted.active_adapter
     shared = adapted.shared_adapter_weights[name]
     shared.begin_forward(None, record=True)
@@ -337,9 +338,15 @@ def routing_weights_per_sample(adapted, batch: dict, adapter_name: str | None = 
         adapted.base_model(**batch)
     finally:
         shared.end_forward()
+    mask = batch.get("attention_mask")
     per_call = []
     for _probs, weights, tokens in shared.routing.records:
-        per_call.append(weights.view(-1, tokens, weights.shape[-1]).mean(1))
+        weights = weights.view(-1, tokens, weights.shape[-1])
+        if torch.is_tensor(mask) and mask.shape == weights.shape[:2]:
+            real = mask.to(weights.dtype).unsqueeze(-1)  # padding would pull samples to its route
+            per_call.append((weights * real).sum(1) / real.sum(1).clamp_min(1))
+        else:
+            per_call.append(weights.mean(1))
     shared.routing.clear()
     return torch.stack(per_call).mean(0)
 
