@@ -179,7 +179,6 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
         for e, task in enumerate(cfg.tasks):  # the stage-1 weights count as training, the router does not
             systems[names[0]]["trainable"] = systems[names[1]]["trainable"] = trainable_parameters(mixer)
             export_expert_as_peft(mixer, e, folder / "experts" / task)
-        mixer.save_pretrained(folder / "stage1")
         if cell["export"] and cfg.model == "tiny":
             base.save_pretrained(folder / "base")
             write_json(folder / "base" / "factorlab_tasks.json", {"tasks": cfg.tasks})
@@ -191,10 +190,30 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
         if stage1 is None:
             raise ConfigError(f"{unit} needs the same seed's experts cell first ({experts_folder}).")
         folders = [experts_folder / "experts" / t for t in cfg.tasks]
-        if unit == "joint":
-            mixer = AdaptedModel.from_pretrained(
-                copy.deepcopy(base), experts_folder / "stage1", is_trainable=True
+        missing = [f for f in folders if not (f / "adapter_config.json").exists()]
+        if missing:
+            raise ConfigError(
+                f"{unit} starts from the experts cell's PEFT folders, and {missing[0]} is missing: "
+                f"delete {experts_folder} and rerun to retrain them."
             )
+
+        def mixer_from_experts(**settings):
+            """The stage-1 experts exactly (from their PEFT folders) with fresh routers seeded by seed."""
+            config = LoraMixerConfig.from_peft_adapters(
+                folders,
+                list(cfg.tasks),
+                routing="soft",
+                top_k=min(cfg.top_k, len(cfg.tasks)),
+                balance_coef=cfg.balance_coef,
+                specialization_coef=cfg.specialization_coef,
+                route_label_coef=cfg.route_label_coef,
+                **settings,
+            )
+            torch.manual_seed(seed)
+            return adapt(copy.deepcopy(base), config)
+
+        if unit == "joint":
+            mixer = mixer_from_experts(preservation_coef=cfg.preservation_coef)
             names = ["LoRA-Mixer joint (soft)", "LoRA-Mixer joint (top-k)"]
 
             def stage2(model, progress):
@@ -229,17 +248,7 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
                 mixer.save_pretrained(folder / "mixer")
         elif unit == "plug":
             name = "LoRA-Mixer plug-and-play (top-k)"
-            config = LoraMixerConfig.from_peft_adapters(
-                folders,
-                list(cfg.tasks),
-                routing="soft",
-                top_k=min(cfg.top_k, len(cfg.tasks)),
-                balance_coef=cfg.balance_coef,
-                specialization_coef=cfg.specialization_coef,
-                route_label_coef=cfg.route_label_coef,
-            )
-            torch.manual_seed(seed)  # the routers' init
-            mixer = adapt(copy.deepcopy(base), config)
+            mixer = mixer_from_experts()
 
             def routers(model, progress):
                 train(
