@@ -186,3 +186,24 @@ def test_greedy_decoding_without_a_cache_equals_generate():
         assert short == full[:cut]
         ended += cut < len(full)
     assert ended  # some text stopped early, so dropping finished texts was exercised
+
+
+def test_a_phase_two_cell_without_its_experts_cell_is_a_clear_error(tmp_path):
+    from factorlab.recipes.mixer import comparison_cell, comparison_cells
+
+    cfg = MixerExperimentConfig.preset_config("quick", seeds=[0], eval_examples_per_task=8)
+    joint = next(c for c in comparison_cells(cfg)[1] if c["unit"] == "joint")
+    with pytest.raises(ConfigError, match="needs the same seed's experts cell first"):
+        comparison_cell(joint, tmp_path / "cells" / "joint")
+
+
+def test_full_fine_tuning_runs_on_the_chosen_seeds_only():
+    from factorlab.recipes.mixer import comparison_cells
+
+    quick = MixerExperimentConfig.preset_config("quick", seeds=[0, 1, 2], full_seeds=[1])
+    first, second = comparison_cells(quick)
+    assert [c["seed"] for c in first if c["unit"] == "full"] == [1]
+    assert sum(c["unit"] == "experts" for c in first) == 3 and len(second) == 9
+    # which seeds exist is not part of a cell, so adding a seed reuses every finished cell
+    fewer = comparison_cells(MixerExperimentConfig.preset_config("quick", seeds=[0], full_seeds=[1]))
+    assert all(c in first + second for c in fewer[0] + fewer[1])
