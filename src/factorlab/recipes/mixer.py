@@ -213,7 +213,8 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
             return adapt(copy.deepcopy(base), config)
 
         if unit == "joint":
-            mixer = mixer_from_experts(preservation_coef=cfg.preservation_coef)
+            # the experts train on, held near their stage-1 weights by the preservation penalty
+            mixer = mixer_from_experts(preservation_coef=cfg.preservation_coef, freeze_experts=False)
             names = ["LoRA-Mixer joint (soft)", "LoRA-Mixer joint (top-k)"]
 
             def stage2(model, progress):
