@@ -1,0 +1,150 @@
+"""Bad configs fail with a message that names the field, the value and the fix; the smallest valid
+value of each checked field is accepted (a boundary off by one would refuse it). Written against the
+mutation run's survivors (results/mutation/summary.md): asserting only the exception type let a
+message replaced by None, or a check's bound moved, pass."""
+
+import pytest
+import torch
+
+from factorlab import CompacterConfig, ConfigError, LoraConfig, LoraMixerConfig
+from factorlab.layers.phm import PHMFastWeights, PHMLinear, PHMRule
+
+MIXER_ERRORS = [
+    ({"num_experts": 0}, r"num_experts must be a positive integer, got 0\."),
+    ({"num_experts": 2.0}, r"num_experts"),
+    ({"experts": []}, r"experts is empty; give at least one expert\."),
+    ({"experts": [{"name": "a"}, {"name": "a"}]}, r"expert names must be unique, got \['a', 'a'\]\."),
+    ({"experts": [{"name": "a", "r": 0}]}, r"expert 'a': rank r must be a positive integer, got 0\."),
+    ({"r": 0}, r"expert 'expert_0': rank r must be a positive integer, got 0\."),
+    ({"routing": "sparse"}, r"routing must be one of \('hard', 'soft', 'topk', 'uniform'\), got 'sparse'\."),
+    ({"top_k": 0}, r"top_k must be in 1\.\.num_experts=4, got 0\."),
+    ({"top_k": 5}, r"top_k must be in 1\.\.num_experts=4, got 5\."),
+    ({"temperature": 0.0}, r"temperature must be > 0, got 0\.0\."),
+    ({"router_granularity": "global"}, r"router_granularity must be one of .*, got 'global'\."),
+    ({"balance_coef": -1.0}, r"balance_coef must be >= 0, got -1\.0\."),
+    ({"specialization_coef": -0.5}, r"specialization_coef must be >= 0, got -0\.5\."),
+    ({"preservation_coef": -2.0}, r"preservation_coef must be >= 0, got -2\.0\."),
+    ({"route_label_coef": -3.0}, r"route_label_coef must be >= 0, got -3\.0\."),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), MIXER_ERRORS, ids=[str(k) for k, _ in MIXER_ERRORS])
+def test_mixer_config_errors_name_the_field_and_value(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        LoraMixerConfig(**kwargs)
+
+
+def test_mixer_config_accepts_the_smallest_valid_values():
+    one = LoraMixerConfig(num_experts=1, r=1, top_k=1, temperature=1e-6)
+    assert (one.num_experts, one.top_k, one.expert_specs()[0].r) == (1, 1, 1)
+    assert LoraMixerConfig(num_experts=4, top_k=4).top_k == 4
+    zero = LoraMixerConfig(
+        balance_coef=0.0, specialization_coef=0.0, preservation_coef=0.0, route_label_coef=0.0
+    )
+    assert zero.balance_coef == 0.0
+    assert LoraMixerConfig(experts=[{"name": "a", "r": 1}]).expert_specs()[0].r == 1
+
+
+def _peft_lora(tmp_path, name, r, alpha, targets):
+    import peft
+
+    from tiny_models import build
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(
+        build("llama"),
+        peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=targets, init_lora_weights=False),
+    )
+    model.save_pretrained(tmp_path / name)
+    return tmp_path / name
+
+
+def test_from_peft_adapters_reads_rank_alpha_targets_and_names(tmp_path):
+    first = _peft_lora(tmp_path, "math", 4, 12, ["q_proj", "v_proj"])
+    second = _peft_lora(tmp_path, "code", 2, 3, ["o_proj"])
+    named = LoraMixerConfig.from_peft_adapters([first, second], names=["m", "c"])
+    assert named.expert_names() == ["m", "c"]
+    assert LoraMixerConfig.from_peft_adapters([first, second]).expert_names() == ["math", "code"]
+    a, b = named.expert_specs()
+    assert (a.r, a.lora_alpha, b.r, b.lora_alpha) == (4, 12, 2, 3)
+    assert a.target_modules == sorted(a.modules) and all(m.endswith(("q_proj", "v_proj")) for m in a.modules)
+    assert named.target_modules == sorted(set(a.target_modules) | set(b.target_modules))
+    assert (
+        named.freeze_experts
+        and not LoraMixerConfig.from_peft_adapters([first], freeze_experts=False).freeze_experts
+    )
+    with pytest.raises(ConfigError, match=r"from_peft_adapters needs at least one PEFT LoRA folder\."):
+        LoraMixerConfig.from_peft_adapters([])
+    with pytest.raises(ConfigError, match=r"1 names for 2 folders\."):
+        LoraMixerConfig.from_peft_adapters([first, second], names=["m"])
+
+
+LORA_ERRORS = [
+    ({"r": 0}, r"LoRA r must be a positive integer, got 0; e\.g\. r=8\."),
+    ({"r": True}, r"LoraConfig.r must be an integer, got True\."),  # check_fields, before the rank check
+    ({"rank_pattern": {"q_proj": -1}}, r"LoRA rank_pattern\['q_proj'\] must be a positive integer, got -1"),
+    ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\), got 1\.0\."),
+    ({"lora_dropout": -0.1}, r"lora_dropout must be in \[0, 1\), got -0\.1\."),
+    ({"init_lora_weights": "pissa"}, r"init_lora_weights must be one of .*, got 'pissa'\."),
+    ({"use_qalora": True}, r"LoraConfig\.use_qalora=True: QA-LoRA is not supported\."),
+    ({"layers_pattern": "decoder"}, r"LoraConfig\.layers_pattern='decoder': factorlab finds layer indices"),
+    ({"layers_pattern": ["layers", "stack"]}, r"LoraConfig\.layers_pattern=\['layers', 'stack'\]"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), LORA_ERRORS, ids=[str(k) for k, _ in LORA_ERRORS])
+def test_lora_config_errors_name_the_field_and_value(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        LoraConfig(**kwargs)
+
+
+def test_lora_config_accepts_block_names_it_finds_itself_and_the_smallest_rank():
+    assert LoraConfig(layers_pattern="layers").layers_pattern == "layers"
+    assert LoraConfig(layers_pattern=["h", "block"]).layers_pattern == ["h", "block"]
+    # every NOT_SUPPORTED option is checked, not only those before the first accepted one
+    assert LoraConfig(layers_pattern="layers", lora_dropout=0.0, r=1).r == 1
+    with pytest.raises(ConfigError, match="megatron_config"):
+        LoraConfig(layers_pattern="layers", megatron_config={"tp": 2})
+
+
+COMPACTER_ERRORS = [
+    ({"phm_dim": 0}, r"phm_dim must be a positive integer, got 0\."),
+    ({"reduction_factor": 0}, r"reduction_factor must be > 0, got 0\."),
+    ({"reduction_factor": -2}, r"reduction_factor must be > 0, got -2\."),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), COMPACTER_ERRORS, ids=[str(k) for k, _ in COMPACTER_ERRORS])
+def test_compacter_config_errors_name_the_field_and_value(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        CompacterConfig(**kwargs)
+
+
+def test_compacter_config_accepts_the_smallest_valid_values():
+    assert CompacterConfig(phm_dim=1, reduction_factor=1).phm_dim == 1
+    assert CompacterConfig(reduction_factor=0.5).reduction_factor == 0.5
+
+
+def test_phm_layer_errors_and_defaults():
+    with pytest.raises(
+        ConfigError, match=r"phm_dim=3 does not divide in_features=8; .*in_features=8, out_features=6"
+    ):
+        PHMLinear(8, 6, phm_dim=3)
+    with pytest.raises(ConfigError, match=r"phm_dim=4 does not divide out_features=6;"):
+        PHMLinear(8, 6, phm_dim=4)
+    with pytest.raises(ConfigError, match=r"the shared rule has n=2 but this layer has phm_dim=4\."):
+        PHMLinear(8, 8, phm_dim=4, rule=PHMRule(2))
+    fast = PHMFastWeights(2, 4, 3, rank=1)  # for a 6 -> 8 layer
+    with pytest.raises(
+        ConfigError, match=r"the shared fast weights are for a 6 -> 8 layer, not 8 -> 6; shared_W_phm"
+    ):
+        PHMLinear(8, 6, phm_dim=2, fast=fast)
+    layer = PHMLinear(8, 6, phm_dim=2)
+    assert layer.bias is not None and layer.bias.shape == (6,) and torch.equal(layer.bias, torch.zeros(6))
+    assert PHMLinear(8, 6, phm_dim=2, bias=False).bias is None
+    assert layer.own_rule.A.requires_grad  # the rule learns by default, unfactorized, N(0, 1e-4^2)
+    assert layer.own_rule.A.abs().max() < 1e-3
+    assert layer.own_fast.rank == 1  # Compacter's rank-one fast weights
+    assert not PHMLinear(8, 6, phm_dim=2, learn_rule=False).own_rule.A.requires_grad
+    normal = PHMLinear(64, 64, phm_dim=2, fast_init="normal")
+    assert 0 < normal.own_fast.s.std() < 1e-3  # fast_init_range 1e-4 by default
