@@ -148,3 +148,39 @@ def test_phm_layer_errors_and_defaults():
     assert not PHMLinear(8, 6, phm_dim=2, learn_rule=False).own_rule.A.requires_grad
     normal = PHMLinear(64, 64, phm_dim=2, fast_init="normal")
     assert 0 < normal.own_fast.s.std() < 1e-3  # fast_init_range 1e-4 by default
+
+
+def test_copy_state_exact_names_what_differs_and_copies_nothing_on_error():
+    from factorlab.errors import AdapterLoadError
+    from factorlab.layers.base import copy_state_exact
+
+    live = {"A": torch.zeros(2, 3), "B": torch.zeros(3, 2, dtype=torch.float64)}
+    good = {"A": torch.ones(2, 3, dtype=torch.float64), "B": torch.full((3, 2), 2.0)}
+    missing = r"^lin: the adapter file's tensors do not match \(missing \['B'\], unexpected none\)\.$"
+    shape = r"^lin\.A: the file holds shape \(3, 2\) but .* expects \(2, 3\); .*saved with\.$"
+    integer = (
+        r"^lin\.B: the file stores dtype torch\.int64, but adapter weights are floating point; "
+        r"the file is corrupt or not a factorlab/PEFT adapter\.$"
+    )
+    infinite = (
+        r"^lin\.A: NaN or inf values \(after casting torch\.float64 to torch\.float32\); "
+        r"the adapter is corrupt or was saved from a diverged run\.$"
+    )
+    cases = [
+        ({"A": good["A"]}, missing),
+        ({**good, "C": good["A"]}, r"missing none, unexpected \['C'\]\)\.$"),
+        ({**good, "A": torch.ones(3, 2)}, shape),
+        ({**good, "B": torch.ones(3, 2, dtype=torch.int64)}, integer),
+        ({**good, "A": torch.full((2, 3), 1e39, dtype=torch.float64)}, infinite),
+    ]
+    for tensors, message in cases:
+        with pytest.raises(AdapterLoadError, match=message):
+            copy_state_exact(live, tensors, "lin")
+        assert not live["A"].any() and not live["B"].any()  # nothing copied
+    copy_state_exact(live, good, "lin")
+    assert live["A"].dtype == torch.float32 and torch.equal(
+        live["A"], torch.ones(2, 3)
+    )  # cast to the weight's
+    assert live["B"].dtype == torch.float64 and torch.equal(
+        live["B"], torch.full((3, 2), 2.0, dtype=torch.float64)
+    )
