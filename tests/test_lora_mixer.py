@@ -340,3 +340,65 @@ def test_paper_defaults_top3_inference_and_a_preservation_penalty_in_stage_2():
     assert LoraMixerConfig().preservation_coef == PRESERVATION_COEF > 0
     cfg = MixerExperimentConfig()
     assert cfg.mixer_config().top_k == 3 and cfg.mixer_config().preservation_coef == PRESERVATION_COEF
+
+
+@pytest.mark.parametrize(
+    ("arch", "projections"),
+    [("llama", {"q_proj", "k_proj", "v_proj", "o_proj"}), ("mamba", {"in_proj", "out_proj"})],
+)
+def test_default_targets_are_the_papers_projections_in_every_layer(arch, projections):
+    """Attention q, k, v, o (Mamba: in_proj, out_proj), in every block and nowhere else."""
+    model = build(arch)
+    layers = model.config.num_hidden_layers
+    adapted = adapt(model, LoraMixerConfig(num_experts=2, r=2))
+    names = [name for name, layer in adapted.adapter_layers() if isinstance(layer, LoRAMixerLinear)]
+    assert {n.rsplit(".", 1)[-1] for n in names} == projections
+    assert len(names) == layers * len(projections)
+
+
+def test_set_routing_checks_and_keeps_what_it_is_not_given():
+    from factorlab.methods.lora_mixer import set_routing
+
+    adapted = mixer("soft")
+    state = adapted.shared_adapter_weights["default"].routing
+    set_routing(adapted, "topk", top_k=3, temperature=0.5)  # k = E is allowed
+    assert (state.routing, state.top_k, state.temperature) == ("topk", 3, 0.5)
+    set_routing(adapted, "soft")  # top_k and temperature stay as they were
+    assert (state.routing, state.top_k, state.temperature) == ("soft", 3, 0.5)
+    for bad, message in [
+        ({"routing": "sparse"}, r"routing must be one of .*, got 'sparse'\."),
+        ({"routing": "topk", "top_k": 4}, r"top_k must be an integer in 1\.\.3, got 4\."),
+        ({"routing": "topk", "top_k": 0}, r"top_k must be an integer in 1\.\.3, got 0\."),
+        ({"routing": "soft", "temperature": 0.0}, r"temperature must be a finite number > 0, got 0\.0\."),
+        (
+            {"routing": "soft", "temperature": float("inf")},
+            r"temperature must be a finite number > 0, got inf\.",
+        ),
+        ({"routing": "soft", "temperature": "1"}, r"temperature must be a finite number > 0, got '1'\."),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            set_routing(adapted, **bad)
+    assert (state.routing, state.top_k, state.temperature) == (
+        "soft",
+        3,
+        0.5,
+    )  # a refused call changes nothing
+    lora = adapt(build("llama"), LoraConfig(r=2, target_modules=TARGETS))
+    with pytest.raises(ConfigError, match=r"adapter 'default' is not a LoRA-Mixer adapter\."):
+        set_routing(lora, "soft")
+
+
+def test_set_stage_all_trains_experts_and_routers_and_snapshots_theta_0():
+    adapted = mixer("soft")
+    set_stage(adapted, "all")
+    trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    assert any(".A" in n or "experts" in n for n in trainable) and any("router" in n for n in trainable)
+    layer = next(m for _, m in adapted.adapter_layers())
+    assert layer.trainable_parts["default"] == {"experts", "router"}
+    bank = layer.experts["default"]
+    assert float(bank.preservation()) == 0.0  # theta_0 is the weights at set_stage("all")
+    with torch.no_grad():
+        bank.A.add_(1.0)
+    assert float(bank.preservation()) > 0
+    with pytest.raises(ConfigError, match=r"stage must be one of .*, got 'both'\."):
+        set_stage(adapted, "both")
