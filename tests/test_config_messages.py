@@ -184,3 +184,71 @@ def test_copy_state_exact_names_what_differs_and_copies_nothing_on_error():
     assert live["B"].dtype == torch.float64 and torch.equal(
         live["B"], torch.full((3, 2), 2.0, dtype=torch.float64)
     )
+
+
+def test_lora_layer_rank_and_dropout_bounds():
+    from torch import nn
+
+    from factorlab.layers import LoRALinear
+
+    layer = LoRALinear(nn.Linear(4, 3))
+    layer.update_layer("widest", r=32, lora_alpha=1.0)  # 8 x the widest side: still accepted
+    with pytest.raises(
+        ConfigError, match=r"^LoRA rank r=33 far exceeds this 4 -> 3 layer's widths; the update has "
+    ):
+        layer.update_layer("typo", r=33, lora_alpha=1.0)
+    with pytest.raises(ConfigError, match=r"has rank <= 3 anyway\. Use a smaller r\.$"):
+        layer.update_layer("typo", r=33, lora_alpha=1.0)
+    with pytest.raises(ConfigError, match=r"^lora_dropout must be in \[0, 1\), got 1\.0\.$"):
+        layer.update_layer("drop", r=1, lora_alpha=1.0, lora_dropout=1.0)
+    with pytest.raises(ConfigError, match=r"^init_lora_weights must be one of .*, got 'pissa'\.$"):
+        layer.update_layer("init", r=1, lora_alpha=1.0, init_lora_weights="pissa")
+    layer.update_layer("none", r=1, lora_alpha=1.0, lora_dropout=0.0)
+    layer.update_layer("some", r=1, lora_alpha=1.0, lora_dropout=0.999)
+    assert isinstance(layer.lora_dropout["none"], nn.Identity)  # no dropout module on the hot path
+    assert isinstance(layer.lora_dropout["some"], nn.Dropout) and layer.lora_dropout["some"].p == 0.999
+    assert "none" not in getattr(layer, "lora_magnitude_vector", {})  # DoRA is off by default
+
+
+def test_is_linear_sees_through_adapter_layers():
+    from torch import nn
+
+    from factorlab.layers import LoRALinear
+    from factorlab.layers.shapes import is_linear
+
+    assert is_linear(nn.Linear(2, 2)) and not is_linear(nn.Embedding(3, 2))
+    assert is_linear(LoRALinear(nn.Linear(2, 2)))
+
+    class Wrapper(nn.Module):  # a base_layer attribute alone does not make an adapter layer
+        def __init__(self):
+            super().__init__()
+            self.base_layer = nn.Linear(2, 2)
+
+    assert not is_linear(Wrapper())
+
+
+def test_compacter_bottleneck_bounds_and_message():
+    from factorlab.methods.compacter.model import bottleneck_size
+
+    assert bottleneck_size(64, CompacterConfig(reduction_factor=64), "m") == 1  # the smallest bottleneck
+    assert bottleneck_size(64, CompacterConfig(reduction_factor=2.5), "m") == 25
+    message = (
+        r"^blk\.ffn: reduction_factor=128 is larger than the hidden size 64, so the bottleneck would have 0 "
+        r"units; use reduction_factor <= 64 \(e\.g\. 8 gives a bottleneck of 8\)\.$"
+    )
+    with pytest.raises(ConfigError, match=message):
+        bottleneck_size(64, CompacterConfig(reduction_factor=128), "blk.ffn")
+
+
+def test_dora_on_a_layer_without_it_is_refused_by_name():
+    from torch import nn
+
+    from factorlab.layers import LoRALinear
+    from factorlab.layers.lora import LoRAEmbedding
+
+    with pytest.raises(
+        ConfigError, match=r"^DoRA on Embedding layers is not supported by factorlab; target linear"
+    ):
+        LoRAEmbedding(nn.Embedding(10, 4)).update_layer("d", r=2, lora_alpha=2.0, use_dora=True)
+    LoRAEmbedding(nn.Embedding(10, 4)).update_layer("plain", r=2, lora_alpha=2.0)  # without DoRA: fine
+    LoRALinear(nn.Linear(4, 4)).update_layer("d", r=2, lora_alpha=2.0, use_dora=True)  # linear: supported
