@@ -56,8 +56,10 @@ def test_readme_tables_are_the_ones_rebuilt_from_the_committed_cells(grid, tmp_p
         assert table in readme, f"README's {grid} {name} differs from `factorlab report results/{grid}`"
 
 
-@pytest.mark.parametrize("grid", ["mixer-quick", "mixer-smollm2"])
-def test_readme_comparison_tables_are_the_ones_rebuilt_from_the_committed_cells(grid):
+@pytest.mark.parametrize(
+    ("grid", "kind"), [("mixer-quick", "table"), ("mixer-smollm2", "table"), ("mixer-smollm2", "routed")]
+)
+def test_readme_comparison_tables_are_the_ones_rebuilt_from_the_committed_cells(grid, kind):
     """`python tools/readme_tables.py` pasted them; a hand edit of README or of a cell fails here."""
     import re
     import sys
@@ -65,9 +67,9 @@ def test_readme_comparison_tables_are_the_ones_rebuilt_from_the_committed_cells(
 
     root = Path(__file__).resolve().parents[1]
     readme = (root / "README.md").read_text()
-    block = re.search(rf"<!-- {grid} table -->\n(.*?)<!-- end {grid} table -->", readme, re.S)
-    assert block is not None, f"README has no {grid} table block"
+    block = re.search(rf"<!-- {grid} {kind} -->\n(.*?)<!-- end {grid} {kind} -->", readme, re.S)
+    assert block is not None, f"README has no {grid} {kind} block"
     sys.path.insert(0, str(root / "tools"))
     from readme_tables import rebuilt_table
 
-    assert block.group(1).strip() == rebuilt_table(grid)
+    assert block.group(1).strip() == rebuilt_table(grid, kind)
