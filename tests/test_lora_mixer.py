@@ -402,3 +402,50 @@ def test_set_stage_all_trains_experts_and_routers_and_snapshots_theta_0():
     assert float(bank.preservation()) > 0
     with pytest.raises(ConfigError, match=r"stage must be one of .*, got 'both'\."):
         set_stage(adapted, "both")
+
+
+def test_gpt2_conv1d_hard_routing_equals_the_expert_alone():
+    """GPT-2's Conv1D stores weights (in, out): the mixer must read them transposed, as LoRA does."""
+    torch.manual_seed(0)
+    config = LoraMixerConfig(
+        num_experts=2, r=2, lora_alpha=4, target_modules=["c_attn"], init_lora_weights=False
+    )
+    adapted = adapt(build("gpt2"), config)
+    lora = adapt(build("gpt2"), LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"]))
+    with torch.no_grad():
+        for name, layer in lora.adapter_layers():
+            bank = adapted.base_model.get_submodule(name).experts["default"]
+            layer.lora_A["default"].weight.copy_(bank.A[1])
+            layer.lora_B["default"].weight.copy_(bank.B[1])
+    batch = inputs("gpt2")
+    with torch.no_grad():
+        got = adapted(**batch, task_ids=torch.tensor([1, 1])).logits
+    torch.testing.assert_close(got, logits(lora, batch), atol=1e-5, rtol=0)
+
+
+def test_an_expert_outside_its_own_targets_adds_nothing_there_and_rslora_scales_by_sqrt_r():
+    torch.manual_seed(0)
+    config = LoraMixerConfig(
+        experts=[
+            {"name": "q_only", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]},
+            {"name": "both", "r": 4, "lora_alpha": 4, "use_rslora": True},
+        ],
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,
+    )
+    adapted = adapt(build("llama"), config)
+    v_proj = next(m for n, m in adapted.adapter_layers() if n.endswith("v_proj"))
+    q_proj = next(m for n, m in adapted.adapter_layers() if n.endswith("q_proj"))
+    v_bank, q_bank = v_proj.experts["default"], q_proj.experts["default"]
+    assert v_bank.rank_mask[0].sum() == 0 and v_bank.scaling[0] == 0.0  # q_only has no LoRA on v_proj
+    assert q_bank.rank_mask[0].sum() == 2 and q_bank.scaling[0] == 2.0  # alpha / r
+    assert v_bank.scaling[1] == pytest.approx(4 / 2.0)  # rsLoRA: alpha / sqrt(4)
+    x = torch.randn(2, 5, v_proj.in_features)
+    state = adapted.shared_adapter_weights["default"].routing
+    state.task_ids = torch.tensor([0, 0])
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(v_proj(x), v_proj.base_layer(x), atol=0, rtol=0)
+            assert not torch.allclose(q_proj(x), q_proj.base_layer(x))
+    finally:
+        state.task_ids = None
