@@ -252,3 +252,43 @@ def test_dora_on_a_layer_without_it_is_refused_by_name():
         LoRAEmbedding(nn.Embedding(10, 4)).update_layer("d", r=2, lora_alpha=2.0, use_dora=True)
     LoRAEmbedding(nn.Embedding(10, 4)).update_layer("plain", r=2, lora_alpha=2.0)  # without DoRA: fine
     LoRALinear(nn.Linear(4, 4)).update_layer("d", r=2, lora_alpha=2.0, use_dora=True)  # linear: supported
+
+
+@pytest.mark.parametrize(
+    ("arch", "projections"), [("llama", {"q_proj", "v_proj"}), ("mamba", {"in_proj", "x_proj"})]
+)
+def test_lora_default_targets_are_pefts(arch, projections):
+    from factorlab import adapt
+    from tiny_models import build
+
+    model = build(arch)
+    names = [n for n, _ in adapt(model, LoraConfig(r=2)).adapter_layers()]
+    assert {n.rsplit(".", 1)[-1] for n in names} == projections
+    assert len(names) == model.config.num_hidden_layers * len(projections)
+
+
+def test_lora_bias_modes_train_exactly_the_biases_they_name():
+    from factorlab import adapt
+    from tiny_models import build
+
+    def trained_biases(bias):
+        adapted = adapt(build("gpt2"), LoraConfig(r=2, target_modules=["c_attn"], bias=bias))
+        return {n for n, p in adapted.named_parameters() if p.requires_grad and n.endswith("bias")}
+
+    every_bias = {n for n, _ in build("gpt2").named_parameters() if n.endswith("bias")}
+    assert trained_biases("none") == set()
+    lora_only = trained_biases("lora_only")
+    assert lora_only and all("c_attn.base_layer.bias" in n for n in lora_only)
+    assert len(lora_only) == sum("c_attn" in n for n in every_bias)
+    assert len(trained_biases("all")) == len(every_bias)  # every bias of the base, adapted layers' included
+
+
+def test_lora_config_as_peft_writes_it():
+    config = LoraConfig(r=4, lora_alpha=8, target_roles=["attn_q"], layers_to_transform=[0])
+    out = config.to_peft_dict(["model.layers.0.self_attn.q_proj"], "CAUSAL_LM", fan_in_fan_out=False)
+    assert out["peft_type"] == "LORA" and "method" not in out and "target_roles" not in out
+    assert out["target_modules"] == ["model.layers.0.self_attn.q_proj"]  # exact names, nothing left to match
+    assert out["layers_to_transform"] is None and out["exclude_modules"] is None
+    assert (out["r"], out["lora_alpha"], out["task_type"], out["inference_mode"]) == (4, 8, "CAUSAL_LM", True)
+    assert out["fan_in_fan_out"] is False
+    assert LoraConfig(task_type="SEQ_CLS").to_peft_dict([], "CAUSAL_LM", True)["task_type"] == "SEQ_CLS"
