@@ -292,3 +292,56 @@ def test_lora_config_as_peft_writes_it():
     assert (out["r"], out["lora_alpha"], out["task_type"], out["inference_mode"]) == (4, 8, "CAUSAL_LM", True)
     assert out["fan_in_fan_out"] is False
     assert LoraConfig(task_type="SEQ_CLS").to_peft_dict([], "CAUSAL_LM", True)["task_type"] == "SEQ_CLS"
+
+
+def test_bottleneck_adapter_adds_up_act_down_of_the_base_output():
+    from torch import nn
+
+    from factorlab.layers.bottleneck import BottleneckAdapterLayer
+
+    torch.manual_seed(0)
+    base, down, up = nn.Linear(6, 8), nn.Linear(8, 2), nn.Linear(2, 8)
+    layer = BottleneckAdapterLayer(base)
+    layer.update_layer("a", down, up, "relu")
+    layer.set_adapter(["a"])
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        h = base(x)
+        torch.testing.assert_close(layer(x), h + up(torch.relu(down(h))))
+    with pytest.raises(ConfigError, match=r"^unknown non_linearity 'swishy'; choose one of \["):
+        layer.update_layer("b", down, up, "swishy")
+
+
+@pytest.mark.parametrize("init", ["glorot-uniform", "glorot-normal"])
+def test_phm_fast_weights_use_glorot_with_gain_sqrt2(init):
+    """As the original Compacter code: xavier with gain sqrt(2) on each factor of each B_i."""
+    torch.manual_seed(0)
+    fast = PHMFastWeights(4, 64, 96, rank=48, init=init)
+    for m in (fast.s, fast.t):
+        rows, cols = m.shape[1], m.shape[2]
+        std = 2**0.5 * (2 / (rows + cols)) ** 0.5
+        measured = float(m.std())
+        assert abs(measured - std) < 0.1 * std, (measured, std)
+        if init == "glorot-uniform":
+            bound = std * 3**0.5
+            assert float(m.abs().max()) <= bound and float(m.abs().max()) > 0.9 * bound
+    full = PHMFastWeights(2, 4, 6, rank=None)
+    assert full.B.shape == (2, 4, 6) and not full.factorized
+    with pytest.raises(ConfigError, match=r"^phm_rank must be a positive integer, got 0\.$"):
+        PHMFastWeights(2, 4, 6, rank=0)
+    with pytest.raises(ConfigError, match=r"^hypercomplex_nonlinearity must be one of .*, got 'he'\.$"):
+        PHMFastWeights(2, 4, 6, init="he")
+
+
+def test_phm_rule_inits():
+    torch.manual_seed(0)
+    uniform = PHMRule(8, init="uniform", init_range=0.5)
+    assert (
+        float(uniform.A.min()) < -0.4 and float(uniform.A.max()) > 0.4 and float(uniform.A.abs().max()) <= 0.5
+    )
+    assert PHMRule(2, factorized=True).A_left.shape == (2, 2, 1)
+    assert not PHMRule(2, learn=False).A.requires_grad
+    with pytest.raises(
+        ConfigError, match=r"^phm_c_init must be one of \('normal', 'uniform'\), got 'zeros'\.$"
+    ):
+        PHMRule(2, init="zeros")
