@@ -259,8 +259,8 @@ Tasks = Annotated[str | None, typer.Option(help="Comma-separated task names \\[d
 Model = Annotated[
     str | None, typer.Option(help="tiny, smollm2 or a local causal-LM folder \\[default: preset's].")
 ]
-Rank = Annotated[int | None, typer.Option("--r", help="Rank of the single LoRA and of every expert.")]
-ExpertSteps = Annotated[int | None, typer.Option(help="Steps of the single LoRA and of stage 1.")]
+Rank = Annotated[int | None, typer.Option("--r", help="Rank of every expert (the multi-task LoRA: E x r).")]
+ExpertSteps = Annotated[int | None, typer.Option(help="Steps of every multi-task system and of stage 1.")]
 RouterSteps = Annotated[int | None, typer.Option(help="Router training steps (stage 2).")]
 Settings = Annotated[
     list[str] | None,
@@ -274,7 +274,7 @@ RouteLabelCoef = Annotated[
     float | None,
     typer.Option(
         help="Ours, not the paper's: weight of the supervised routing term (cross-entropy of the router "
-        "to each sample's task label) while the routers train \\[default: 0, the paper's losses only]."
+        "to each sample's task label) while the routers train \\[default: 1; 0: the paper's losses only]."
     ),
 ]
 
@@ -341,7 +341,7 @@ def mixer_run(
     settings: Settings = None,
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds.")] = "0",
     workers: Annotated[
-        int, typer.Option(help="Parallel seeds (1: in this process, with progress bars).")
+        int, typer.Option(help="Parallel cells (1: in this process, with progress bars).")
     ] = 1,
     backend: GridBackend = "local",
     address: RayAddress = None,
