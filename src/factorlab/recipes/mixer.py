@@ -461,29 +461,29 @@ def write_comparison(out: Path, cells: list[dict[str, Any]], seconds: float | No
             + ", ".join(f"{c['unit']} seed {c['seed']}" for c in missing),
             "",
         ]
-    if routes:
-        routed_rows = []
-        for system in (s for s in SYSTEMS if s in routes):
-            per_task = [{t: r["per_task"][k] for k, t in enumerate(cfg.tasks)} for r in routes[system]]
-            row = aggregate(per_task, [], list(cfg.tasks))[0]
-            routed_rows.append({"system": system, **{t: row[t] for t in cfg.tasks}, "seeds": len(per_task)})
-        routed_table = write_table(
-            routed_rows,
-            [
-                Column("system", "system"),
-                *(Column(t, t, "{:.3f}") for t in cfg.tasks),
-                Column("seeds", "seeds"),
-            ],
-            out / "routed",
-        )
-        report += [
-            "## Routing accuracy per task",
-            "",
-            "Share of each task's test samples whose strongest expert (mean weight over real tokens and "
-            "projections) is the task's own:",
-            "",
-            routed_table,
-        ]
+    # routed.md always exists (header only until a routed system has run): README pastes it
+    routed_rows = []
+    for system in (s for s in SYSTEMS if s in routes):
+        per_task = [{t: r["per_task"][k] for k, t in enumerate(cfg.tasks)} for r in routes[system]]
+        row = aggregate(per_task, [], list(cfg.tasks))[0]
+        routed_rows.append({"system": system, **{t: row[t] for t in cfg.tasks}, "seeds": len(per_task)})
+    routed_table = write_table(
+        routed_rows,
+        [
+            Column("system", "system"),
+            *(Column(t, t, "{:.3f}") for t in cfg.tasks),
+            Column("seeds", "seeds"),
+        ],
+        out / "routed",
+    )
+    report += [
+        "## Routing accuracy per task",
+        "",
+        "Share of each task's test samples whose strongest expert (mean weight over real tokens and "
+        "projections) is the task's own:",
+        "",
+        routed_table,
+    ]
     if usage is not None:
         usage_rows = [
             {"task": t, **{f"→ {e}": float(usage[k, j]) for j, e in enumerate(cfg.tasks)}}
