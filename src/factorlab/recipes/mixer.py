@@ -81,8 +81,9 @@ SYSTEMS = (
     "X-LoRA (peft)",
 )
 # A grid cell is one unit of work for one seed. Phase 2 units start from the same seed's "experts" cell
-# (its stage-1 mixer and the experts exported as PEFT folders), so they run after phase 1.
-PHASES = (("base", "experts", "multi-task LoRA", "Compacter++", "full"), ("joint", "plug", "X-LoRA"))
+# (its experts, exported as PEFT folders), so they run after phase 1. Within a phase the slowest units
+# come first, so the last cells to start are short ones and no worker idles long at the end.
+PHASES = (("full", "experts", "multi-task LoRA", "Compacter++", "base"), ("X-LoRA", "joint", "plug"))
 
 
 def _cell(cfg: MixerExperimentConfig, seed: int, unit: str, export: bool) -> dict[str, Any]:
@@ -96,9 +97,9 @@ def comparison_cells(cfg: MixerExperimentConfig) -> list[list[dict[str, Any]]]:
     full = cfg.seeds if cfg.full_seeds is None else cfg.full_seeds
     return [
         [
-            _cell(cfg, seed, unit, export=i == 0)
-            for i, seed in enumerate(cfg.seeds)
+            _cell(cfg, seed, unit, export=seed == cfg.seeds[0])
             for unit in units
+            for seed in cfg.seeds
             if unit != "full" or seed in full
         ]
         for units in PHASES
