@@ -147,9 +147,18 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
                 "steps": steps,
             }
 
-    def plain(steps, lr, train_data):
+    def plain(steps, lr, train_data, supervise=False):
         return lambda model, progress: train(
-            model, train_data, steps, lr, cfg.batch_size, seed, False, pad_id, progress
+            model,
+            train_data,
+            steps,
+            lr,
+            cfg.batch_size,
+            seed,
+            False,
+            pad_id,
+            progress,
+            supervise_routing=supervise,
         )
 
     if unit == "base":
@@ -219,26 +228,11 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
             names = ["LoRA-Mixer joint (soft)", "LoRA-Mixer joint (top-k)"]
 
             def stage2(model, progress):
-                train_stage2(
-                    model,
-                    router_data,
-                    cfg.router_steps,
-                    cfg.router_lr,
-                    cfg.batch_size,
-                    seed,
-                    pad_id,
-                    progress,
-                )
+                args = (router_data, cfg.router_steps, cfg.router_lr, cfg.batch_size, seed, pad_id, progress)
+                train_stage2(model, *args)
 
-            fit(
-                mixer,
-                "routers + experts (stage 2)",
-                cfg.router_steps,
-                cfg.router_lr,
-                router_data,
-                stage2,
-                names,
-            )
+            label = "routers + experts (stage 2)"
+            fit(mixer, label, cfg.router_steps, cfg.router_lr, router_data, stage2, names)
             first = stage1["systems"]["per-task LoRA (oracle)"]
             for name in names:  # the joint system's training is both stages
                 systems[name].update(stage1_seconds=first["seconds"], stage1_tokens=first["tokens"])
@@ -252,29 +246,9 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
             name = "LoRA-Mixer plug-and-play (top-k)"
             mixer = mixer_from_experts()
 
-            def routers(model, progress):
-                train(
-                    model,
-                    router_data,
-                    cfg.router_steps,
-                    cfg.router_lr,
-                    cfg.batch_size,
-                    seed,
-                    False,
-                    pad_id,
-                    progress,
-                    supervise_routing=cfg.route_label_coef > 0,
-                )
-
-            fit(
-                mixer,
-                "routers (frozen PEFT experts)",
-                cfg.router_steps,
-                cfg.router_lr,
-                router_data,
-                routers,
-                [name],
-            )
+            routers = plain(cfg.router_steps, cfg.router_lr, router_data, supervise=cfg.route_label_coef > 0)
+            label = "routers (frozen PEFT experts)"
+            fit(mixer, label, cfg.router_steps, cfg.router_lr, router_data, routers, [name])
             routing[name] = _routing(*routing_report(mixer, evals, pad_id))
             set_routing(mixer, "topk")
             score(mixer, name)
