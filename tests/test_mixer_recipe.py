@@ -207,3 +207,20 @@ def test_full_fine_tuning_runs_on_the_chosen_seeds_only():
     # which seeds exist is not part of a cell, so adding a seed reuses every finished cell
     fewer = comparison_cells(MixerExperimentConfig.preset_config("quick", seeds=[0], full_seeds=[1]))
     assert all(c in first + second for c in fewer[0] + fewer[1])
+
+
+def test_a_phase_two_cell_whose_expert_weights_are_gone_says_how_to_recover(tmp_path):
+    """A clean clone has the experts cell's summary but not its weights (results/ keeps them out of git)."""
+    from factorlab.grid import cell_id
+    from factorlab.recipes.mixer import comparison_cell, comparison_cells
+
+    cfg = MixerExperimentConfig.preset_config("quick", seeds=[0], eval_examples_per_task=8)
+    first, second = comparison_cells(cfg)
+    experts = next(c for c in first if c["unit"] == "experts")
+    folder = tmp_path / "cells" / cell_id(experts)
+    (folder / "experts" / cfg.tasks[0]).mkdir(parents=True)
+    (folder / "experts" / cfg.tasks[0] / "adapter_config.json").write_text("{}")
+    (folder / "summary.json").write_text(json.dumps({"cell": experts, "records": [], "systems": {}}))
+    plug_cell = next(c for c in second if c["unit"] == "plug")
+    with pytest.raises(ConfigError, match=r"adapter_model\.safetensors is missing: delete .* and rerun"):
+        comparison_cell(plug_cell, tmp_path / "cells" / cell_id(plug_cell))

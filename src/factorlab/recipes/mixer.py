@@ -186,8 +186,7 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
 
         names = ["per-task LoRA (oracle)", "uniform average of experts"]
         fit(mixer, "experts (stage 1, hard routing)", cfg.steps, cfg.lr, data, stage1, names)
-        for e, task in enumerate(cfg.tasks):  # the stage-1 weights count as training, the router does not
-            systems[names[0]]["trainable"] = systems[names[1]]["trainable"] = trainable_parameters(mixer)
+        for e, task in enumerate(cfg.tasks):
             export_expert_as_peft(mixer, e, folder / "experts" / task)
         if cell["export"] and cfg.model == "tiny":
             base.save_pretrained(folder / "base")
@@ -200,8 +199,9 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
         if stage1 is None:
             raise ConfigError(f"{unit} needs the same seed's experts cell first ({experts_folder}).")
         folders = [experts_folder / "experts" / t for t in cfg.tasks]
-        missing = [f for f in folders if not (f / "adapter_config.json").exists()]
-        if missing:
+        needed = ("adapter_config.json", "adapter_model.safetensors")
+        missing = [f / n for f in folders for n in needed if not (f / n).exists()]
+        if missing:  # e.g. a clean clone: results/ commits summaries, not weights
             raise ConfigError(
                 f"{unit} starts from the experts cell's PEFT folders, and {missing[0]} is missing: "
                 f"delete {experts_folder} and rerun to retrain them."
