@@ -347,12 +347,12 @@ def write_comparison(out: Path, cells: list[dict[str, Any]], seconds: float | No
     for s in done:
         for name, cost in s["systems"].items():
             train_s = cost["seconds"] + cost.get("stage1_seconds", 0.0)
-            tokens = cost["tokens"] + cost.get("stage1_tokens", 0)
             costs.setdefault(name, []).append(
                 {
                     "trainable": cost["trainable"],
                     "train_s": train_s,
-                    "tok_s": tokens / cost["seconds"] if cost["seconds"] else None,
+                    # the last stage's throughput: stage 1 has its own row (the oracle experts)
+                    "tok_s": cost["tokens"] / cost["seconds"] if cost["seconds"] else None,
                 }
             )
         for name, route in s.get("routing", {}).items():
