@@ -34,6 +34,10 @@ def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "task_ids": task_ids}
 
 
+STAGE2_SEED_OFFSET = 1
+"""Stage 2 draws its batches with seed + 1, so they differ from stage 1's."""
+
+
 def sample_batch(pool: Sequence[Example], seed: int, step: int, batch_size: int) -> list[Example]:
     """The global batch of ``step``: a pure function of (seed, step), so a resumed run repeats it."""
     return random.Random(seed * 100_003 + step).sample(list(pool), min(batch_size, len(pool)))
@@ -166,7 +170,7 @@ def train_stage2(
     progress=None,
 ) -> AdaptedModel:
     """Stage 2: the routers train on a small mixed set (soft routing); with ``preservation_coef > 0`` the
-    experts train too, held near their stage-1 weights. ``seed`` is the run's: stage 2 draws with seed + 1."""
+    experts train too, held near their stage-1 weights. ``seed`` is the run's (see STAGE2_SEED_OFFSET)."""
     mixer = adapted.adapter_configs[adapted.active_adapter]
     set_stage(adapted, "all" if mixer.preservation_coef > 0 else "router")
     train(
@@ -175,7 +179,7 @@ def train_stage2(
         router_steps,
         router_lr,
         batch_size,
-        seed + 1,
+        seed + STAGE2_SEED_OFFSET,
         hard=False,
         pad_id=pad_id,
         progress=progress,

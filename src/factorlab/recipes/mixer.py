@@ -55,6 +55,7 @@ from factorlab.mixer.systems import (
 )
 from factorlab.mixer.tasks import Example, GymTasks, SyntheticTasks, make_tasks, train_and_eval_sets  # noqa: F401
 from factorlab.mixer.train import (  # noqa: F401
+    STAGE2_SEED_OFFSET,
     collate,
     tokens_trained,
     train,
@@ -130,14 +131,13 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
             records.append({"seed": seed, "system": system, "task": name, "accuracy": acc})
         evaluating += time.perf_counter() - began
 
-    def fit(model, label, steps, lr, train_data, run, names):
+    def fit(model, label, steps, lr, train_data, run, names, batch_seed=seed):
         """Train with ``run`` (a bar per run), time it, and note the trained model under ``names``."""
         with StepBars(f"{unit}, seed {seed}") as bars:
             bars.start([label], [steps])
             began = time.perf_counter()
             run(model, lambda s: bars.update(0, s))
             seconds = time.perf_counter() - began
-        batch_seed = seed + 1 if label == "routers + experts (stage 2)" else seed
         tokens = tokens_trained(train_data, steps, cfg.batch_size, batch_seed)
         for name in names:
             systems[name] = {
@@ -233,7 +233,8 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
                 train_stage2(model, *args)
 
             label = "routers + experts (stage 2)"
-            fit(mixer, label, cfg.router_steps, cfg.router_lr, router_data, stage2, names)
+            stage2_seed = seed + STAGE2_SEED_OFFSET
+            fit(mixer, label, cfg.router_steps, cfg.router_lr, router_data, stage2, names, stage2_seed)
             first = stage1["systems"]["per-task LoRA (oracle)"]
             for name in names:  # the joint system's training is both stages
                 systems[name].update(stage1_seconds=first["seconds"], stage1_tokens=first["tokens"])
