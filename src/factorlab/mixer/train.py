@@ -202,9 +202,36 @@ def train_router_on_peft(
 ) -> AdaptedModel:
     """Workflow 2: experts from existing PEFT LoRA folders (frozen); only the routers train."""
     config = LoraMixerConfig.from_peft_adapters(list(folders), names, **mixer_kwargs)
-    adapted = adapt(model, config)
-    supervise = config.route_label_coef > 0
-    train(adapted, router_data, steps, lr, batch_size, seed, False, pad_id, supervise_routing=supervise)
+    return train_routers(adapt(model, config), router_data, steps, lr, batch_size, seed, pad_id)
+
+
+def train_routers(
+    adapted: AdaptedModel,
+    router_data: Sequence[Sequence[Example]],
+    steps: int,
+    lr: float,
+    batch_size: int = 64,
+    seed: int = 0,
+    pad_id: int = 0,
+    progress=None,
+) -> AdaptedModel:
+    """The plug-and-play training: soft routing over the mixed set, task labels supervising the routers
+    when ``route_label_coef > 0``. Whatever the adapter leaves trainable trains (from PEFT folders:
+    the routers only)."""
+    mixer = adapted.adapter_configs[adapted.active_adapter]
+    supervise = mixer.route_label_coef > 0
+    train(
+        adapted,
+        router_data,
+        steps,
+        lr,
+        batch_size,
+        seed,
+        False,
+        pad_id,
+        progress,
+        supervise_routing=supervise,
+    )
     return adapted
 
 

@@ -61,6 +61,7 @@ from factorlab.mixer.train import (  # noqa: F401
     train,
     train_joint,
     train_router_on_peft,
+    train_routers,
     train_stage2,
 )
 from factorlab.models import resolve_model_path
@@ -148,18 +149,9 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
                 "steps": steps,
             }
 
-    def plain(steps, lr, train_data, supervise=False):
+    def plain(steps, lr, train_data):
         return lambda model, progress: train(
-            model,
-            train_data,
-            steps,
-            lr,
-            cfg.batch_size,
-            seed,
-            False,
-            pad_id,
-            progress,
-            supervise_routing=supervise,
+            model, train_data, steps, lr, cfg.batch_size, seed, False, pad_id, progress
         )
 
     if unit == "base":
@@ -248,7 +240,10 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
             name = "LoRA-Mixer plug-and-play (top-k)"
             mixer = mixer_from_experts()
 
-            routers = plain(cfg.router_steps, cfg.router_lr, router_data, supervise=cfg.route_label_coef > 0)
+            def routers(model, progress):
+                args = (router_data, cfg.router_steps, cfg.router_lr, cfg.batch_size, seed, pad_id, progress)
+                train_routers(model, *args)
+
             label = "routers (frozen PEFT experts)"
             fit(mixer, label, cfg.router_steps, cfg.router_lr, router_data, routers, [name])
             routing[name] = _routing(*routing_report(mixer, evals, pad_id))
