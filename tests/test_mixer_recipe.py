@@ -86,6 +86,23 @@ def test_supervised_routing_term_routes_every_sample_with_few_router_steps(quick
     assert again["router_accuracy"] == paper["router_accuracy"]  # seeded: the same run twice
 
 
+def test_train_router_on_peft_supervises_routing_by_default(quick):
+    """Its data are per task, so the labels exist: the recipes' default (route_label_coef 1) applies."""
+    from transformers import AutoModelForCausalLM
+
+    from factorlab.mixer.tasks import make_tasks, train_and_eval_sets
+    from factorlab.mixer.train import train_router_on_peft
+
+    cfg, out, _ = quick
+    tasks, pad_id = make_tasks(cfg)
+    data, _ = train_and_eval_sets(tasks, 8, 1, seed=0)
+    folders = [out / "experts" / t for t in cfg.tasks]
+    for given, expected in (({}, 1.0), ({"route_label_coef": 0.0}, 0.0)):
+        base = AutoModelForCausalLM.from_pretrained(out / "base")
+        adapted = train_router_on_peft(base, folders, data, 1, 1e-3, 4, pad_id=pad_id, **given)
+        assert adapted.adapter_configs[adapted.active_adapter].route_label_coef == expected
+
+
 def test_plug_needs_one_task_per_adapter(quick, tmp_path):
     cfg, out, _ = quick
     with pytest.raises(ConfigError, match="one task per adapter"):

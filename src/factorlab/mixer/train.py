@@ -198,10 +198,15 @@ def train_router_on_peft(
     seed: int = 0,
     pad_id: int = 0,
     names: list[str] | None = None,
+    route_label_coef: float = 1.0,
     **mixer_kwargs: Any,
 ) -> AdaptedModel:
-    """Workflow 2: experts from existing PEFT LoRA folders (frozen); only the routers train."""
-    config = LoraMixerConfig.from_peft_adapters(list(folders), names, **mixer_kwargs)
+    """Workflow 2: experts from existing PEFT LoRA folders (frozen); only the routers train.
+    ``router_data[e]`` holds expert e's task, so the labels are there and the supervised routing term
+    is on by default (``route_label_coef=1``, ours, as in the recipes; 0 gives the paper's losses)."""
+    config = LoraMixerConfig.from_peft_adapters(
+        list(folders), names, route_label_coef=route_label_coef, **mixer_kwargs
+    )
     return train_routers(adapt(model, config), router_data, steps, lr, batch_size, seed, pad_id)
 
 
