@@ -173,19 +173,10 @@ def train_stage2(
     experts train too, held near their stage-1 weights. ``seed`` is the run's (see STAGE2_SEED_OFFSET)."""
     mixer = adapted.adapter_configs[adapted.active_adapter]
     set_stage(adapted, "all" if mixer.preservation_coef > 0 else "router")
-    train(
-        adapted,
-        router_data,
-        router_steps,
-        router_lr,
-        batch_size,
-        seed + STAGE2_SEED_OFFSET,
-        hard=False,
-        pad_id=pad_id,
-        progress=progress,
-        supervise_routing=mixer.route_label_coef > 0,
+    stage2_seed = seed + STAGE2_SEED_OFFSET
+    return train_routers(
+        adapted, router_data, router_steps, router_lr, batch_size, stage2_seed, pad_id, progress
     )
-    return adapted
 
 
 def train_router_on_peft(
