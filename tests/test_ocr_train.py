@@ -174,12 +174,3 @@ def test_hand_written_gradients_equal_autograd(param, d_h, fixed):
     for name, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7)
-    # the flat W_KQ index computed for a chunk of steps (as train_batched does) gives the same step
-    first = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    chunk_index = model.kq_index(torch.stack([tokens, tokens]))
-    assert torch.equal(
-        model.loss_and_grads(tokens, labels, chunk_index[1]), model.loss_and_grads(tokens, labels)
-    )
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            assert torch.equal(p.grad, first[name]), name

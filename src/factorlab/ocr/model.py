@@ -104,20 +104,11 @@ class BatchedAttentionOnly(nn.Module):
             return torch.bmm(torch.bmm(bag, self.w_v), self.w_o.transpose(1, 2))  # W_O W_V^T X^T a
         return torch.bmm(bag, self.w_ov.transpose(1, 2))  # W_OV X^T a
 
-    def kq_index(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Flat positions of W_KQ[r, x_t, x_T] in ``w_kq`` for tokens (..., R, B, T): computed for a
-        whole chunk of steps at once, it saves a step three kernels."""
-        d, runs = self.vocab_size, tokens.shape[-3]
-        return torch.arange(runs).view(runs, 1, 1) * (d * d) + tokens * d + tokens[..., -1:]
-
     @torch.no_grad()
-    def loss_and_grads(
-        self, tokens: torch.Tensor, labels: torch.Tensor, kq_index: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def loss_and_grads(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One training step's work without autograd: each run's mean cross-entropy (R,) and, in every
         trainable parameter's ``.grad``, the gradient of their sum. The same operations as ``forward``
-        and its backward, written out, so a step is a dozen kernels and no graph. ``kq_index``:
-        ``self.kq_index(tokens)``, if computed beforehand.
+        and its backward, written out, so a step is a dozen kernels and no graph.
 
             scores a[r,b,t] = W_KQ[r, x_t, x_T]          bag = X^T a  (scatter-add, (R, B, d))
             factorized: h = bag W_V, logits = h W_O^T     combined: logits = bag W_OV^T
@@ -127,8 +118,8 @@ class BatchedAttentionOnly(nn.Module):
         """
         R, B, _ = tokens.shape
         d = self.vocab_size
-        if kq_index is None:
-            kq_index = self.kq_index(tokens)
+        last = tokens[:, :, -1:]  # (R, B, 1)
+        kq_index = torch.arange(R).view(R, 1, 1) * (d * d) + tokens * d + last  # flat W_KQ[r, x_t, x_T]
         scores = self.w_kq.reshape(-1)[kq_index]  # (R, B, T)
         bag = torch.zeros(R, B, d, dtype=scores.dtype).scatter_add_(2, tokens, scores)
         if self.param == "factorized":
@@ -137,9 +128,8 @@ class BatchedAttentionOnly(nn.Module):
         else:
             logits = torch.bmm(bag, self.w_ov.transpose(1, 2))
         g = logits.softmax(-1)  # (R, B, d); becomes dL/dlogits below
-        labels = labels.unsqueeze(-1)
-        per_run = -g.gather(2, labels).log_().mean((1, 2))
-        g = g.div_(B).scatter_add_(2, labels, torch.full((R, B, 1), -1.0 / B))
+        per_run = -g.gather(2, labels.unsqueeze(-1)).squeeze(-1).log().mean(1)
+        g = g.scatter_add_(2, labels.unsqueeze(-1), torch.full((R, B, 1), -1.0)).div_(B)
         if self.param == "factorized":
             self.w_o.grad = torch.bmm(g.transpose(1, 2), h)
             dh = torch.bmm(g, self.w_o)

@@ -206,10 +206,9 @@ def train_batched(configs: Sequence[OCRConfig], progress: ProgressFn | None = No
         }
         tokens = torch.stack([per_seed[c.seed][0] for c in configs], dim=1)  # (chunk, R, B, T)
         labels = torch.stack([per_seed[c.seed][1] for c in configs], dim=1)  # (chunk, R, B)
-        kq_index = model.kq_index(tokens)
         # Spurious worlds only relabel test implications, which never appear in training data.
         for i in range(chunk):
-            per_run = model.loss_and_grads(tokens[i], labels[i], kq_index[i])  # gradients, no graph
+            per_run = model.loss_and_grads(tokens[i], labels[i])  # gradients written, no autograd graph
             optimizer.step()
             loss_sum += per_run
             loss_count += 1
