@@ -91,6 +91,55 @@ def test_batched_training_gives_the_same_numbers_as_single_runs(optimizer):
     assert batched[0].summary["nuclear_norm"] != pytest.approx(batched[1].summary["nuclear_norm"], rel=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("param", "optimizer"), [("factorized", "adamw"), ("combined", "adamw"), ("factorized", "gd")]
+)
+def test_training_equals_a_textbook_autograd_loop_over_every_weight(param, optimizer):
+    """train_batched (hand-written gradients, only W_KQ's EOS column trained, the other columns' decay
+    applied lazily) against autograd + torch.optim over the whole W_KQ, on the same data stream."""
+    import torch.nn.functional as F
+
+    from factorlab.ocr.task import OCRWorld
+    from factorlab.ocr.train import DATA_CHUNK_STEPS, EVAL_SAMPLES_PER_SUBJECT, _evaluate
+    from factorlab.runtime import generator
+
+    lr = 5e-3 if optimizer == "adamw" else 0.5
+    configs = [OCRConfig(param=param, d_h=None if param == "combined" else 8, steps=130, eval_every=50,
+                         optimizer=optimizer, lr=lr, seed=s) for s in (3, 4)]  # fmt: skip
+    ours = train_batched(configs)
+
+    cfg = configs[0]
+    model = BatchedAttentionOnly(cfg.task.vocab_size, param, cfg.hidden_dim, [3, 4])
+    if optimizer == "adamw":
+        reference = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    else:
+        reference = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+    worlds = [OCRWorld(cfg.task, s) for s in (3, 4)]
+    streams = [generator(s, "training-data") for s in (3, 4)]
+    evaluations = [w.evaluation_set(EVAL_SAMPLES_PER_SUBJECT) for w in worlds]
+    eval_tokens = torch.stack([e.tokens for e in evaluations])
+    history = [_evaluate(model, eval_tokens, evaluations)]
+    for chunk_start in range(0, cfg.steps, DATA_CHUNK_STEPS):
+        data = [w.training_batches(DATA_CHUNK_STEPS, cfg.batch_size, g) for w, g in zip(worlds, streams)]
+        for i in range(min(DATA_CHUNK_STEPS, cfg.steps - chunk_start)):
+            tokens = torch.stack([t[i] for t, _ in data])
+            labels = torch.stack([y[i] for _, y in data])
+            loss = F.cross_entropy(model(tokens).flatten(0, 1), labels.flatten(), reduction="none")
+            reference.zero_grad()
+            loss.view(2, -1).mean(1).sum().backward()
+            reference.step()
+            if (chunk_start + i + 1) % 50 == 0 or chunk_start + i + 1 == cfg.steps:
+                history.append(_evaluate(model, eval_tokens, evaluations))
+    for r, result in enumerate(ours):
+        assert len(result.history) == len(history) == 4
+        for row, expected in zip(result.history, history):
+            for key, value in expected[r].items():
+                if value is not None:
+                    assert row[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
+        torch.testing.assert_close(result.w_ov, model.effective_w_ov()[r].detach(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(result.w_kq, model.w_kq[r].detach(), rtol=1e-4, atol=1e-6)
+
+
 def test_parallel_grid_cells_give_the_same_results_as_in_process(tmp_path):
     from factorlab.grid import run_grid
     from factorlab.recipes.ocr import group_cells
@@ -174,3 +223,29 @@ def test_hand_written_gradients_equal_autograd(param, d_h, fixed):
     for name, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7)
+
+
+def test_query_column_gradients_equal_the_full_w_kq_gradient():
+    """With every sequence ending in token q, loss_and_grads(kq_column=W_KQ[:, :, q]) gives the same loss,
+    the same W_O / W_V gradients, and as the column's gradient exactly column q of autograd's dW_KQ,
+    whose other columns are zero."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = BatchedAttentionOnly(40, "factorized", 6, [1, 2])
+    tokens, labels = torch.randint(0, 39, (2, 30, 9)), torch.randint(0, 40, (2, 30))
+    tokens[:, :, -1] = 39
+    loss = (
+        F.cross_entropy(model(tokens).flatten(0, 1), labels.flatten(), reduction="none").view(2, -1).mean(1)
+    )
+    loss.sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert expected["w_kq"][:, :, :39].abs().max() == 0 and expected["w_kq"][:, :, 39].abs().max() > 0
+    for p in model.parameters():
+        p.grad = None
+    column = model.w_kq.detach()[:, :, 39].clone()
+    torch.testing.assert_close(model.loss_and_grads(tokens, labels, column), loss.detach())
+    assert model.w_kq.grad is None
+    torch.testing.assert_close(column.grad, expected["w_kq"][:, :, 39], rtol=1e-5, atol=1e-7)
+    for name in ("w_o", "w_v"):
+        torch.testing.assert_close(getattr(model, name).grad, expected[name], rtol=1e-5, atol=1e-7)

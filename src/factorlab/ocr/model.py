@@ -105,31 +105,49 @@ class BatchedAttentionOnly(nn.Module):
         return torch.bmm(bag, self.w_ov.transpose(1, 2))  # W_OV X^T a
 
     @torch.no_grad()
-    def loss_and_grads(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def loss_and_grads(
+        self, tokens: torch.Tensor, labels: torch.Tensor, kq_column: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """One training step's work without autograd: each run's mean cross-entropy (R,) and, in every
         trainable parameter's ``.grad``, the gradient of their sum. The same operations as ``forward``
-        and its backward, written out, so a step is a dozen kernels and no graph.
+        and its backward, written out, so a step is a few dozen kernels and no graph.
 
             scores a[r,b,t] = W_KQ[r, x_t, x_T]          bag = X^T a  (scatter-add, (R, B, d))
             factorized: h = bag W_V, logits = h W_O^T     combined: logits = bag W_OV^T
             g = (softmax(logits) - onehot(label)) / B     (dL/dlogits)
             dW_O = g^T h, dh = g W_O, dW_V = bag^T dh, dbag = dh W_V^T   (combined: dW_OV = g^T bag,
             dbag = g W_OV); da[r,b,t] = dbag[r,b,x_t]; dW_KQ[r, x_t, x_T] += da[r,b,t]
+
+        ``kq_column`` (R, d): when every sequence ends with the same token q (the task's EOS), a step
+        reads and differentiates only the column W_KQ[:, :, q]. Pass a leaf tensor holding that column:
+        the scores come from it and its ``.grad`` receives dW_KQ[:, :, q]; ``w_kq`` itself is neither
+        read nor given a gradient (the rest of dW_KQ is zero). The caller checks the last tokens.
         """
-        R, B, _ = tokens.shape
+        R, B, T = tokens.shape
         d = self.vocab_size
-        last = tokens[:, :, -1:]  # (R, B, 1)
-        kq_index = torch.arange(R).view(R, 1, 1) * (d * d) + tokens * d + last  # flat W_KQ[r, x_t, x_T]
-        scores = self.w_kq.reshape(-1)[kq_index]  # (R, B, T)
+        if kq_column is not None:
+            flat_tokens = tokens.reshape(R, B * T)
+            scores = kq_column.gather(1, flat_tokens).view(R, B, T)
+        else:
+            last = tokens[:, :, -1:]  # (R, B, 1)
+            kq_index = torch.arange(R).view(R, 1, 1) * (d * d) + tokens * d + last  # flat W_KQ[r, x_t, x_T]
+            scores = self.w_kq.reshape(-1)[kq_index]  # (R, B, T)
         bag = torch.zeros(R, B, d, dtype=scores.dtype).scatter_add_(2, tokens, scores)
         if self.param == "factorized":
             h = torch.bmm(bag, self.w_v)  # (R, B, d_h)
             logits = torch.bmm(h, self.w_o.transpose(1, 2))
         else:
             logits = torch.bmm(bag, self.w_ov.transpose(1, 2))
-        g = logits.softmax(-1)  # (R, B, d); becomes dL/dlogits below
-        per_run = -g.gather(2, labels.unsqueeze(-1)).squeeze(-1).log().mean(1)
-        g = g.scatter_add_(2, labels.unsqueeze(-1), torch.full((R, B, 1), -1.0)).div_(B)
+        # Softmax written out (ATen's is slow at this width) and the loss from the log-sum-exp, which
+        # stays finite where a probability underflows; g becomes dL/dlogits in place.
+        label_index = labels.unsqueeze(-1)  # (R, B, 1)
+        shifted = logits.sub_(logits.amax(-1, keepdim=True))
+        label_logit = shifted.gather(2, label_index)
+        g = shifted.exp_()
+        total = g.sum(-1, keepdim=True)
+        per_run = (total.log() - label_logit).squeeze(-1).mean(1)
+        g.mul_(total.mul_(B).reciprocal_())
+        g.scatter_add_(2, label_index, torch.full((R, B, 1), -1.0 / B, dtype=g.dtype))
         if self.param == "factorized":
             self.w_o.grad = torch.bmm(g.transpose(1, 2), h)
             dh = torch.bmm(g, self.w_o)
@@ -138,7 +156,10 @@ class BatchedAttentionOnly(nn.Module):
         else:
             self.w_ov.grad = torch.bmm(g.transpose(1, 2), bag)
             dbag = torch.bmm(g, self.w_ov)
-        if self.w_kq.requires_grad:
+        if kq_column is not None:
+            dscores = dbag.gather(2, tokens).view(R, B * T)
+            kq_column.grad = torch.zeros_like(kq_column).scatter_add_(1, flat_tokens, dscores)
+        elif self.w_kq.requires_grad:
             dscores = dbag.gather(2, tokens)
             grad = torch.zeros(R * d * d, dtype=dscores.dtype).index_add_(
                 0, kq_index.flatten(), dscores.flatten()

@@ -136,6 +136,7 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     w_ov: torch.Tensor | None = None  # final effective W_OV (d, d)
+    w_kq: torch.Tensor | None = None  # final W_KQ (d, d)
     w_ov_history: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # with record_w_ov
 
 
@@ -162,7 +163,23 @@ def train_batched(configs: Sequence[OCRConfig], progress: ProgressFn | None = No
     model = BatchedAttentionOnly(
         cfg.task.vocab_size, cfg.param, cfg.hidden_dim, [c.seed for c in configs], cfg.init, attention_tokens
     )
-    optimizer = _optimizer(model, cfg)
+    # Every sequence ends with EOS, so training reads and changes only W_KQ's EOS column: train that
+    # column as its own tensor. The other columns get no gradient, so AdamW (or GD) only decays them,
+    # by the factor 1 - lr * weight_decay a step, applied in one multiplication when W_KQ is read.
+    query = world0.eos if model.w_kq.requires_grad else None
+    kq_column = None if query is None else model.w_kq.detach()[:, :, query].clone()
+    others = [p for name, p in model.named_parameters() if p.requires_grad and name != "w_kq"]
+    optimizer = _optimizer(others if kq_column is None else [kq_column, *others], cfg)
+    undecayed_steps = 0
+
+    @torch.no_grad()
+    def sync_w_kq() -> None:
+        nonlocal undecayed_steps
+        if kq_column is not None:
+            model.w_kq.mul_((1 - cfg.lr * cfg.weight_decay) ** undecayed_steps)
+            model.w_kq[:, :, query] = kq_column
+            undecayed_steps = 0
+
     evaluations = [w.evaluation_set(EVAL_SAMPLES_PER_SUBJECT) for w in worlds]
     eval_tokens = torch.stack([e.tokens for e in evaluations])
 
@@ -184,6 +201,7 @@ def train_batched(configs: Sequence[OCRConfig], progress: ProgressFn | None = No
                 f"lower the learning rate (lr={cfg.lr}) or use init='identity'."
             )
         train_loss = (loss_sum / loss_count).tolist() if loss_count else [None] * len(configs)
+        sync_w_kq()
         metrics = _evaluate(model, eval_tokens, evaluations)
         for r, result in enumerate(results):
             row = {"step": step, "train_loss": train_loss[r], **metrics[r]}
@@ -207,22 +225,28 @@ def train_batched(configs: Sequence[OCRConfig], progress: ProgressFn | None = No
         tokens = torch.stack([per_seed[c.seed][0] for c in configs], dim=1)  # (chunk, R, B, T)
         labels = torch.stack([per_seed[c.seed][1] for c in configs], dim=1)  # (chunk, R, B)
         # Spurious worlds only relabel test implications, which never appear in training data.
+        if query is not None and not bool((tokens[:chunk, :, :, -1] == query).all()):
+            raise RuntimeError("OCR training sequences must end with EOS (OCRWorld.sequences puts it last).")
         for i in range(chunk):
-            per_run = model.loss_and_grads(tokens[i], labels[i])  # gradients written, no autograd graph
+            # gradients written, no autograd graph
+            per_run = model.loss_and_grads(tokens[i], labels[i], kq_column)
             optimizer.step()
             loss_sum += per_run
             loss_count += 1
             step += 1
+            undecayed_steps += 1
             if step % interval == 0 or step == cfg.steps:
                 evaluate(step)
                 if progress is not None:
                     progress(step)
 
     seconds = time.perf_counter() - started
+    sync_w_kq()  # a no-op after the final evaluation, which syncs too
     with torch.no_grad():
         w_ov = model.effective_w_ov()
     for r, result in enumerate(results):
         result.w_ov = w_ov[r].detach().clone()
+        result.w_kq = model.w_kq[r].detach().clone()
         result.summary = _summarize(result, seconds, len(configs))
     return results
 
@@ -262,8 +286,7 @@ class FusedAdamW:
         )
 
 
-def _optimizer(model: torch.nn.Module, cfg: OCRConfig):
-    params = [p for p in model.parameters() if p.requires_grad]
+def _optimizer(params: list[torch.Tensor], cfg: OCRConfig):
     if cfg.optimizer == "gd":  # elementwise too, so batched runs still update as they would alone
         return torch.optim.SGD(params, lr=cfg.lr, momentum=0.0, weight_decay=cfg.weight_decay)
     return FusedAdamW(params, cfg.lr, cfg.weight_decay)
