@@ -136,3 +136,50 @@ def test_spurious_world_draws_test_implications_independently_and_reproducibly()
 def test_bad_task_configs_fail_with_a_clear_message(kwargs, message):
     with pytest.raises(ConfigError, match=message):
         OCRTaskConfig(**kwargs)
+
+
+def _reference_training_batches(world, num_batches, batch_size, gen):
+    """The first implementation, kept as the reference: each third drawn into its own tensor, noise
+    tokens looked up by index, the thirds concatenated. The library writes in place instead."""
+    part, seq_len = batch_size // 3, world.config.seq_len
+    pieces_tokens, pieces_labels = [], []
+    for subjects, relation, answers in (
+        (world.train_subjects, world.fact_relation, world.subject_fact),
+        (world.train_subjects, world.implication_relation, world.subject_implication),
+        (world.test_subjects, world.fact_relation, world.subject_fact),
+    ):
+        chosen = subjects[torch.randint(0, len(subjects), (num_batches * part,), generator=gen)]
+        count = len(chosen)
+        if len(world.noise):
+            tokens = world.noise[torch.randint(0, len(world.noise), (count, seq_len), generator=gen)]
+        else:
+            tokens = torch.empty(count, seq_len, dtype=torch.long)
+        subject_pos = torch.randint(0, seq_len - 2, (count,), generator=gen)
+        room = (seq_len - 2 - subject_pos).double()
+        relation_pos = subject_pos + 1 + (torch.rand(count, generator=gen, dtype=torch.double) * room).long()
+        rows = torch.arange(count)
+        tokens[rows, subject_pos] = world.subjects[chosen]
+        tokens[rows, relation_pos] = relation
+        tokens[:, -1] = world.eos
+        pieces_tokens.append(tokens.view(num_batches, part, -1))
+        pieces_labels.append(answers[chosen].view(num_batches, part))
+    return torch.cat(pieces_tokens, dim=1), torch.cat(pieces_labels, dim=1)
+
+
+@pytest.mark.parametrize(
+    "task",
+    [
+        OCRTaskConfig(),
+        OCRTaskConfig(noise_tokens=0, seq_len=3),
+        OCRTaskConfig(groups=3, seq_len=30, noise_tokens=9),
+    ],
+)
+def test_training_batches_equal_the_reference_stream_also_when_written_into_a_slot(task):
+    world = OCRWorld(task, seed=5)
+    ours, theirs = generator(5, "t"), generator(5, "t")
+    slot = (torch.zeros(4, 3, 30, task.seq_len, dtype=torch.long), torch.zeros(4, 3, 30, dtype=torch.long))
+    for _ in range(2):  # the stream continues identically
+        expected = _reference_training_batches(world, 4, 30, theirs)
+        got = world.training_batches(4, 30, ours, out=(slot[0][:, 1], slot[1][:, 1]))
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        assert torch.equal(slot[0][:, 1], expected[0]) and slot[0][:, 0].abs().sum() == 0

@@ -123,48 +123,71 @@ class OCRWorld:
         self.test_subjects = torch.arange(n_train, n)
 
     # ---- sequences ---------------------------------------------------------------------------
-    def sequences(self, subjects: torch.Tensor, relation: int, gen: torch.Generator) -> torch.Tensor:
-        """Token sequences (len(subjects), seq_len) for the given subject numbers and relation."""
-        count, seq_len = len(subjects), self.config.seq_len
+    def sequences(
+        self, subjects: torch.Tensor, relation: int, gen: torch.Generator, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Token sequences (*subjects.shape, seq_len) for the given subject numbers and relation.
+
+        ``out``, if given, receives them (any view whose row-major order is its memory order, e.g. a
+        column block of a batch): the random draws, and so the sequences, do not depend on it.
+        """
+        seq_len = self.config.seq_len
+        tokens = torch.empty((*subjects.shape, seq_len), dtype=torch.long) if out is None else out
         if len(self.noise):
-            tokens = self.noise[torch.randint(0, len(self.noise), (count, seq_len), generator=gen)]
-        else:
-            tokens = torch.empty(count, seq_len, dtype=torch.long)
-        subject_pos = torch.randint(0, seq_len - 2, (count,), generator=gen)  # 0 .. T-3
+            # = self.noise[randint(0, K, shape)], as noise ids are consecutive (randint draws with random_)
+            tokens.random_(0, len(self.noise), generator=gen).add_(int(self.noise[0]))
+        subject_pos = torch.randint(0, seq_len - 2, subjects.shape, generator=gen)  # 0 .. T-3
         room = (seq_len - 2 - subject_pos).double()  # relation goes in subject_pos+1 .. T-2
-        relation_pos = subject_pos + 1 + (torch.rand(count, generator=gen, dtype=torch.double) * room).long()
-        rows = torch.arange(count)
-        tokens[rows, subject_pos] = self.subjects[subjects]
-        tokens[rows, relation_pos] = relation
-        tokens[:, -1] = self.eos
+        fraction = torch.rand(subjects.shape, generator=gen, dtype=torch.double)
+        relation_pos = subject_pos + 1 + (fraction * room).long()
+        tokens.scatter_(-1, subject_pos.unsqueeze(-1), self.subjects[subjects].unsqueeze(-1))
+        tokens.scatter_(-1, relation_pos.unsqueeze(-1), relation)
+        tokens[..., -1] = self.eos
         return tokens
 
-    def training_batches(self, num_batches: int, batch_size: int, gen: torch.Generator):
+    def training_batches(
+        self,
+        num_batches: int,
+        batch_size: int,
+        gen: torch.Generator,
+        out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``num_batches`` "mixed fine-tuning" batches, as in the paper's code.
 
         Each batch is one third train-subject facts, one third train-subject implications and one
         third test-subject facts; subjects are drawn uniformly with replacement. No batch ever
         contains a test subject's implication.
 
-        Returns tokens (num_batches, batch_size, seq_len) and labels (num_batches, batch_size).
+        Returns tokens (num_batches, batch_size, seq_len) and labels (num_batches, batch_size),
+        written into ``out`` = (tokens, labels) if given (e.g. one run's slice of a batched chunk,
+        which saves the copies; the batches do not depend on it).
         """
         if batch_size % 3:
             raise ConfigError(
                 f"batch_size={batch_size} must split into three equal parts (train facts, train "
                 f"implications, test facts): use a multiple of 3, e.g. {3 * max(1, round(batch_size / 3))}."
             )
+        if out is None:
+            out = (
+                torch.empty(num_batches, batch_size, self.config.seq_len, dtype=torch.long),
+                torch.empty(num_batches, batch_size, dtype=torch.long),
+            )
+        tokens, labels = out
         part = batch_size // 3
         train, test = self.train_subjects, self.test_subjects
-        pieces_tokens, pieces_labels = [], []
-        for subjects, relation, answers in (
-            (train, self.fact_relation, self.subject_fact),
-            (train, self.implication_relation, self.subject_implication),
-            (test, self.fact_relation, self.subject_fact),
+        for i, (subjects, relation, answers) in enumerate(
+            (
+                (train, self.fact_relation, self.subject_fact),
+                (train, self.implication_relation, self.subject_implication),
+                (test, self.fact_relation, self.subject_fact),
+            )
         ):
-            chosen = subjects[torch.randint(0, len(subjects), (num_batches * part,), generator=gen)]
-            pieces_tokens.append(self.sequences(chosen, relation, gen).view(num_batches, part, -1))
-            pieces_labels.append(answers[chosen].view(num_batches, part))
-        return torch.cat(pieces_tokens, dim=1), torch.cat(pieces_labels, dim=1)
+            drawn = torch.randint(0, len(subjects), (num_batches * part,), generator=gen)
+            chosen = subjects[drawn].view(num_batches, part)
+            columns = slice(i * part, (i + 1) * part)
+            self.sequences(chosen, relation, gen, out=tokens[:, columns])
+            labels[:, columns] = answers[chosen]
+        return tokens, labels
 
     def evaluation_set(self, samples_per_subject: int) -> EvaluationSet:
         """A fixed evaluation set: every subject, both relations, ``samples_per_subject`` sequences each."""

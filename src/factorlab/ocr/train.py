@@ -215,16 +215,24 @@ def train_batched(configs: Sequence[OCRConfig], progress: ProgressFn | None = No
 
     evaluate(0)
     step = 0
+    R = len(configs)
+    tokens = torch.empty(DATA_CHUNK_STEPS, R, cfg.batch_size, cfg.task.seq_len, dtype=torch.long)
+    labels = torch.empty(DATA_CHUNK_STEPS, R, cfg.batch_size, dtype=torch.long)
     while step < cfg.steps:
         chunk = min(DATA_CHUNK_STEPS, cfg.steps - step)
         # Every run generates whole chunks of DATA_CHUNK_STEPS, so a stream does not depend on steps.
-        per_seed = {
-            seed: w.training_batches(DATA_CHUNK_STEPS, cfg.batch_size, data_gens[seed])
-            for seed, w in {c.seed: w for c, w in zip(configs, worlds)}.items()
-        }
-        tokens = torch.stack([per_seed[c.seed][0] for c in configs], dim=1)  # (chunk, R, B, T)
-        labels = torch.stack([per_seed[c.seed][1] for c in configs], dim=1)  # (chunk, R, B)
-        # Spurious worlds only relabel test implications, which never appear in training data.
+        # Spurious worlds only relabel test implications, which never appear in training data, so
+        # runs with the same seed share one stream's batches.
+        first_run_of_seed: dict[int, int] = {}
+        for r, (c, world) in enumerate(zip(configs, worlds)):
+            if c.seed in first_run_of_seed:
+                same = first_run_of_seed[c.seed]
+                tokens[:, r], labels[:, r] = tokens[:, same], labels[:, same]
+            else:
+                first_run_of_seed[c.seed] = r
+                world.training_batches(
+                    DATA_CHUNK_STEPS, cfg.batch_size, data_gens[c.seed], out=(tokens[:, r], labels[:, r])
+                )
         if query is not None and not bool((tokens[:chunk, :, :, -1] == query).all()):
             raise RuntimeError("OCR training sequences must end with EOS (OCRWorld.sequences puts it last).")
         for i in range(chunk):
