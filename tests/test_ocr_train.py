@@ -212,6 +212,7 @@ def test_hand_written_gradients_equal_autograd(param, d_h, fixed):
     attention = torch.tensor([1, 2, 3]) if fixed else None
     model = BatchedAttentionOnly(128, param, d_h, [1, 2, 3], "default", attention)
     tokens, labels = torch.randint(0, 128, (3, 252, 16)), torch.randint(0, 128, (3, 252))
+    tokens[:, :, -1] = 127  # the query token (EOS) ends every sequence, as in the task
     loss = (
         F.cross_entropy(model(tokens).flatten(0, 1), labels.flatten(), reduction="none").view(3, -1).mean(1)
     )
@@ -223,29 +224,42 @@ def test_hand_written_gradients_equal_autograd(param, d_h, fixed):
     for name, p in model.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, expected[name], rtol=1e-5, atol=1e-7)
+    tokens[0, 0, -1] = 5
+    with pytest.raises(ValueError, match="end with the same"):
+        model.loss_and_grads(tokens, labels)
 
 
-def test_query_column_gradients_equal_the_full_w_kq_gradient():
-    """With every sequence ending in token q, loss_and_grads(kq_column=W_KQ[:, :, q]) gives the same loss,
-    the same W_O / W_V gradients, and as the column's gradient exactly column q of autograd's dW_KQ,
-    whose other columns are zero."""
+@pytest.mark.parametrize("param", ["factorized", "combined"])
+def test_step_on_the_reachable_slices_equals_autograd_on_whole_weights(param):
+    """Sequences of input tokens ending in q: attention_step on W_KQ[:, inputs, q], W_V's input rows
+    (W_OV's input columns) gives autograd's loss and, as those slices' gradients, exactly those slices
+    of autograd's whole gradients, which are zero everywhere else."""
     import torch.nn.functional as F
 
+    from factorlab.ocr.model import attention_step
+
     torch.manual_seed(0)
-    model = BatchedAttentionOnly(40, "factorized", 6, [1, 2])
-    tokens, labels = torch.randint(0, 39, (2, 30, 9)), torch.randint(0, 40, (2, 30))
-    tokens[:, :, -1] = 39
+    model = BatchedAttentionOnly(40, param, 6, [1, 2])
+    inputs = torch.tensor([0, 3, 4, 9, 17, 18, 30, 39])  # q = 39 is last
+    numbers = torch.randint(0, len(inputs), (2, 30, 9))
+    numbers[:, :, -1] = len(inputs) - 1
+    tokens, labels = inputs[numbers], torch.randint(0, 40, (2, 30))
     loss = (
         F.cross_entropy(model(tokens).flatten(0, 1), labels.flatten(), reduction="none").view(2, -1).mean(1)
     )
     loss.sum().backward()
-    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
-    assert expected["w_kq"][:, :, :39].abs().max() == 0 and expected["w_kq"][:, :, 39].abs().max() > 0
-    for p in model.parameters():
-        p.grad = None
-    column = model.w_kq.detach()[:, :, 39].clone()
-    torch.testing.assert_close(model.loss_and_grads(tokens, labels, column), loss.detach())
-    assert model.w_kq.grad is None
-    torch.testing.assert_close(column.grad, expected["w_kq"][:, :, 39], rtol=1e-5, atol=1e-7)
-    for name in ("w_o", "w_v"):
-        torch.testing.assert_close(getattr(model, name).grad, expected[name], rtol=1e-5, atol=1e-7)
+    full = {n: p.grad.clone() for n, p in model.named_parameters()}
+    kq = model.w_kq.detach()[:, inputs, 39].clone().requires_grad_(True)
+    if param == "factorized":
+        sliced = {"w_o": model.w_o.detach().clone(), "w_v": model.w_v.detach()[:, inputs].clone()}
+        where = {"w_o": (slice(None),), "w_v": (slice(None), inputs)}
+    else:
+        sliced = {"w_ov": model.w_ov.detach()[:, :, inputs].clone()}
+        where = {"w_ov": (slice(None), slice(None), inputs)}
+    torch.testing.assert_close(attention_step(numbers, labels, kq, **sliced), loss.detach())
+    where["w_kq"], sliced["w_kq"] = (slice(None), inputs, 39), kq
+    for name, index in where.items():
+        torch.testing.assert_close(sliced[name].grad, full[name][index], rtol=1e-5, atol=1e-7)
+        rest = full[name].clone()
+        rest[index] = 0
+        assert rest.abs().max() == 0, name

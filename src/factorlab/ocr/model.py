@@ -105,66 +105,21 @@ class BatchedAttentionOnly(nn.Module):
         return torch.bmm(bag, self.w_ov.transpose(1, 2))  # W_OV X^T a
 
     @torch.no_grad()
-    def loss_and_grads(
-        self, tokens: torch.Tensor, labels: torch.Tensor, kq_column: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def loss_and_grads(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One training step's work without autograd: each run's mean cross-entropy (R,) and, in every
-        trainable parameter's ``.grad``, the gradient of their sum. The same operations as ``forward``
-        and its backward, written out, so a step is a few dozen kernels and no graph.
-
-            scores a[r,b,t] = W_KQ[r, x_t, x_T]          bag = X^T a  (scatter-add, (R, B, d))
-            factorized: h = bag W_V, logits = h W_O^T     combined: logits = bag W_OV^T
-            g = (softmax(logits) - onehot(label)) / B     (dL/dlogits)
-            dW_O = g^T h, dh = g W_O, dW_V = bag^T dh, dbag = dh W_V^T   (combined: dW_OV = g^T bag,
-            dbag = g W_OV); da[r,b,t] = dbag[r,b,x_t]; dW_KQ[r, x_t, x_T] += da[r,b,t]
-
-        ``kq_column`` (R, d): when every sequence ends with the same token q (the task's EOS), a step
-        reads and differentiates only the column W_KQ[:, :, q]. Pass a leaf tensor holding that column:
-        the scores come from it and its ``.grad`` receives dW_KQ[:, :, q]; ``w_kq`` itself is neither
-        read nor given a gradient (the rest of dW_KQ is zero). The caller checks the last tokens.
-        """
-        R, B, T = tokens.shape
-        d = self.vocab_size
-        if kq_column is not None:
-            flat_tokens = tokens.reshape(R, B * T)
-            scores = kq_column.gather(1, flat_tokens).view(R, B, T)
-        else:
-            last = tokens[:, :, -1:]  # (R, B, 1)
-            kq_index = torch.arange(R).view(R, 1, 1) * (d * d) + tokens * d + last  # flat W_KQ[r, x_t, x_T]
-            scores = self.w_kq.reshape(-1)[kq_index]  # (R, B, T)
-        bag = torch.zeros(R, B, d, dtype=scores.dtype).scatter_add_(2, tokens, scores)
-        if self.param == "factorized":
-            h = torch.bmm(bag, self.w_v)  # (R, B, d_h)
-            logits = torch.bmm(h, self.w_o.transpose(1, 2))
-        else:
-            logits = torch.bmm(bag, self.w_ov.transpose(1, 2))
-        # Softmax written out (ATen's is slow at this width) and the loss from the log-sum-exp, which
-        # stays finite where a probability underflows; g becomes dL/dlogits in place.
-        label_index = labels.unsqueeze(-1)  # (R, B, 1)
-        shifted = logits.sub_(logits.amax(-1, keepdim=True))
-        label_logit = shifted.gather(2, label_index)
-        g = shifted.exp_()
-        total = g.sum(-1, keepdim=True)
-        per_run = (total.log() - label_logit).squeeze(-1).mean(1)
-        g.mul_(total.mul_(B).reciprocal_())
-        g.scatter_add_(2, label_index, torch.full((R, B, 1), -1.0 / B, dtype=g.dtype))
-        if self.param == "factorized":
-            self.w_o.grad = torch.bmm(g.transpose(1, 2), h)
-            dh = torch.bmm(g, self.w_o)
-            self.w_v.grad = torch.bmm(bag.transpose(1, 2), dh)
-            dbag = torch.bmm(dh, self.w_v.transpose(1, 2))
-        else:
-            self.w_ov.grad = torch.bmm(g.transpose(1, 2), bag)
-            dbag = torch.bmm(g, self.w_ov)
-        if kq_column is not None:
-            dscores = dbag.gather(2, tokens).view(R, B * T)
-            kq_column.grad = torch.zeros_like(kq_column).scatter_add_(1, flat_tokens, dscores)
-        elif self.w_kq.requires_grad:
-            dscores = dbag.gather(2, tokens)
-            grad = torch.zeros(R * d * d, dtype=dscores.dtype).index_add_(
-                0, kq_index.flatten(), dscores.flatten()
-            )
-            self.w_kq.grad = grad.view(R, d, d)
+        trainable parameter's ``.grad``, the gradient of their sum. Every sequence must end with the
+        same token q (the task's EOS); see ``attention_step``, which this runs on whole weights."""
+        q = int(tokens[0, 0, -1])
+        if not bool((tokens[:, :, -1] == q).all()):
+            raise ValueError("loss_and_grads needs every sequence to end with the same (query) token.")
+        kq = self.w_kq[:, :, q]
+        if self.w_kq.requires_grad:
+            kq = kq.clone().requires_grad_(True)
+        weights = {"w_o": self.w_o, "w_v": self.w_v} if self.param == "factorized" else {"w_ov": self.w_ov}
+        per_run = attention_step(tokens, labels, kq, **weights)
+        if self.w_kq.requires_grad:
+            self.w_kq.grad = torch.zeros_like(self.w_kq)
+            self.w_kq.grad[:, :, q] = kq.grad
         return per_run
 
     def effective_w_ov(self) -> torch.Tensor:
@@ -172,3 +127,63 @@ class BatchedAttentionOnly(nn.Module):
         if self.param == "factorized":
             return self.w_o @ self.w_v.transpose(1, 2)
         return self.w_ov
+
+
+@torch.no_grad()
+def attention_step(
+    tokens: torch.Tensor,
+    labels: torch.Tensor,
+    kq: torch.Tensor,
+    w_o: torch.Tensor | None = None,
+    w_v: torch.Tensor | None = None,
+    w_ov: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """A training step of R runs by hand, on the slices of the weights the data can reach: each run's
+    mean cross-entropy (R,), and the gradient of their sum in the ``.grad`` of every weight that
+    requires one. The same operations as ``BatchedAttentionOnly.forward`` and its backward, written
+    out, so a step is a few dozen kernels and no graph.
+
+    Every sequence ends with the query token q, and its other tokens come from n "input" tokens (the
+    task's answers never appear in a sequence); ``tokens`` (R, B, T) hold input numbers 0..n-1 and
+    ``labels`` (R, B) vocabulary ids. The weights: ``kq`` (R, n) = W_KQ[:, inputs, q]; factorized
+    ``w_v`` (R, n, d_h) = W_V[:, inputs], ``w_o`` (R, d, d_h); combined ``w_ov`` (R, d, n) =
+    W_OV[:, :, inputs]. The rest of each weight gets no gradient. With inputs = the whole vocabulary
+    these are the whole W_V and W_OV.
+
+        scores a[r,b,t] = kq[r, x_t]                  bag = X^T a  (scatter-add, (R, B, n))
+        factorized: h = bag W_V, logits = h W_O^T     combined: logits = bag W_OV^T
+        g = (softmax(logits) - onehot(label)) / B     (dL/dlogits)
+        dW_O = g^T h, dh = g W_O, dW_V = bag^T dh, dbag = dh W_V^T   (combined: dW_OV = g^T bag,
+        dbag = g W_OV); da[r,b,t] = dbag[r,b,x_t]; dkq[r, x_t] += da[r,b,t]
+    """
+    R, B, T = tokens.shape
+    flat_tokens = tokens.reshape(R, B * T)
+    scores = kq.gather(1, flat_tokens).view(R, B, T)
+    bag = torch.zeros(R, B, kq.shape[1], dtype=scores.dtype).scatter_add_(2, tokens, scores)
+    if w_ov is None:
+        h = torch.bmm(bag, w_v)  # (R, B, d_h)
+        logits = torch.bmm(h, w_o.transpose(1, 2))
+    else:
+        logits = torch.bmm(bag, w_ov.transpose(1, 2))
+    # Softmax written out (ATen's is slow at this width) and the loss from the log-sum-exp, which
+    # stays finite where a probability underflows; g becomes dL/dlogits in place.
+    label_index = labels.unsqueeze(-1)  # (R, B, 1)
+    shifted = logits.sub_(logits.amax(-1, keepdim=True))
+    label_logit = shifted.gather(2, label_index)
+    g = shifted.exp_()
+    total = g.sum(-1, keepdim=True)
+    per_run = (total.log() - label_logit).squeeze(-1).mean(1)
+    g.mul_(total.mul_(B).reciprocal_())
+    g.scatter_add_(2, label_index, torch.full((R, B, 1), -1.0 / B, dtype=g.dtype))
+    if w_ov is None:
+        w_o.grad = torch.bmm(g.transpose(1, 2), h)
+        dh = torch.bmm(g, w_o)
+        w_v.grad = torch.bmm(bag.transpose(1, 2), dh)
+        dbag = torch.bmm(dh, w_v.transpose(1, 2))
+    else:
+        w_ov.grad = torch.bmm(g.transpose(1, 2), bag)
+        dbag = torch.bmm(g, w_ov)
+    if kq.requires_grad:
+        dscores = dbag.gather(2, tokens).view(R, B * T)
+        kq.grad = torch.zeros_like(kq).scatter_add_(1, flat_tokens, dscores)
+    return per_run

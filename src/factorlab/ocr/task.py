@@ -110,6 +110,10 @@ class OCRWorld:
         self.noise = torch.arange(2 + 2 * g + n, 2 + 2 * g + n + config.noise_tokens)
         self.eos = config.vocab_size - 1
         self.vocab_size = config.vocab_size
+        # Every token a sequence can hold (all but the answers), ascending.
+        self.input_tokens = torch.cat(
+            [torch.tensor([0, 1]), self.subjects, self.noise, torch.tensor([self.eos])]
+        )
 
         self.group = torch.arange(n) % g
         self.subject_fact = self.fact_answers[self.group]

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from factorlab.errors import ConfigError, TrainingDivergedError
-from factorlab.ocr.model import INITS, PARAMETRIZATIONS, BatchedAttentionOnly
+from factorlab.ocr.model import INITS, PARAMETRIZATIONS, BatchedAttentionOnly, attention_step
 from factorlab.ocr.task import SPLITS, OCRTaskConfig, OCRWorld
 from factorlab.runtime import generator
 
@@ -163,22 +163,39 @@ def train_batched(configs: Sequence[OCRConfig], progress: ProgressFn | None = No
     model = BatchedAttentionOnly(
         cfg.task.vocab_size, cfg.param, cfg.hidden_dim, [c.seed for c in configs], cfg.init, attention_tokens
     )
-    # Every sequence ends with EOS, so training reads and changes only W_KQ's EOS column: train that
-    # column as its own tensor. The other columns get no gradient, so AdamW (or GD) only decays them,
-    # by the factor 1 - lr * weight_decay a step, applied in one multiplication when W_KQ is read.
-    query = world0.eos if model.w_kq.requires_grad else None
-    kq_column = None if query is None else model.w_kq.detach()[:, :, query].clone()
-    others = [p for name, p in model.named_parameters() if p.requires_grad and name != "w_kq"]
-    optimizer = _optimizer(others if kq_column is None else [kq_column, *others], cfg)
+    # A sequence holds only input tokens (never an answer) and ends with EOS, so training reads and
+    # changes only the slices of the weights those tokens reach: W_KQ[:, inputs, EOS], W_V's input
+    # rows, W_OV's input columns (W_O whole). Each slice trains as its own compact tensor; the rest
+    # of a weight gets no gradient, so AdamW (or GD) only decays it, by 1 - lr * weight_decay a step,
+    # applied in one multiplication whenever the whole weights are read (evaluations, the end).
+    inputs, query = world0.input_tokens, world0.eos
+    to_input_number = torch.full((cfg.task.vocab_size,), -1, dtype=torch.long)
+    to_input_number[inputs] = torch.arange(len(inputs))
+    everything = slice(None)
+    slices = {"w_kq": (everything, inputs, query)} if model.w_kq.requires_grad else {}
+    if cfg.param == "factorized":
+        slices["w_v"] = (everything, inputs)
+    else:
+        slices["w_ov"] = (everything, everything, inputs)
+    trained = {name: getattr(model, name).detach()[index].clone() for name, index in slices.items()}
+    step_weights = {"kq": trained.get("w_kq", model.w_kq[everything, inputs, query])}
+    if cfg.param == "factorized":
+        step_weights |= {"w_o": model.w_o, "w_v": trained["w_v"]}
+    else:
+        step_weights["w_ov"] = trained["w_ov"]
+    for tensor in trained.values():
+        tensor.requires_grad_(True)
+    optimizer = _optimizer([t for t in step_weights.values() if t.requires_grad], cfg)
     undecayed_steps = 0
 
     @torch.no_grad()
-    def sync_w_kq() -> None:
+    def sync_weights() -> None:
         nonlocal undecayed_steps
-        if kq_column is not None:
-            model.w_kq.mul_((1 - cfg.lr * cfg.weight_decay) ** undecayed_steps)
-            model.w_kq[:, :, query] = kq_column
-            undecayed_steps = 0
+        for name, index in slices.items():
+            weight = getattr(model, name)
+            weight.mul_((1 - cfg.lr * cfg.weight_decay) ** undecayed_steps)
+            weight[index] = trained[name]
+        undecayed_steps = 0
 
     evaluations = [w.evaluation_set(EVAL_SAMPLES_PER_SUBJECT) for w in worlds]
     eval_tokens = torch.stack([e.tokens for e in evaluations])
@@ -201,7 +218,7 @@ def train_batched(configs: Sequence[OCRConfig], progress: ProgressFn | None = No
                 f"lower the learning rate (lr={cfg.lr}) or use init='identity'."
             )
         train_loss = (loss_sum / loss_count).tolist() if loss_count else [None] * len(configs)
-        sync_w_kq()
+        sync_weights()
         metrics = _evaluate(model, eval_tokens, evaluations)
         for r, result in enumerate(results):
             row = {"step": step, "train_loss": train_loss[r], **metrics[r]}
@@ -233,11 +250,12 @@ def train_batched(configs: Sequence[OCRConfig], progress: ProgressFn | None = No
                 world.training_batches(
                     DATA_CHUNK_STEPS, cfg.batch_size, data_gens[c.seed], out=(tokens[:, r], labels[:, r])
                 )
-        if query is not None and not bool((tokens[:chunk, :, :, -1] == query).all()):
-            raise RuntimeError("OCR training sequences must end with EOS (OCRWorld.sequences puts it last).")
+        numbers = to_input_number[tokens[:chunk]]
+        if not bool((tokens[:chunk, :, :, -1] == query).all() and (numbers >= 0).all()):
+            raise RuntimeError("OCR training sequences must hold only input tokens and end with EOS.")
         for i in range(chunk):
             # gradients written, no autograd graph
-            per_run = model.loss_and_grads(tokens[i], labels[i], kq_column)
+            per_run = attention_step(numbers[i], labels[i], **step_weights)
             optimizer.step()
             loss_sum += per_run
             loss_count += 1
@@ -249,7 +267,7 @@ def train_batched(configs: Sequence[OCRConfig], progress: ProgressFn | None = No
                     progress(step)
 
     seconds = time.perf_counter() - started
-    sync_w_kq()  # a no-op after the final evaluation, which syncs too
+    sync_weights()  # a no-op after the final evaluation, which syncs too
     with torch.no_grad():
         w_ov = model.effective_w_ov()
     for r, result in enumerate(results):
