@@ -5,9 +5,10 @@ train as one batched model), times training steps (data included, evaluations ex
 the achieved GFLOP/s beside the machine's GEMM throughput measured in the same run (a large fp32
 matmul on the same number of threads), then the full sweep's floor and predicted time:
 
-    FLOPs of one step, per run (B = batch, d = vocab, d_h; dense forward + backward, as computed):
-        factorized  12 B d d_h   (h = bag W_V, logits = h W_O^T, and their four backward GEMMs)
-        combined     6 B d^2     (logits = bag W_OV^T, and its two backward GEMMs)
+    FLOPs of one step, per run (B = batch, d = vocab, d_h, n = input tokens, those a sequence can
+    hold: 88 of d = 128 at the defaults; the GEMMs of forward + backward, as computed):
+        factorized  6 B d_h (n + d)   (h = bag W_V, logits = h W_O^T, and their four backward GEMMs)
+        combined    6 B d n           (logits = bag W_OV^T, and its two backward GEMMs)
     floor = all steps' FLOPs / (GEMM throughput x workers)
 
     python bench/ocr_flop_floor.py                 # ~1 minute on 2 cores
@@ -23,6 +24,7 @@ import time
 
 import torch
 
+from factorlab.ocr.task import OCRWorld
 from factorlab.ocr.train import OCRConfig, train_batched
 from factorlab.runtime import machine_info
 
@@ -39,7 +41,8 @@ def gemm_gflops(size: int = 1024, seconds: float = 1.0) -> float:
 
 def step_flops(cfg: OCRConfig, runs: int) -> float:
     b, d = cfg.batch_size, cfg.task.vocab_size
-    per_run = 12 * b * d * cfg.hidden_dim if cfg.param == "factorized" else 6 * b * d * d
+    n = len(OCRWorld(cfg.task, cfg.seed).input_tokens)
+    per_run = 6 * b * cfg.hidden_dim * (n + d) if cfg.param == "factorized" else 6 * b * d * n
     return per_run * runs
 
 

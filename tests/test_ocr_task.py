@@ -183,3 +183,9 @@ def test_training_batches_equal_the_reference_stream_also_when_written_into_a_sl
         got = world.training_batches(4, 30, ours, out=(slot[0][:, 1], slot[1][:, 1]))
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
         assert torch.equal(slot[0][:, 1], expected[0]) and slot[0][:, 0].abs().sum() == 0
+    numbers, labels = world.training_batches(4, 30, generator(5, "u"), input_numbers=True)
+    tokens, same_labels = world.training_batches(4, 30, generator(5, "u"))
+    assert torch.equal(world.input_tokens[numbers], tokens) and torch.equal(labels, same_labels)
+    answers = torch.cat([world.fact_answers, world.implication_answers])
+    assert not torch.isin(world.input_tokens, answers).any()
+    assert len(world.input_tokens) + len(answers) == world.vocab_size

@@ -114,6 +114,8 @@ class OCRWorld:
         self.input_tokens = torch.cat(
             [torch.tensor([0, 1]), self.subjects, self.noise, torch.tensor([self.eos])]
         )
+        self._input_numbers = torch.full((self.vocab_size,), -1, dtype=torch.long)
+        self._input_numbers[self.input_tokens] = torch.arange(len(self.input_tokens))
 
         self.group = torch.arange(n) % g
         self.subject_fact = self.fact_answers[self.group]
@@ -128,25 +130,33 @@ class OCRWorld:
 
     # ---- sequences ---------------------------------------------------------------------------
     def sequences(
-        self, subjects: torch.Tensor, relation: int, gen: torch.Generator, out: torch.Tensor | None = None
+        self,
+        subjects: torch.Tensor,
+        relation: int,
+        gen: torch.Generator,
+        out: torch.Tensor | None = None,
+        input_numbers: bool = False,
     ) -> torch.Tensor:
         """Token sequences (*subjects.shape, seq_len) for the given subject numbers and relation.
 
         ``out``, if given, receives them (any view whose row-major order is its memory order, e.g. a
         column block of a batch): the random draws, and so the sequences, do not depend on it.
+        ``input_numbers``: each token as its position in ``input_tokens`` instead of its id.
         """
         seq_len = self.config.seq_len
+        ids = self._input_numbers if input_numbers else torch.arange(self.vocab_size)
         tokens = torch.empty((*subjects.shape, seq_len), dtype=torch.long) if out is None else out
         if len(self.noise):
-            # = self.noise[randint(0, K, shape)], as noise ids are consecutive (randint draws with random_)
-            tokens.random_(0, len(self.noise), generator=gen).add_(int(self.noise[0]))
+            # = ids[self.noise[randint(0, K, shape)]]: noise ids are consecutive in both numberings,
+            # and randint draws with random_
+            tokens.random_(0, len(self.noise), generator=gen).add_(int(ids[self.noise[0]]))
         subject_pos = torch.randint(0, seq_len - 2, subjects.shape, generator=gen)  # 0 .. T-3
         room = (seq_len - 2 - subject_pos).double()  # relation goes in subject_pos+1 .. T-2
         fraction = torch.rand(subjects.shape, generator=gen, dtype=torch.double)
         relation_pos = subject_pos + 1 + (fraction * room).long()
-        tokens.scatter_(-1, subject_pos.unsqueeze(-1), self.subjects[subjects].unsqueeze(-1))
-        tokens.scatter_(-1, relation_pos.unsqueeze(-1), relation)
-        tokens[..., -1] = self.eos
+        tokens.scatter_(-1, subject_pos.unsqueeze(-1), ids[self.subjects[subjects]].unsqueeze(-1))
+        tokens.scatter_(-1, relation_pos.unsqueeze(-1), int(ids[relation]))
+        tokens[..., -1] = int(ids[self.eos])
         return tokens
 
     def training_batches(
@@ -155,6 +165,7 @@ class OCRWorld:
         batch_size: int,
         gen: torch.Generator,
         out: tuple[torch.Tensor, torch.Tensor] | None = None,
+        input_numbers: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``num_batches`` "mixed fine-tuning" batches, as in the paper's code.
 
@@ -164,7 +175,8 @@ class OCRWorld:
 
         Returns tokens (num_batches, batch_size, seq_len) and labels (num_batches, batch_size),
         written into ``out`` = (tokens, labels) if given (e.g. one run's slice of a batched chunk,
-        which saves the copies; the batches do not depend on it).
+        which saves the copies; the batches do not depend on it). ``input_numbers``: tokens as their
+        positions in ``input_tokens`` (labels stay ids), as the training step takes them.
         """
         if batch_size % 3:
             raise ConfigError(
@@ -189,7 +201,7 @@ class OCRWorld:
             drawn = torch.randint(0, len(subjects), (num_batches * part,), generator=gen)
             chosen = subjects[drawn].view(num_batches, part)
             columns = slice(i * part, (i + 1) * part)
-            self.sequences(chosen, relation, gen, out=tokens[:, columns])
+            self.sequences(chosen, relation, gen, out=tokens[:, columns], input_numbers=input_numbers)
             labels[:, columns] = answers[chosen]
         return tokens, labels
 

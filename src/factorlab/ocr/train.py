@@ -169,8 +169,6 @@ def train_batched(configs: Sequence[OCRConfig], progress: ProgressFn | None = No
     # of a weight gets no gradient, so AdamW (or GD) only decays it, by 1 - lr * weight_decay a step,
     # applied in one multiplication whenever the whole weights are read (evaluations, the end).
     inputs, query = world0.input_tokens, world0.eos
-    to_input_number = torch.full((cfg.task.vocab_size,), -1, dtype=torch.long)
-    to_input_number[inputs] = torch.arange(len(inputs))
     everything = slice(None)
     slices = {"w_kq": (everything, inputs, query)} if model.w_kq.requires_grad else {}
     if cfg.param == "factorized":
@@ -248,14 +246,10 @@ def train_batched(configs: Sequence[OCRConfig], progress: ProgressFn | None = No
             else:
                 first_run_of_seed[c.seed] = r
                 world.training_batches(
-                    DATA_CHUNK_STEPS, cfg.batch_size, data_gens[c.seed], out=(tokens[:, r], labels[:, r])
+                    DATA_CHUNK_STEPS, cfg.batch_size, data_gens[c.seed], (tokens[:, r], labels[:, r]), True
                 )
-        numbers = to_input_number[tokens[:chunk]]
-        if not bool((tokens[:chunk, :, :, -1] == query).all() and (numbers >= 0).all()):
-            raise RuntimeError("OCR training sequences must hold only input tokens and end with EOS.")
-        for i in range(chunk):
-            # gradients written, no autograd graph
-            per_run = attention_step(numbers[i], labels[i], **step_weights)
+        for i in range(chunk):  # tokens are input numbers: positions in world.input_tokens
+            per_run = attention_step(tokens[i], labels[i], **step_weights)  # gradients written, no graph
             optimizer.step()
             loss_sum += per_run
             loss_count += 1
