@@ -178,10 +178,12 @@ def attention_step(
     shifted = logits.sub_(logits.amax(-1, keepdim=True))
     label_logit = shifted.gather(2, label_index)
     g = shifted.clamp_(min=LOGIT_FLOOR).exp_()
-    total = g.sum(-1, keepdim=True)
+    label_exp = g.gather(2, label_index)
+    others = g.scatter_(2, label_index, 0.0).sum(-1, keepdim=True)  # the exps of the wrong answers
+    total = others + label_exp
     per_run = (total.log() - label_logit).squeeze(-1).mean(1)
-    g.mul_(total.mul_(B).reciprocal_())
-    g.scatter_add_(2, label_index, torch.full((R, B, 1), -1.0 / B, dtype=g.dtype))
+    scale = total.mul_(B).reciprocal_()
+    g.mul_(scale).scatter_(2, label_index, others.mul_(scale).neg_())  # p_label - 1 = -others / total
     if w_ov is None:
         w_o.grad = torch.bmm(g.transpose(1, 2), h)
         dh = torch.bmm(g, w_o)
