@@ -229,18 +229,20 @@ def test_hand_written_gradients_equal_autograd(param, d_h, fixed):
         model.loss_and_grads(tokens, labels)
 
 
-@pytest.mark.parametrize("param", ["factorized", "combined"])
-def test_step_on_the_reachable_slices_equals_autograd_on_whole_weights(param):
+@pytest.mark.parametrize(("param", "d_h"), [("factorized", 6), ("factorized", 40), ("combined", 40)])
+def test_step_on_the_reachable_slices_equals_autograd_on_whole_weights(param, d_h):
     """Sequences of input tokens ending in q: attention_step on W_KQ[:, inputs, q], W_V's input rows
     (W_OV's input columns) gives autograd's loss and, as those slices' gradients, exactly those slices
     of autograd's whole gradients, which are zero everywhere else."""
     import torch.nn.functional as F
 
-    from factorlab.ocr.model import attention_step
+    from factorlab.ocr.model import attention_step, through_product
 
     torch.manual_seed(0)
-    model = BatchedAttentionOnly(40, param, 6, [1, 2])
+    model = BatchedAttentionOnly(40, param, d_h, [1, 2])
     inputs = torch.tensor([0, 3, 4, 9, 17, 18, 30, 39])  # q = 39 is last
+    if param == "factorized":  # both ways of computing a factorized step are covered
+        assert through_product(30, 40, len(inputs), d_h) == (d_h == 40)
     numbers = torch.randint(0, len(inputs), (2, 30, 9))
     numbers[:, :, -1] = len(inputs) - 1
     tokens, labels = inputs[numbers], torch.randint(0, 40, (2, 30))

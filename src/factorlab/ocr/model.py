@@ -161,11 +161,19 @@ def attention_step(
         g = (softmax(logits) - onehot(label)) / B     (dL/dlogits)
         dW_O = g^T h, dh = g W_O, dW_V = bag^T dh, dbag = dh W_V^T   (combined: dW_OV = g^T bag,
         dbag = g W_OV); da[r,b,t] = dbag[r,b,x_t]; dkq[r, x_t] += da[r,b,t]
+
+    For large d_h the factorized step goes through the product instead (``through_product``):
+    W_OV = W_O W_V^T, logits = bag W_OV^T, dW_OV = g^T bag, dW_O = dW_OV W_V, dW_V = dW_OV^T W_O,
+    dbag = g W_OV. The same gradients, associated differently.
     """
     R, B, T = tokens.shape
+    n = kq.shape[1]
     flat_tokens = tokens.reshape(R, B * T)
     scores = kq.gather(1, flat_tokens).view(R, B, T)
-    bag = torch.zeros(R, B, kq.shape[1], dtype=scores.dtype).scatter_add_(2, tokens, scores)
+    bag = torch.zeros(R, B, n, dtype=scores.dtype).scatter_add_(2, tokens, scores)
+    product = w_ov is None and through_product(B, w_o.shape[1], n, w_o.shape[2])
+    if product:  # W_O W_V^T formed first: fewer FLOPs when d_h is large (see through_product)
+        w_ov = torch.bmm(w_o, w_v.transpose(1, 2))  # (R, d, n)
     if w_ov is None:
         h = torch.bmm(bag, w_v)  # (R, B, d_h)
         logits = torch.bmm(h, w_o.transpose(1, 2))
@@ -184,7 +192,12 @@ def attention_step(
     per_run = (total.log() - label_logit).squeeze(-1).mean(1)
     scale = total.mul_(B).reciprocal_()
     g.mul_(scale).scatter_(2, label_index, others.mul_(scale).neg_())  # p_label - 1 = -others / total
-    if w_ov is None:
+    if product:
+        d_ov = torch.bmm(g.transpose(1, 2), bag)  # (R, d, n)
+        w_o.grad = torch.bmm(d_ov, w_v)
+        w_v.grad = torch.bmm(d_ov.transpose(1, 2), w_o)
+        dbag = torch.bmm(g, w_ov)
+    elif w_ov is None:
         w_o.grad = torch.bmm(g.transpose(1, 2), h)
         dh = torch.bmm(g, w_o)
         w_v.grad = torch.bmm(bag.transpose(1, 2), dh)
@@ -196,3 +209,10 @@ def attention_step(
         dscores = dbag.gather(2, tokens).view(R, B * T)
         kq.grad = torch.zeros_like(kq).scatter_add_(1, flat_tokens, dscores)
     return per_run
+
+
+def through_product(batch: int, d: int, n: int, d_h: int) -> bool:
+    """Whether a factorized step costs fewer FLOPs through W_O W_V^T (d x n) than through h = bag W_V:
+    6 d n (d_h + B) against 6 B d_h (n + d) per run. At the defaults (B = 252, d = 128, n = 88) only
+    d_h = 128 goes through the product (38% fewer FLOPs); d_h = 64 is a tie (2% apart), kept on h."""
+    return d * n * (d_h + batch) < batch * d_h * (n + d)
