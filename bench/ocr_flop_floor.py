@@ -8,6 +8,7 @@ matmul on the same number of threads), then the full sweep's floor and predicted
     FLOPs of one step, per run (B = batch, d = vocab, d_h, n = input tokens, those a sequence can
     hold: 88 of d = 128 at the defaults; the GEMMs of forward + backward, as computed):
         factorized  6 B d_h (n + d)   (h = bag W_V, logits = h W_O^T, and their four backward GEMMs)
+                    or 6 d n (d_h + B) through W_O W_V^T, whichever is less (d_h = 128)
         combined    6 B d n           (logits = bag W_OV^T, and its two backward GEMMs)
     floor = all steps' FLOPs / (GEMM throughput x workers)
 
@@ -42,7 +43,8 @@ def gemm_gflops(size: int = 1024, seconds: float = 1.0) -> float:
 def step_flops(cfg: OCRConfig, runs: int) -> float:
     b, d = cfg.batch_size, cfg.task.vocab_size
     n = len(OCRWorld(cfg.task, cfg.seed).input_tokens)
-    per_run = 6 * b * cfg.hidden_dim * (n + d) if cfg.param == "factorized" else 6 * b * d * n
+    d_h = cfg.hidden_dim
+    per_run = 6 * min(b * d_h * (n + d), d * n * (d_h + b)) if cfg.param == "factorized" else 6 * b * d * n
     return per_run * runs
 
 
