@@ -1,5 +1,6 @@
 import json
 
+import torch
 from typer.testing import CliRunner
 
 from factorlab.cli import app
@@ -71,6 +72,12 @@ def test_ocr_sweep_writes_results_tables_and_plots(tmp_path):
     assert result.exit_code == 0, result.output
     records = json.loads((out / "results.json").read_text())
     assert len(records) == 6  # (2 d_h + combined) x 2 seeds
+    (machine,) = json.loads((out / "sweep.json").read_text())["machine"]  # one worker, one machine
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and machine["threads"] == 1
+    assert (
+        f"Machine: {machine['cpu_capability']} kernels, torch {machine['torch']}"
+        in (out / "report.md").read_text()
+    )
     assert {(r["model"], r["seed"]) for r in records} == {
         (m, s) for m in ("factorized d_h=4", "factorized d_h=8", "combined") for s in (42, 43)
     }

@@ -4,6 +4,7 @@ and a short Markdown report into its output folder."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from factorlab.ocr.train import (
 )
 from factorlab.progress import StepBars, console
 from factorlab.reporting import Column, aggregate, write_table
-from factorlab.runtime import atomic_write_text, write_json, write_jsonl
+from factorlab.runtime import atomic_write_text, machine_info, write_json, write_jsonl
 
 RESULT_COLUMNS = [
     Column("model", "model"),
@@ -117,7 +118,8 @@ def group_cells(configs: Sequence[OCRConfig], batch: bool = True) -> list[dict[s
 def train_group_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Grid cell: one batched group of same-shape runs (see factorlab.grid)."""
     results = train_batched([OCRConfig(**c) for c in cell["runs"]])
-    return {"runs": [{"summary": r.summary, "history": r.history} for r in results]}
+    runs = [{"summary": r.summary, "history": r.history} for r in results]
+    return {"runs": runs, "machine": machine_info()}  # the worker's: its kernels and threads
 
 
 def sweep(
@@ -186,6 +188,14 @@ def sweep(
         base.groups,
         f"generalization after {base.steps} steps",
     )
+    machines = sorted({json.dumps(res.get("machine"), sort_keys=True) for res in grid.results})
+    machine = [json.loads(m) for m in machines]
+    machine_line = "; ".join(
+        f"{m['cpu_capability']} kernels, torch {m['torch']}, {m['threads']} thread(s) per worker"
+        if m
+        else "unrecorded (cell from an older version)"
+        for m in machine
+    )
     report = [
         "# OCR rank sweep",
         "",
@@ -195,6 +205,7 @@ def sweep(
         f"Same-shape runs trained as one batched model ({grid.line().replace('cells', 'groups')}). "
         "Accuracy is argmax over the whole vocabulary on a",
         f"fixed evaluation set covering every subject; chance on test implications is 1/{base.groups}.",
+        f"Machine: {machine_line}.",
         "",
         table,
         "![test implication loss and accuracy](curves.png)",
@@ -215,6 +226,7 @@ def sweep(
             "backend": backend,
             "groups_ran": grid.ran,
             "groups_reused": grid.reused,
+            "machine": machine,
         },
     )
     return records
