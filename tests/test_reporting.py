@@ -91,3 +91,21 @@ def test_comparison_report_builds_where_the_model_is_not_installed(monkeypatch):
     from readme_tables import rebuilt_table
 
     assert "| base |" in rebuilt_table("mixer-smollm2")
+
+
+def test_readme_ocr_sweep_table_is_the_one_rebuilt_from_the_committed_runs():
+    """results/ocr-sweep holds the sweep's runs and its float64 rerun; README's table must be theirs."""
+    import re
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    block = re.search(r"<!-- ocr-sweep table -->\n(.*?)<!-- end ocr-sweep table -->", readme, re.S)
+    assert block is not None, "README has no ocr-sweep table block"
+    sys.path.insert(0, str(root / "tools"))
+    from readme_tables import ocr_sweep_table
+
+    table = ocr_sweep_table()
+    assert block.group(1).strip() == table
+    assert "| combined |" in table and "—" not in table.split("\n")[2].split("|")[4]  # float64 column filled
