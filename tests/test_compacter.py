@@ -385,3 +385,12 @@ def test_trainable_parameters_by_kind_follow_the_papers_counts(config, expected)
     adapted = adapt(build("llama"), config)
     by_kind = count_parameters(adapted)["trainable_by_kind"]
     assert by_kind == {**expected, "PHM biases": 4 * (8 + 64)}  # 4 adapters, down and up biases
+
+
+def test_shared_fast_weights_need_targets_of_one_size():
+    config = CompacterConfig(target_modules=["o_proj", "up_proj"], shared_W_phm=True, phm_dim=2)
+    message = (
+        r"^shared_W_phm needs every target to have the same size; found \[\(\d+, \d+\), \(\d+, \d+\)\]\.$"
+    )
+    with pytest.raises(ConfigError, match=message):
+        adapt(build("llama"), config)

@@ -449,3 +449,14 @@ def test_an_expert_outside_its_own_targets_adds_nothing_there_and_rslora_scales_
             assert not torch.allclose(q_proj(x), q_proj.base_layer(x))
     finally:
         state.task_ids = None
+
+
+@pytest.mark.parametrize("granularity", ["layer", "shared"])
+def test_routers_take_the_model_dtype(granularity):
+    model = build("llama").double()
+    adapted = adapt(
+        model, LoraMixerConfig(num_experts=2, target_modules=TARGETS, router_granularity=granularity)
+    )
+    routers = [p for n, p in adapted.named_parameters() if "router" in n]
+    assert routers and all(p.dtype == torch.float64 for p in routers)
+    assert logits(adapted, inputs("llama")).dtype == torch.float64

@@ -91,12 +91,21 @@ def test_batched_training_gives_the_same_numbers_as_single_runs(optimizer):
     assert batched[0].summary["nuclear_norm"] != pytest.approx(batched[1].summary["nuclear_norm"], rel=1e-6)
 
 
-@pytest.mark.parametrize(
-    ("param", "optimizer"), [("factorized", "adamw"), ("combined", "adamw"), ("factorized", "gd")]
-)
-def test_training_equals_a_textbook_autograd_loop_over_every_weight(param, optimizer):
-    """train_batched (hand-written gradients, only W_KQ's EOS column trained, the other columns' decay
-    applied lazily) against autograd + torch.optim over the whole W_KQ, on the same data stream."""
+TEXTBOOK_CASES = [
+    ("factorized", "adamw", {}),
+    ("combined", "adamw", {}),
+    ("factorized", "gd", {}),
+    ("factorized", "adamw", {"groups": 3, "subjects_per_group": 3, "noise_tokens": 2, "seq_len": 7,
+                             "association": "spurious", "init": "identity", "d_h": 5}),
+    ("factorized", "gd", {"fixed_attention": True, "weight_decay": 0.0}),
+    ("combined", "adamw", {"noise_tokens": 0, "seq_len": 3, "fixed_attention": True}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("param", "optimizer", "extra"), TEXTBOOK_CASES)
+def test_training_equals_a_textbook_autograd_loop_over_every_weight(param, optimizer, extra):
+    """train_batched (hand-written gradients on the reachable slices, the other entries' decay applied
+    lazily) against autograd + torch.optim over every whole weight, on the same data stream."""
     import torch.nn.functional as F
 
     from factorlab.ocr.task import OCRWorld
@@ -104,17 +113,22 @@ def test_training_equals_a_textbook_autograd_loop_over_every_weight(param, optim
     from factorlab.runtime import generator
 
     lr = 5e-3 if optimizer == "adamw" else 0.5
-    configs = [OCRConfig(param=param, d_h=None if param == "combined" else 8, steps=130, eval_every=50,
-                         optimizer=optimizer, lr=lr, seed=s) for s in (3, 4)]  # fmt: skip
+    options = {"d_h": None if param == "combined" else 8, **extra}
+    configs = [OCRConfig(param=param, steps=130, eval_every=50, optimizer=optimizer, lr=lr, seed=s, **options)
+               for s in (3, 4)]  # fmt: skip
     ours = train_batched(configs)
 
     cfg = configs[0]
-    model = BatchedAttentionOnly(cfg.task.vocab_size, param, cfg.hidden_dim, [3, 4])
-    if optimizer == "adamw":
-        reference = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
-    else:
-        reference = torch.optim.SGD(model.parameters(), lr=lr, weight_decay=cfg.weight_decay)
     worlds = [OCRWorld(cfg.task, s) for s in (3, 4)]
+    attention = None
+    if cfg.fixed_attention:
+        attention = torch.cat([worlds[0].subjects, torch.tensor([0, 1])])
+    model = BatchedAttentionOnly(cfg.task.vocab_size, param, cfg.hidden_dim, [3, 4], cfg.init, attention)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "adamw":
+        reference = torch.optim.AdamW(trainable, lr=lr, weight_decay=cfg.weight_decay)
+    else:
+        reference = torch.optim.SGD(trainable, lr=lr, weight_decay=cfg.weight_decay)
     streams = [generator(s, "training-data") for s in (3, 4)]
     evaluations = [w.evaluation_set(EVAL_SAMPLES_PER_SUBJECT) for w in worlds]
     eval_tokens = torch.stack([e.tokens for e in evaluations])
