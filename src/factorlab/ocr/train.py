@@ -245,8 +245,9 @@ def train_batched(configs: Sequence[OCRConfig], progress: ProgressFn | None = No
                 tokens[:, r], labels[:, r] = tokens[:, same], labels[:, same]
             else:
                 first_run_of_seed[c.seed] = r
+                out = (tokens[:, r], labels[:, r])
                 world.training_batches(
-                    DATA_CHUNK_STEPS, cfg.batch_size, data_gens[c.seed], (tokens[:, r], labels[:, r]), True
+                    DATA_CHUNK_STEPS, cfg.batch_size, data_gens[c.seed], out, input_numbers=True
                 )
         for i in range(chunk):  # tokens are input numbers: positions in world.input_tokens
             per_run = attention_step(tokens[i], labels[i], **step_weights)  # gradients written, no graph
