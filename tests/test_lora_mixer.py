@@ -232,7 +232,10 @@ def test_task_id_errors():
     adapted = mixer("hard")
     with pytest.raises(ConfigError, match=r"task id 3 is outside 0\.\.2"):
         adapted(**batch, task_ids=torch.tensor([0, 3]))
-    with pytest.raises(ConfigError, match="needs task ids"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^routing='hard' needs task ids: pass task_ids=LongTensor\[batch\] to forward / generate\.$",
+    ):
         adapted(**batch)
     lora = adapt(build("llama"), LoraConfig())
     with pytest.raises(ConfigError, match="only applies to an active lora_mixer"):

@@ -268,3 +268,23 @@ def test_hard_routing_repeats_each_task_id_over_its_beams():
     assert weights.argmax(-1).tolist() == [2, 2, 0, 0] and torch.equal(weights.sum(-1), torch.ones(4))
     with pytest.raises(ConfigError, match="task_ids has 2 entries but the batch has 3"):
         route(None, state, batch=3, tokens=1)
+
+
+def test_supervised_routing_term_averages_each_sample_over_its_real_tokens_only():
+    """Padding takes no part: a sample with one real token is that token's probabilities (not halved),
+    and a batch/label mismatch names both counts."""
+    from factorlab.layers.mixer import routing_label_loss
+
+    g = torch.Generator().manual_seed(1)
+    E, batch, tokens = 3, 2, 4
+    probs = torch.softmax(torch.randn(batch * tokens, E, generator=g, dtype=torch.float64), -1)
+    mask = torch.tensor([[True, False, False, False], [True, True, True, False]])
+    state = RoutingState(E, "soft", task_labels=torch.tensor([1, 2]), token_mask=mask)
+    state.records = [(probs, probs, tokens)]
+    p = probs.view(batch, tokens, E)
+    expected = -(math.log(p[0, 0, 1]) + math.log(p[1, :3, 2].mean())) / 2
+    assert math.isclose(float(routing_label_loss(state)), expected, rel_tol=1e-12)
+    state.task_labels = torch.tensor([1, 2, 0])
+    message = r"^task_labels has 3 entries but the batch has 2 samples; give one task label per sample\.$"
+    with pytest.raises(ConfigError, match=message):
+        routing_label_loss(state)
