@@ -345,3 +345,22 @@ def test_phm_rule_inits():
         ConfigError, match=r"^phm_c_init must be one of \('normal', 'uniform'\), got 'zeros'\.$"
     ):
         PHMRule(2, init="zeros")
+
+
+def test_fan_in_fan_out_that_contradicts_the_module_is_refused_by_name():
+    from factorlab import adapt
+    from tiny_models import build
+
+    message = (
+        r"^model\.layers\.0\.self_attn\.q_proj is an nn\.Linear \(weight stored out x in\) but "
+        r"fan_in_fan_out=True; leave fan_in_fan_out=None to detect it per module\.$"
+    )
+    with pytest.raises(ConfigError, match=message):
+        adapt(build("llama"), LoraConfig(target_modules=["q_proj"], fan_in_fan_out=True))
+    message = (
+        r"^transformer\.h\.0\.attn\.c_attn is a Conv1D \(weight stored in x out\) but fan_in_fan_out=False;"
+    )
+    with pytest.raises(ConfigError, match=message):
+        adapt(build("gpt2"), LoraConfig(target_modules=["c_attn"], fan_in_fan_out=False))
+    adapt(build("gpt2"), LoraConfig(target_modules=["c_attn"], fan_in_fan_out=True))  # says what it is: fine
+    adapt(build("llama"), LoraConfig(target_modules=["q_proj"], fan_in_fan_out=False))

@@ -279,3 +279,21 @@ def test_peft_folder_with_layers_to_transform_and_pattern_loads(tmp_path):
     ours = AdaptedModel.from_pretrained(build("llama"), tmp_path)
     assert [n for n, _ in ours.adapter_layers()] == ["model.layers.1.self_attn.q_proj"]
     torch.testing.assert_close(logits(ours, batch), logits(peft_model, batch), atol=1e-5, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_dora_with_dropout_in_training_matches_peft(tmp_path):
+    """In training, DoRA's base term W x uses the dropped-out input, as in PEFT (same seed, same masks)."""
+    batch = inputs("llama")
+    config = dict(options("llama", "dora"), lora_dropout=0.3)
+    peft_model = peft.get_peft_model(build("llama"), peft.LoraConfig(**config))
+    perturb(peft_model)
+    peft_model.save_pretrained(tmp_path)
+    ours = AdaptedModel.from_pretrained(build("llama"), tmp_path, is_trainable=True)
+    trained = []
+    for model in (peft_model, ours):
+        model.train()
+        torch.manual_seed(7)
+        trained.append(model(**batch).logits)
+    torch.testing.assert_close(trained[1], trained[0], atol=1e-5, rtol=0)
+    assert different(trained[1], logits(ours, batch))  # the dropout acted
