@@ -288,3 +288,41 @@ def test_supervised_routing_term_averages_each_sample_over_its_real_tokens_only(
     message = r"^task_labels has 3 entries but the batch has 2 samples; give one task label per sample\.$"
     with pytest.raises(ConfigError, match=message):
         routing_label_loss(state)
+
+
+def test_recorded_router_probabilities_use_the_temperature_and_task_ids_skip_the_router():
+    adapted = mixer("soft", balance_coef=0.5, specialization_coef=0.2)
+    set_routing(adapted, "soft", temperature=3.0)
+    adapted.train()
+    router_logits = []
+    routers = [m for n, m in adapted.named_modules() if "router" in n and isinstance(m, torch.nn.Linear)]
+    for router in routers:
+        router.register_forward_hook(lambda module, args, out: router_logits.append(out.detach()))
+    batch = inputs("llama")
+    adapted(**batch)
+    records = adapted.shared_adapter_weights["default"].routing.records
+    assert len(records) == len(router_logits) > 0
+    for (probs, _, _), logits in zip(records, router_logits):
+        torch.testing.assert_close(probs.detach(), torch.softmax(logits.float() / 3.0, dim=-1))
+    router_logits.clear()
+    adapted(**batch, task_ids=torch.tensor([0, 1]))  # routed by id: no router call, nothing to balance
+    assert router_logits == [] and float(adapted.last_aux_loss) == 0.0
+
+
+def test_expert_bank_shapes_init_and_refusals():
+    with pytest.raises(ConfigError, match=r"^a LoRA-Mixer needs at least one expert\.$"):
+        ExpertBank(8, 6, [], [])
+    for ranks, bad in (([2, -1], "-1"), ([2, 1.5], "1.5"), ([2, "3"], "'3'")):
+        with pytest.raises(
+            ConfigError, match=rf"^expert 1: rank must be a non-negative integer, got {bad}\.$"
+        ):
+            ExpertBank(8, 6, ranks, [1.0, 1.0])
+    ones = ExpertBank(8, 6, [1, 1], [1.0, 1.0])
+    assert ones.A.shape == (2, 1, 8) and ones.B.shape == (2, 6, 1)  # padded to the largest rank, no more
+    assert ones.B.abs().max() == 0  # PEFT's default init: B = 0, so the experts start as the base model
+    torch.manual_seed(0)
+    gaussian = ExpertBank(64, 6, [4, 0], [1.0, 1.0], init_lora_weights="gaussian")
+    assert 0.2 < float(gaussian.A[0].std()) < 0.3  # N(0, 1/r), r = 4
+    assert gaussian.A[1].abs().max() == 0 and float(gaussian.scaling[1]) == 0.0  # rank 0: no LoRA here
+    double = ExpertBank(8, 6, [2], [0.5], dtype=torch.float64)
+    assert double.A.dtype == double.B.dtype == double.rank_mask.dtype == double.scaling.dtype == torch.float64
