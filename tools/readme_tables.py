@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from factorlab.recipes.mixer import report_from_cells
+from factorlab.reporting import mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,7 +43,6 @@ def ocr_sweep_table(folder: Path = ROOT / "results" / "ocr-sweep") -> str:
     """Test-implication accuracy and loss per model, mean ± std over seeds, beside the float64 rerun's
     mean accuracy (bench/ocr_precision.py) and the paper's numbers."""
     import json
-    import statistics
 
     runs = json.loads((folder / "results.json").read_text())
     precision = folder / "precision" / "precision.json"
@@ -52,10 +52,6 @@ def ocr_sweep_table(folder: Path = ROOT / "results" / "ocr-sweep") -> str:
         c = summary["config"]
         return "combined" if c["param"] == "combined" else f"factorized d_h={c['d_h']}"
 
-    def mean_std(values: list[float], digits: int) -> str:
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.{digits}f} ± {std:.{digits}f}"
-
     lines = [
         "| model | test impl acc | test impl loss | float64 rerun: test impl acc | paper: acc / loss |",
         "|---|---|---|---|---|",
@@ -63,11 +59,11 @@ def ocr_sweep_table(folder: Path = ROOT / "results" / "ocr-sweep") -> str:
     for name in dict.fromkeys(model(r) for r in runs):
         mine = [r for r in runs if model(r) == name]
         wide = [r["test_impl_acc"] for r in float64 if model(r) == name]
-        lines.append(
-            f"| {name} | {mean_std([r['test_impl_acc'] for r in mine], 3)} "
-            f"| {mean_std([r['test_impl_loss'] for r in mine], 3)} "
-            f"| {mean_std(wide, 3) if wide else '—'} | {PAPER_OCR.get(name, '—')} |"
+        acc, loss = (
+            mean_std([r[k] for r in mine]).render("{:.3f}") for k in ("test_impl_acc", "test_impl_loss")
         )
+        rerun = mean_std(wide).render("{:.3f}") if wide else "—"
+        lines.append(f"| {name} | {acc} | {loss} | {rerun} | {PAPER_OCR.get(name, '—')} |")
     return "\n".join(lines)
 
 
