@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from factorlab.checkpoint import load_checkpoint, save_checkpoint
 from factorlab.distributed import all_reduce_sum, init_from_env, is_main, world_size
 from factorlab.errors import TrainingDivergedError
+from factorlab.layers.frozen import transposed_frozen_weights
 
 # step -> (this rank's inputs, labels, extra forward kwargs)
 BatchFn = Callable[[int], tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Any]]]
@@ -137,24 +138,26 @@ def run_training(
             start, losses = meta["step"], list(meta["extra"]["losses"])
     net = DistributedDataParallel(model) if distributed else model
     model.train()
-    for step in range(start, steps):
-        inputs, labels, forward_kwargs = batch_for_step(step)
-        try:
-            loss, logged = lm_loss(net, model, inputs, labels, **forward_kwargs)
-        except TrainingDivergedError:
-            where = f" ({context})" if context else ""
-            raise TrainingDivergedError(
-                f"non-finite loss at step {step}{where}; lower the learning rate."
-            ) from None
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(logged)
-        if checkpoint_dir is not None and (step + 1) % checkpoint_every == 0 and is_main():
-            save_checkpoint(checkpoint_dir, model, optimizer, step + 1, {"losses": losses})
-        if progress is not None:
-            progress(step + 1)
-        if stop_after is not None and step + 1 >= stop_after:
-            break
+    # frozen weights read row-major in both GEMMs (factorlab.layers.frozen); one copy while training
+    with transposed_frozen_weights(model):
+        for step in range(start, steps):
+            inputs, labels, forward_kwargs = batch_for_step(step)
+            try:
+                loss, logged = lm_loss(net, model, inputs, labels, **forward_kwargs)
+            except TrainingDivergedError:
+                where = f" ({context})" if context else ""
+                raise TrainingDivergedError(
+                    f"non-finite loss at step {step}{where}; lower the learning rate."
+                ) from None
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(logged)
+            if checkpoint_dir is not None and (step + 1) % checkpoint_every == 0 and is_main():
+                save_checkpoint(checkpoint_dir, model, optimizer, step + 1, {"losses": losses})
+            if progress is not None:
+                progress(step + 1)
+            if stop_after is not None and step + 1 >= stop_after:
+                break
     model.eval()
     return losses

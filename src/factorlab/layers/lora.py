@@ -27,6 +27,7 @@ from torch import nn
 
 from factorlab.errors import ConfigError
 from factorlab.layers.base import AdapterLayer, copy_state_exact
+from factorlab.layers.frozen import lora_on_frozen, transposed_weight
 from factorlab.layers.shapes import weight_dims
 
 LORA_INITS = (True, False, "kaiming", "gaussian")
@@ -137,6 +138,21 @@ class LoRALayer(AdapterLayer):
         while self.merged_adapters:
             weight.data = self._unmerged_weight(self.merged_adapters.pop(), weight)
 
+    def _one_node_training(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Inside ``transposed_frozen_weights`` (training), base + one plain LoRA update as a single
+        autograd node (``factorlab.layers.frozen``); None where the general path below must run."""
+        weight_t = transposed_weight(self.base_layer, x)
+        active = [n for n in self.active_adapters if n not in self.merged_adapters]
+        if weight_t is None or self.disabled or len(active) != 1:
+            return None
+        name = active[0]
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+        if name in self.lora_magnitude_vector or not isinstance(self.lora_dropout[name], nn.Identity):
+            return None
+        if lora_a.dtype != x.dtype:
+            return None
+        return lora_on_frozen(x, self.base_layer, weight_t, lora_a, lora_b, self.scaling[name])
+
     def _merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         return weight.data + self.delta_weight(name).to(weight.dtype)
 
@@ -210,6 +226,9 @@ class LoRALinear(LoRALayer):
         return delta.T if self.fan_in_fan_out and not out_in else delta
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        fused = self._one_node_training(x)
+        if fused is not None:
+            return fused
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
