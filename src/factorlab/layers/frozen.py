@@ -34,7 +34,7 @@ class _FrozenLinear(torch.autograd.Function):
     def forward(ctx, x, weight, weight_t, bias):  # x (..., in), weight (out, in), weight_t (in, out)
         ctx.save_for_backward(weight)
         rows = x.reshape(-1, x.shape[-1])
-        out = rows @ weight_t if bias is None else torch.addmm(bias, rows, weight_t)
+        out = torch.mm(rows, weight_t) if bias is None else torch.addmm(bias, rows, weight_t)
         return out.view(*x.shape[:-1], weight_t.shape[1])
 
     @staticmethod
@@ -47,9 +47,9 @@ class _LoRAOnFrozen(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, weight_t, bias, lora_a, lora_b, scaling: float):
         rows = x.reshape(-1, x.shape[-1])  # (M, in)
-        h = (rows @ lora_a.T) * scaling  # (M, r)
-        base = rows @ weight_t if bias is None else torch.addmm(bias, rows, weight_t)  # (M, out)
-        out = base.addmm_(h, lora_b.T)  # in place: the update accumulated into the base GEMM's output
+        h = torch.mm(rows, lora_a.t()).mul_(scaling)  # (M, r)
+        base = torch.mm(rows, weight_t) if bias is None else torch.addmm(bias, rows, weight_t)  # (M, out)
+        out = base.addmm_(h, lora_b.t())  # in place: the update accumulated into the base GEMM's output
         ctx.save_for_backward(rows, weight, lora_a, lora_b, h)
         ctx.scaling = scaling
         return out.view(*x.shape[:-1], out.shape[1])
@@ -58,12 +58,12 @@ class _LoRAOnFrozen(torch.autograd.Function):
     def backward(ctx, grad):  # grad (..., out)
         rows, weight, lora_a, lora_b, h = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])  # (M, out)
-        grad_h = (g @ lora_b) * ctx.scaling  # (M, r): dL/d(x A^T)
+        grad_h = torch.mm(g, lora_b).mul_(ctx.scaling)  # (M, r): dL/d(x A^T)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (g @ weight).addmm_(grad_h, lora_a).view(*grad.shape[:-1], rows.shape[1])
-        grad_a = grad_h.T @ rows if ctx.needs_input_grad[4] else None  # (r, in)
-        grad_b = g.T @ h if ctx.needs_input_grad[5] else None  # (out, r)
+            grad_x = torch.mm(g, weight).addmm_(grad_h, lora_a).view(*grad.shape[:-1], rows.shape[1])
+        grad_a = torch.mm(grad_h.t(), rows) if ctx.needs_input_grad[4] else None  # (r, in)
+        grad_b = torch.mm(g.t(), h) if ctx.needs_input_grad[5] else None  # (out, r)
         return grad_x, None, None, None, grad_a, grad_b, None
 
 
