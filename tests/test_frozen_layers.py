@@ -138,3 +138,27 @@ def test_lora_layers_the_one_node_does_not_cover_take_the_module_path(options):
     torch.testing.assert_close(got_y, want_y, rtol=1e-6, atol=1e-6)
     for got, want in zip(got_grads, want_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_outputs_can_be_added_to_in_place_with_correct_gradients():
+    # LoRA-Mixer and X-LoRA layers add their experts' output into the base output in place
+    layer = lora_layer(True, 2, 4.0)
+    plain = nn.Linear(12, 10).requires_grad_(False)
+    x = torch.randn(3, 4, 12)
+    extra = torch.randn(3, 4, 10, requires_grad=True)
+
+    def run():
+        inputs = x.detach().requires_grad_(True)
+        y = layer(inputs)
+        y += extra  # in place, grad mode on
+        z = plain(inputs)
+        z.mul_(2.0)
+        (y.square().sum() + z.sum()).backward()
+        return [inputs.grad, extra.grad.clone(), *grads(layer)]
+
+    want = run()
+    extra.grad = None
+    with transposed_frozen_weights(nn.ModuleList([layer, plain])):
+        got = run()
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

@@ -29,13 +29,25 @@ import torch
 from torch import nn
 
 
+def _base_product(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None):
+    """``x W^T + b`` as (output (..., out), the same memory as (M, out)). The output is allocated
+    whole and the GEMM writes into it: a custom Function returning a view of its own result would
+    forbid callers from adding to it in place (LoRA-Mixer and X-LoRA layers do)."""
+    rows = x.reshape(-1, x.shape[-1])  # (M, in)
+    out = x.new_empty(*x.shape[:-1], weight_t.shape[1])
+    flat = out.view(-1, weight_t.shape[1])
+    if bias is None:
+        torch.mm(rows, weight_t, out=flat)
+    else:
+        torch.addmm(bias, rows, weight_t, out=flat)
+    return out, flat, rows
+
+
 class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, weight_t, bias):  # x (..., in), weight (out, in), weight_t (in, out)
         ctx.save_for_backward(weight)
-        rows = x.reshape(-1, x.shape[-1])
-        out = torch.mm(rows, weight_t) if bias is None else torch.addmm(bias, rows, weight_t)
-        return out.view(*x.shape[:-1], weight_t.shape[1])
+        return _base_product(x, weight_t, bias)[0]
 
     @staticmethod
     def backward(ctx, grad):  # grad (..., out)
@@ -46,13 +58,12 @@ class _FrozenLinear(torch.autograd.Function):
 class _LoRAOnFrozen(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, weight_t, bias, lora_a, lora_b, scaling: float):
-        rows = x.reshape(-1, x.shape[-1])  # (M, in)
+        out, flat, rows = _base_product(x, weight_t, bias)  # (..., out), (M, out), (M, in)
         h = torch.mm(rows, lora_a.t()).mul_(scaling)  # (M, r)
-        base = torch.mm(rows, weight_t) if bias is None else torch.addmm(bias, rows, weight_t)  # (M, out)
-        out = base.addmm_(h, lora_b.t())  # in place: the update accumulated into the base GEMM's output
+        flat.addmm_(h, lora_b.t())  # in place: the update accumulated into the base GEMM's output
         ctx.save_for_backward(rows, weight, lora_a, lora_b, h)
         ctx.scaling = scaling
-        return out.view(*x.shape[:-1], out.shape[1])
+        return out
 
     @staticmethod
     def backward(ctx, grad):  # grad (..., out)
