@@ -138,21 +138,6 @@ class LoRALayer(AdapterLayer):
         while self.merged_adapters:
             weight.data = self._unmerged_weight(self.merged_adapters.pop(), weight)
 
-    def _one_node_training(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Inside ``transposed_frozen_weights`` (training), base + one plain LoRA update as a single
-        autograd node (``factorlab.layers.frozen``); None where the general path below must run."""
-        weight_t = transposed_weight(self.base_layer, x)
-        active = [n for n in self.active_adapters if n not in self.merged_adapters]
-        if weight_t is None or self.disabled or len(active) != 1:
-            return None
-        name = active[0]
-        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
-        if name in self.lora_magnitude_vector or not isinstance(self.lora_dropout[name], nn.Identity):
-            return None
-        if lora_a.dtype != x.dtype:
-            return None
-        return lora_on_frozen(x, self.base_layer, weight_t, lora_a, lora_b, self.scaling[name])
-
     def _merged_weight(self, name: str, weight: torch.Tensor) -> torch.Tensor:
         return weight.data + self.delta_weight(name).to(weight.dtype)
 
@@ -224,6 +209,21 @@ class LoRALinear(LoRALayer):
         ``out_in``: always (out, in)."""
         delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
         return delta.T if self.fan_in_fan_out and not out_in else delta
+
+    def _one_node_training(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Inside ``transposed_frozen_weights`` (training), base + one plain LoRA update as a single
+        autograd node (``factorlab.layers.frozen``); None where the general path below must run."""
+        weight_t = transposed_weight(self.base_layer, x)
+        active = [n for n in self.active_adapters if n not in self.merged_adapters]
+        if weight_t is None or self.disabled or len(active) != 1:
+            return None
+        name = active[0]
+        lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
+        if name in self.lora_magnitude_vector or not isinstance(self.lora_dropout[name], nn.Identity):
+            return None
+        if lora_a.dtype != x.dtype:
+            return None
+        return lora_on_frozen(x, self.base_layer, weight_t, lora_a, lora_b, self.scaling[name])
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         fused = self._one_node_training(x)
