@@ -153,3 +153,21 @@ def test_injection_training_and_ranks_are_the_same_packed_or_padded(monkeypatch,
     # trained padded: the same loss curve (Adam amplifies rounding into the weights, not the losses)
     _, padded_losses = train.fine_tune(backend, world, settings, stop_after=4)
     assert packed_losses == pytest.approx(padded_losses, abs=1e-4)
+
+
+def test_summed_cross_entropy_has_the_value_and_gradient_of_torchs():
+    from factorlab.training import _SummedCrossEntropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(9, 500, generator=g) * 30).requires_grad_(True)  # peaked rows, tiny probabilities
+    targets = torch.randint(500, (9,), generator=g)
+    targets[3] = targets[4]  # repeated targets add up
+    weight = torch.tensor(0.37)
+    (_SummedCrossEntropy.apply(logits, targets) * weight).backward()
+    got_grad = logits.grad.clone()
+    logits.grad = None
+    (F.cross_entropy(logits, targets, reduction="sum") * weight).backward()
+    torch.testing.assert_close(
+        _SummedCrossEntropy.apply(logits, targets), F.cross_entropy(logits, targets, reduction="sum")
+    )
+    torch.testing.assert_close(got_grad, logits.grad, rtol=1e-6, atol=1e-7)
