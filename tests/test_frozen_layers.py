@@ -28,13 +28,8 @@ def lora_llama() -> nn.Module:
     """A tiny Llama with LoRA on every linear layer, B random so that every factor gets a gradient."""
     from factorlab import LoraConfig, adapt
 
-    model = adapt(tiny_models.build("llama"), LoraConfig(r=4, target_modules="all-linear"))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return model
+    config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+    return adapt(tiny_models.build("llama"), config)
 
 
 def loss_and_grads(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor):
