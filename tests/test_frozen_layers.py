@@ -8,7 +8,9 @@ from torch import nn
 
 import tiny_models
 from factorlab.layers import LoRALinear
-from factorlab.layers.frozen import transposed_frozen_weights
+from factorlab.layers.frozen import transposed_frozen_weights, transposed_weight
+
+pytestmark = pytest.mark.filterwarnings("error")  # e.g. torch resizing a GEMM's out= tensor
 
 
 def grads(model: nn.Module) -> list[torch.Tensor]:
@@ -157,3 +159,42 @@ def test_outputs_can_be_added_to_in_place_with_correct_gradients():
         got = run()
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_the_copy_is_made_once_and_plain_layers_run_through_it():
+    layer = nn.Linear(6, 5).requires_grad_(False)
+    x = torch.randn(3, 6, requires_grad=True)
+    assert transposed_weight(layer, x) is None  # outside the block
+    with transposed_frozen_weights(layer):
+        first = transposed_weight(layer, x)
+        assert first is transposed_weight(layer, x)  # cached, not copied per call
+        torch.testing.assert_close(first, layer.weight.T)
+        assert first.is_contiguous()
+        assert type(layer(x).grad_fn).__name__ == "_FrozenLinearBackward"
+        assert transposed_weight(layer, x.double()) is None  # another dtype: the plain path
+
+
+@pytest.mark.parametrize("frozen", ["lora_A", "lora_B", "input"])
+def test_one_node_gradients_when_only_some_inputs_need_them(frozen):
+    layer = lora_layer(False, 3, 6.0)
+    x = torch.randn(5, 12)
+
+    def run():
+        inputs = x.clone().requires_grad_(frozen != "input")
+        if frozen != "input":
+            getattr(layer, frozen)["a0"].requires_grad_(False)
+        layer(inputs).square().sum().backward()
+        got = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+        layer.zero_grad(set_to_none=True)
+        return inputs.grad, got
+
+    want_x, want = run()
+    with transposed_frozen_weights(layer):
+        got_x, got = run()
+    assert got.keys() == want.keys() and len(got) == (2 if frozen == "input" else 1)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+    if frozen == "input":
+        assert got_x is None and want_x is None
+    else:
+        torch.testing.assert_close(got_x, want_x, rtol=1e-5, atol=1e-6)
