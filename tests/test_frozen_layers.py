@@ -71,8 +71,11 @@ def test_transposed_frozen_weights_follow_an_in_place_change_of_the_weight():
         with torch.no_grad():
             layer.weight.mul_(-2.0)  # as merging an adapter into the base weight does
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
-        layer.weight = nn.Parameter(torch.randn(5, 6), requires_grad=False)  # a new tensor
+        layer.weight.data = torch.randn(5, 6)  # new storage, as merging and unmerging do
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        for _ in range(3):  # new tensors, the old ones freed: their ids may come back
+            layer.weight = nn.Parameter(torch.randn(5, 6), requires_grad=False)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
 def test_transposed_frozen_weights_leave_trainable_layers_to_autograd():

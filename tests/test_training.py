@@ -161,7 +161,7 @@ def test_summed_cross_entropy_has_the_value_and_gradient_of_torchs():
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(9, 500, generator=g) * 30).requires_grad_(True)  # peaked rows, tiny probabilities
     targets = torch.randint(500, (9,), generator=g)
-    targets[3] = targets[4]  # repeated targets add up
+    targets[3] = targets[4]  # two rows with the same target
     weight = torch.tensor(0.37)
     (_SummedCrossEntropy.apply(logits, targets) * weight).backward()
     got_grad = logits.grad.clone()

@@ -92,12 +92,13 @@ class _TransposedForward:
             return None
         if x.dtype != weight.dtype or x.device != weight.device:
             return None
-        # keyed by the weight's storage and version: an in-place change (a merge) makes a new copy
-        key = (weight.data_ptr(), weight._version, weight.shape)
+        # the entry holds the weight itself, so no other tensor can take its id while cached; its
+        # storage and version: an in-place change or a new ``.data`` (as merging does) makes a new copy
+        state = (weight.data_ptr(), weight._version, weight.shape)
         cached = self.copies.get(id(weight))
-        if cached is None or cached[0] != key:
-            cached = self.copies[id(weight)] = (key, weight.detach().T.contiguous())
-        return cached[1]
+        if cached is None or cached[1] != state:
+            cached = self.copies[id(weight)] = (weight, state, weight.detach().T.contiguous())
+        return cached[2]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weight_t = self.weight_t(x)
