@@ -37,7 +37,7 @@ lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check src tests bench tools
 	$(VENV)/bin/ruff format --check src tests bench tools
 
-# Mutation testing of layers/ and methods/ (about 15 minutes on 2 cores; see results/mutation/summary.md)
+# Mutation testing of layers/ and methods/ (about 12 minutes on 2 quiet cores; see results/mutation/summary.md)
 mutate: $(VENV)/.dev-installed
 	$(PIP) install "mutmut==3.8.1"
 	rm -rf mutants

@@ -9,6 +9,7 @@ column, results/ocr-sweep/precision/precision.json.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import tempfile
@@ -42,8 +43,6 @@ PAPER_OCR = {
 def ocr_sweep_table(folder: Path = ROOT / "results" / "ocr-sweep") -> str:
     """Test-implication accuracy and loss per model, mean ± std over seeds, beside the float64 rerun's
     mean accuracy (bench/ocr_precision.py) and the paper's numbers."""
-    import json
-
     runs = json.loads((folder / "results.json").read_text())
     precision = folder / "precision" / "precision.json"
     float64 = json.loads(precision.read_text())["float64"] if precision.exists() else []

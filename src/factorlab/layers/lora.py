@@ -214,8 +214,10 @@ class LoRALinear(LoRALayer):
         """Inside ``transposed_frozen_weights`` (training), base + one plain LoRA update as a single
         autograd node (``factorlab.layers.frozen``); None where the general path below must run."""
         weight_t = transposed_weight(self.base_layer, x)
+        if weight_t is None or self.disabled:  # outside training: one dict lookup, then the usual path
+            return None
         active = [n for n in self.active_adapters if n not in self.merged_adapters]
-        if weight_t is None or self.disabled or len(active) != 1:
+        if len(active) != 1:
             return None
         name = active[0]
         lora_a, lora_b = self.lora_A[name].weight, self.lora_B[name].weight
