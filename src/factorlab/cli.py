@@ -447,6 +447,12 @@ InjLR = Annotated[
     float | None, typer.Option("--lr", help="Learning rate \\[default: per backend and method].")
 ]
 Epochs = Annotated[int | None, typer.Option(help="Epochs over the training texts \\[default: per backend].")]
+InjDevice = Annotated[
+    str,
+    typer.Option(
+        help="Train and evaluate on this device: cpu, cuda or cuda:N (several grid workers share one GPU)."
+    ),
+]
 
 
 @inject_app.command("run")
@@ -472,6 +478,7 @@ def inject_run(
     save_adapter: Annotated[
         bool, typer.Option(help="Also write the trained adapter (full: the model) to OUT/adapter.")
     ] = False,
+    device: InjDevice = INJECT.device,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/inject"),
 ) -> None:
     """One relation x method x seed: ranks before and after fine-tuning -> OUT/summary.json, and every
@@ -488,6 +495,7 @@ def inject_run(
         epochs=epochs,
         relations_file=relations_file,
         pretrain_seed=pretrain_seed,
+        device=device,
     )
     s = run(cfg, out, save_adapter=save_adapter)
     from factorlab.distributed import is_main
@@ -535,6 +543,7 @@ def inject_grid(
     workers: Workers = None,
     backend: GridBackend = "local",
     address: RayAddress = None,
+    device: InjDevice = INJECT.device,
     out: Annotated[Path, typer.Option(help="Output folder (finished cells there are reused).")] = Path(
         "runs/inject-grid"
     ),
@@ -551,6 +560,7 @@ def inject_grid(
         _int_list(rank_sweep) if rank_sweep else (),
         relations_file,
         pretrain_seeds=_int_list(pretrain_seeds),
+        device=device,
         epochs=epochs,
     )
     result = grid(cells, out, workers, backend, address)

@@ -70,8 +70,35 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
     return atomic_write_text(path, "".join(json.dumps(_jsonable(r)) + "\n" for r in rows))
 
 
-def machine_info() -> dict[str, Any]:
-    """What float results depend on: CPU capability (AVX2 / AVX-512 kernels), torch version, threads."""
+def resolve_device(spec: str | torch.device) -> torch.device:
+    """``spec`` ("cpu", "cuda", "cuda:1", "mps") as a device this machine has, or a ConfigError that
+    names what is missing and what to pass instead."""
+    from factorlab.errors import ConfigError
+
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {spec!r} is not a torch device; use 'cpu', 'cuda' or 'cuda:N'.") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {spec!r} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
+                "use --device cpu."
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"device {spec!r} asked for, but only {torch.cuda.device_count()} CUDA GPU(s) are visible."
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {spec!r} asked for, but MPS is not available here; use --device cpu.")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device {spec!r}: factorlab runs on 'cpu', 'cuda' or 'mps'.")
+    return device
+
+
+def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """What float results depend on: CPU capability (AVX2 / AVX-512 kernels), torch version, threads,
+    and for a GPU run its name, CUDA version and whether float32 matmuls may round through TF32."""
     import platform
 
     overrides = {  # kernel-selection variables: set, they make an AVX-512 CPU run AVX2 code paths
@@ -87,6 +114,19 @@ def machine_info() -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "python": platform.python_version(),
+        **_accelerator_info(torch.device(device)),
+    }
+
+
+def _accelerator_info(device: torch.device) -> dict[str, Any]:
+    if device.type != "cuda":
+        return {}
+    return {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device),
+        "cuda": torch.version.cuda,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "cudnn_tf32": torch.backends.cudnn.allow_tf32,
     }
 
 

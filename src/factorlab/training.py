@@ -32,7 +32,7 @@ class _SummedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):  # grad: a scalar
         log_probs, targets = ctx.saved_tensors
         grad_logits = torch.exp(log_probs).mul_(grad)
-        grad_logits[torch.arange(len(targets)), targets] -= grad
+        grad_logits[torch.arange(len(targets), device=targets.device), targets] -= grad
         return grad_logits, None
 
 
@@ -110,17 +110,23 @@ def pack(
     return inputs, labels[None]
 
 
+def to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """``inputs`` with every tensor on ``device`` (other values as they are)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
 def packs_sequences(model: nn.Module, vocab_size: int) -> bool:
     """Whether ``model`` keeps packed texts apart: logits of two packed texts equal their padded ones."""
     ids = torch.randint(vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            padded = model(input_ids=ids, attention_mask=mask).logits
+            padded = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
             inputs, _ = pack(ids, mask)
-            packed = model(**inputs).logits[0]
+            packed = model(**to_device(inputs, device)).logits[0]
     except (TypeError, ValueError, RuntimeError):
         return False  # the model takes no position_ids, or no packed input
     finally:

@@ -12,6 +12,7 @@ Ranks use the first token of each candidate answer, as in the paper.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from factorlab.errors import ConfigError
 from factorlab.inject.tiny import TinyPretrainConfig, tiny_model
 from factorlab.inject.world import BUILTIN_RELATIONS, Query, Relation, query_of
 from factorlab.models import load_causal_lm
-from factorlab.training import logits_at, pack, packs_sequences
+from factorlab.runtime import resolve_device
+from factorlab.training import logits_at, pack, packs_sequences, to_device
 
 
 @dataclass
@@ -46,6 +48,10 @@ class Backend:
                 "ranks by first-token logit cannot tell them apart. Rename them in the relation."
             )
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer(texts, return_tensors="pt", padding=True)
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
@@ -63,6 +69,7 @@ class Backend:
     ) -> list[torch.Tensor]:
         """Each query's next-token logits of its candidates' first tokens, in candidate order."""
         model.eval()
+        device = next(model.parameters()).device
         packed = packs_sequences(model, model.get_input_embeddings().num_embeddings)
         first = {c: self.first_token(c) for c in {c for q in queries for c in q.candidates}}
         out = []
@@ -78,7 +85,7 @@ class Backend:
                 inputs = {"input_ids": ids, "attention_mask": mask}
                 last = torch.zeros_like(mask, dtype=torch.bool)
                 last[torch.arange(len(chunk)), mask.sum(1) - 1] = True
-            final = logits_at(model, model, last, **inputs)
+            final = logits_at(model, model, last.to(device), **to_device(inputs, device)).cpu()
             out += [row[torch.tensor([first[c] for c in q.candidates])] for row, q in zip(final, chunk)]
         return out
 
@@ -126,12 +133,23 @@ def background_queries(relation: Relation, known: dict[str, Relation]) -> list[Q
     return out
 
 
-def load_backend(spec: str, relations: dict[str, Relation] | None = None, pretrain_seed: int = 0) -> Backend:
-    """ "tiny" (pretrained with ``pretrain_seed``), "smollm2" or a local causal-LM folder."""
+def load_backend(
+    spec: str,
+    relations: dict[str, Relation] | None = None,
+    pretrain_seed: int = 0,
+    device: str | torch.device = "cpu",
+) -> Backend:
+    """ "tiny" (pretrained with ``pretrain_seed``), "smollm2" or a local causal-LM folder, with its
+    weights on ``device`` (checked: a missing GPU is a ConfigError, not a fallback to the CPU)."""
+    device = resolve_device(device)
     if spec == "tiny":
         config = TinyPretrainConfig(seed=pretrain_seed)
         model, tokenizer, info = tiny_model(relations or BUILTIN_RELATIONS, config)
-        return Backend("tiny", model, tokenizer, info)
-    model, tokenizer = load_causal_lm(spec)
-    tokenizer.padding_side = "right"
-    return Backend(spec if spec == "smollm2" else Path(spec).name, model, tokenizer, {"source": spec})
+        backend = Backend("tiny", model, tokenizer, info)
+    else:
+        model, tokenizer = load_causal_lm(spec)
+        tokenizer.padding_side = "right"
+        backend = Backend(spec if spec == "smollm2" else Path(spec).name, model, tokenizer, {"source": spec})
+    if device.type != "cpu":  # a copy: the tiny backend's module may be shared by other callers
+        backend.model = copy.deepcopy(backend.model).to(device)
+    return backend

@@ -18,7 +18,7 @@ from factorlab.inject.world import World
 from factorlab.methods.compacter.config import CompacterPlusPlusConfig, reduction_for
 from factorlab.methods.lora.config import LoraConfig
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
-from factorlab.training import pack, packs_sequences, run_training
+from factorlab.training import pack, packs_sequences, run_training, to_device
 from factorlab.validation import check_fields, check_ranges
 
 METHODS = ("full", "lora", "compacter++", "lora-mixer")
@@ -126,6 +126,7 @@ def fine_tune(
     # One row without padding when the model keeps packed texts apart (the same loss, fewer tokens)
     packed = packs_sequences(model, model.get_input_embeddings().num_embeddings)
     per_epoch = (len(texts) + batch_size - 1) // batch_size
+    device = next(model.parameters()).device  # the backend's: batches follow the weights
 
     def batch_for_step(step: int):
         epoch, index = divmod(step, per_epoch)
@@ -135,8 +136,9 @@ def fine_tune(
         enc = backend.encode(batch[rank() :: world_size()])
         if packed:
             inputs, labels = pack(enc["input_ids"], enc["attention_mask"])
-            return inputs, labels, {}
-        return enc, enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100), {}
+        else:
+            inputs, labels = enc, enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        return to_device(inputs, device), labels.to(device), {}
 
     losses = run_training(
         model,

@@ -42,7 +42,7 @@ from factorlab.inject.world import BUILTIN_RELATIONS, Relation, World, load_rela
 from factorlab.models import cache_dir
 from factorlab.progress import StepBars, console
 from factorlab.reporting import Column, aggregate, mean_std, write_table
-from factorlab.runtime import atomic_write_text, machine_info, write_json
+from factorlab.runtime import atomic_write_text, machine_info, resolve_device, write_json
 from factorlab.validation import check_fields, check_ranges
 
 KINDS = ("train_fact", "test_fact", "train_implication", "test_implication")
@@ -66,6 +66,10 @@ class InjectConfig:
     batch_size: int | None = None
     pretrain_seed: int = 0
     """Tiny backend only: which independently pretrained tiny model (seed 0 ships with factorlab)."""
+    device: str = "cpu"
+    """Where to train and evaluate: "cpu", "cuda", "cuda:N". A GPU run follows the same data order,
+    but its float rounding and its adapters' random initialisation (drawn on the device) differ from
+    a CPU run's, so compare the two over seeds, not cell by cell."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -79,6 +83,7 @@ class InjectConfig:
         if self.pretrain_seed and self.model != "tiny":
             raise ConfigError("pretrain_seed applies to the tiny backend only; drop it for other models.")
         relation_by_name(self.relation, self.known_relations())  # fails fast on an unknown relation
+        resolve_device(self.device)  # and on a GPU this machine does not have
 
     def known_relations(self) -> dict[str, Relation]:
         return known_relations(self.relations_file)
@@ -90,9 +95,11 @@ def known_relations(relations_file: str | None = None) -> dict[str, Relation]:
 
 
 @functools.lru_cache(maxsize=2)
-def cached_backend(model: str, relations_file: str | None, pretrain_seed: int = 0) -> Backend:
+def cached_backend(
+    model: str, relations_file: str | None, pretrain_seed: int = 0, device: str = "cpu"
+) -> Backend:
     """One backend per worker process (the tiny one is built from every known relation)."""
-    return load_backend(model, known_relations(relations_file), pretrain_seed)
+    return load_backend(model, known_relations(relations_file), pretrain_seed, device)
 
 
 def mean(values: Sequence[float]) -> float | None:
@@ -118,7 +125,7 @@ def inject_cell(
     started = time.perf_counter()
     known = cfg.known_relations()
     relation = relation_by_name(cfg.relation, known)
-    backend = cached_backend(cfg.model, cfg.relations_file, cfg.pretrain_seed)
+    backend = cached_backend(cfg.model, cfg.relations_file, cfg.pretrain_seed, cfg.device)
     backend.check_candidates(relation.fact_answers)
     backend.check_candidates(relation.implication_answers)
     if expected_key is not None and backend.info.get("key") != expected_key:
@@ -155,7 +162,7 @@ def inject_cell(
         "seconds": time.perf_counter() - started,
         "config": {**dataclasses.asdict(cfg), "lr": lr, "epochs": epochs, "batch_size": batch},
         "backend": backend.info,
-        "machine": machine_info(),
+        "machine": machine_info(cfg.device),
         "world": {
             "subjects": len(world.subjects),
             "bridge": len(world.bridge),
@@ -185,7 +192,7 @@ def run(cfg: InjectConfig, out: str | Path, save_adapter: bool = False) -> dict[
     the trained adapter in ``out/adapter``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    backend = cached_backend(cfg.model, cfg.relations_file, cfg.pretrain_seed)
+    backend = cached_backend(cfg.model, cfg.relations_file, cfg.pretrain_seed, cfg.device)
     world = World.generate(
         relation_by_name(cfg.relation, cfg.known_relations()), cfg.seed, cfg.num_subjects, cfg.bridge_fraction
     )
@@ -221,9 +228,13 @@ def grid_cells(
     rank_sweep: Sequence[int] = (),
     relations_file: str | None = None,
     pretrain_seeds: Sequence[int] = (0,),
+    device: str = "cpu",
     **fixed: Any,
 ) -> list[dict]:
-    """Relations x pretraining seeds (tiny only) x seeds x methods (+ LoRA ranks), validated."""
+    """Relations x pretraining seeds (tiny only) x seeds x methods (+ LoRA ranks), validated.
+
+    A ``device`` other than "cpu" is part of each cell (its own folder: a GPU result never stands
+    in for a CPU one, nor the reverse); CPU cells keep the ids they had before devices existed."""
     for name, values in (("relations", relations), ("methods", methods), ("seeds", seeds)):
         if not values:
             raise ConfigError(f"give at least one of {name}.")
@@ -264,6 +275,8 @@ def grid_cells(
             cell["backend_key"] = backend_keys[cell["pretrain_seed"]]
         if relations_file:
             cell["relations_file"] = relations_file
+        if device != "cpu":
+            cell["device"] = device
         cell.update({k: v for k, v in fixed.items() if v is not None})
         InjectConfig(**{k: v for k, v in cell.items() if k != "backend_key"})  # validate before any work
     return cells
