@@ -95,7 +95,13 @@ def test_bad_input_gives_a_clear_error_and_exit_code_2(tmp_path):
         (["ocr", "run", "--train-fraction", "1.0"], "0 test"),
         (["ocr", "run", "--seq-len", "2"], "seq_len must be >= 3"),
         (["ocr", "sweep", "--d-h", "4,0"], "d_h must be >= 1"),
+        (["inject", "run", "--device", "gpu"], "not a torch device; use 'cpu', 'cuda'"),
     ]
+    if not torch.cuda.is_available():
+        cases += [
+            (["inject", "run", "--device", "cuda"], "sees no CUDA GPU; use --device cpu"),
+            (["inject", "grid", "--device", "cuda:0"], "sees no CUDA GPU"),
+        ]
     for args, message in cases:
         result = runner.invoke(app, [*args, "--out", str(tmp_path / "x")])
         assert result.exit_code == 2, (args, result.output)
