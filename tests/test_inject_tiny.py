@@ -5,9 +5,10 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from factorlab.inject import tiny
-from factorlab.inject.backends import background_queries
+from factorlab.inject.backends import background_queries, weights_fingerprint
 from factorlab.inject.tiny import PROBE_THRESHOLD, TinyPretrainConfig, shipped_folder, tiny_cache_key
 from factorlab.inject.world import BUILTIN_RELATIONS, Relation
 
@@ -122,3 +123,31 @@ def test_the_causal_relation_generalizes_on_the_shipped_backend(tmp_path, method
         world = World.generate(BUILTIN_RELATIONS[cfg.relation], seed, cfg.num_subjects, cfg.bridge_fraction)
         loaded = AdaptedModel.from_pretrained(copy.deepcopy(backend.model), tmp_path / "adapter")
         assert backend.ranks(loaded, world.queries()) == [r["rank"] for r in ranks]
+
+
+def test_a_cell_that_changes_the_shared_base_model_fails_and_the_next_cell_reloads_it(tmp_path, monkeypatch):
+    """Grid workers reuse one loaded model across cells; a run that modified it in place would corrupt
+    every later cell of that worker, so the cell fails and the model is loaded afresh."""
+    from factorlab.errors import SharedModelChangedError
+    from factorlab.recipes import inject
+
+    cell = {"model": "tiny", "relation": "city-language", "method": "lora", "seed": 0, "epochs": 1}
+    shared = inject.cached_backend("tiny", None, 0)
+    assert inject.cached_backend("tiny", None, 0, "cpu") is shared  # defaults spelt out: one model
+    real_fine_tune = inject.fine_tune
+
+    def fine_tune_that_touches_the_base(backend, world, settings, progress=None):
+        model, losses = real_fine_tune(backend, world, settings, progress)
+        with torch.no_grad():
+            backend.model.get_input_embeddings().weight[3, 0] += 1e-3
+        return model, losses
+
+    monkeypatch.setattr(inject, "fine_tune", fine_tune_that_touches_the_base)
+    with pytest.raises(SharedModelChangedError, match="changed during lora on city-language, seed 0"):
+        inject.inject_cell(cell, tmp_path / "bad")
+    monkeypatch.setattr(inject, "fine_tune", real_fine_tune)
+    fresh = inject.cached_backend("tiny", None, 0)
+    assert fresh is not shared
+    assert not torch.equal(fresh.fingerprint, weights_fingerprint(shared.model))
+    inject.inject_cell(cell, tmp_path / "good")  # the reloaded model passes its own check
+    fresh.check_weights_unchanged("a later cell")

@@ -31,3 +31,7 @@ class GridCellsFailed(FactorlabError, RuntimeError):
         if len(failed) > 20:
             lines.append(f"  ... and {len(failed) - 20} more")
         super().__init__("\n".join(lines))
+
+
+class SharedModelChangedError(FactorlabError, RuntimeError):
+    """A base model shared by several runs (a grid worker's cells) changed while one of them ran."""

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from factorlab.errors import ConfigError
+from factorlab.errors import ConfigError, SharedModelChangedError
 from factorlab.inject.tiny import TinyPretrainConfig, tiny_model
 from factorlab.inject.world import BUILTIN_RELATIONS, Query, Relation, query_of
 from factorlab.models import load_causal_lm
@@ -35,6 +35,22 @@ class Backend:
     tokenizer: Any
     info: dict[str, Any] = field(default_factory=dict)
     """Where the weights came from (tiny: cache key, shipped / cached / pretrained now)."""
+    fingerprint: torch.Tensor | None = field(default=None, repr=False)
+    """``weights_fingerprint(model)`` when loaded: cells that share this backend check it after each run."""
+
+    def check_weights_unchanged(self, run: str) -> None:
+        """Raise if the shared base model's weights differ from when it was loaded. Every method trains
+        a copy (``factorlab.inject.train.prepare``), so a difference is a bug that would silently
+        change every later cell of this process."""
+        if self.fingerprint is None:
+            return
+        now = weights_fingerprint(self.model)
+        if now.shape != self.fingerprint.shape or not torch.equal(now, self.fingerprint):
+            raise SharedModelChangedError(
+                f"the {self.name} base model shared by this process's cells changed during {run}: "
+                "something modified the frozen base in place, so this result is not kept and the model "
+                "is reloaded for the next cell. Please report it; rerunning the cell starts clean."
+            )
 
     def first_token(self, answer: str) -> int:
         return self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"][0]
@@ -111,6 +127,20 @@ class Backend:
         }
 
 
+def weights_fingerprint(model: nn.Module) -> torch.Tensor:
+    """Each parameter's and buffer's float64 sum and norm, (tensors, 2) on the CPU: any change a run
+    could make to a weight (a step, a merge left behind, a NaN) moves one of them."""
+    tensors = [t.detach() for t in (*model.parameters(), *model.buffers())]
+    return torch.tensor(
+        [
+            (t.sum(dtype=torch.float64).item(), torch.linalg.vector_norm(t, dtype=torch.float64).item())
+            for t in tensors
+            if t.is_floating_point()
+        ],
+        dtype=torch.float64,
+    )
+
+
 def background_queries(relation: Relation, known: dict[str, Relation]) -> list[Query]:
     """The probe's queries: the relation's own background sentences, or those of the causal relation
     that shares its fact answers (its world knowledge); empty if neither exists."""
@@ -152,4 +182,5 @@ def load_backend(
         backend = Backend(spec if spec == "smollm2" else Path(spec).name, model, tokenizer, {"source": spec})
     if device.type != "cpu":  # a copy: the tiny backend's module may be shared by other callers
         backend.model = copy.deepcopy(backend.model).to(device)
+    backend.fingerprint = weights_fingerprint(backend.model)
     return backend

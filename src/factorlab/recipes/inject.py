@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from factorlab.distributed import is_main
-from factorlab.errors import ConfigError, GridCellsFailed
+from factorlab.errors import ConfigError, GridCellsFailed, SharedModelChangedError
 from factorlab.grid import GridReport, load_summary, run_grid
 from factorlab.inject.backends import Backend, load_backend
 from factorlab.inject.tiny import (
@@ -94,11 +94,17 @@ def known_relations(relations_file: str | None = None) -> dict[str, Relation]:
     return {**BUILTIN_RELATIONS, **(load_relations(relations_file) if relations_file else {})}
 
 
-@functools.lru_cache(maxsize=2)
 def cached_backend(
     model: str, relations_file: str | None, pretrain_seed: int = 0, device: str = "cpu"
 ) -> Backend:
-    """One backend per worker process (the tiny one is built from every known relation)."""
+    """One backend per worker process (the tiny one is built from every known relation). Every
+    argument is passed on by position, so calls that spell the defaults out or leave them off share
+    one loaded model."""
+    return _cached_backend(model, relations_file, pretrain_seed, device)
+
+
+@functools.lru_cache(maxsize=2)
+def _cached_backend(model: str, relations_file: str | None, pretrain_seed: int, device: str) -> Backend:
     return load_backend(model, known_relations(relations_file), pretrain_seed, device)
 
 
@@ -141,6 +147,11 @@ def inject_cell(
     )
     model, losses = fine_tune(backend, world, settings, progress)
     after = backend.ranks(model, queries)
+    try:  # the loaded model is reused by this process's next cells: it must come out as it went in
+        backend.check_weights_unchanged(f"{cfg.method} on {cfg.relation}, seed {cfg.seed}")
+    except SharedModelChangedError:
+        _cached_backend.cache_clear()
+        raise
     if save_adapter is not None and is_main():
         model.save_pretrained(save_adapter)  # an AdaptedModel writes its adapter; full: the whole model
     summary: dict[str, Any] = {}
