@@ -64,10 +64,6 @@ class Backend:
                 "ranks by first-token logit cannot tell them apart. Rename them in the relation."
             )
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer(texts, return_tensors="pt", padding=True)
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
