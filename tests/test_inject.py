@@ -163,9 +163,11 @@ def test_grid_report_names_unmemorised_cells_and_quotes_the_paper_for_real_model
     report = GridReport(
         results=[summary("lora", 4, 0, 0.0), summary("lora", 4, 1, 0.9), summary("full", 4, 0, 0.1)]
     )
+    report.results[2]["machine"] = {"cpu_capability": "AVX512", "gpu": "NVIDIA H200"}
     write_grid_report(tmp_path, report, 3.0)
     text = (tmp_path / "report.md").read_text()
     assert "1 of 3 cells did not memorise" in text and "seed 1 (0.90)" in text
+    assert "| 1 | AVX512 |" in text and "| 1 | NVIDIA H200 |" in text  # each cell says where it ran
     assert "The paper's LLMs" in text and "| Gemma-2-9B | 0.00 |" in text
     report.results[1]["train_fact_rank"] = 0.3
     write_grid_report(tmp_path, report, 3.0)

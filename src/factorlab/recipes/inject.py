@@ -409,6 +409,7 @@ def _record(summary: dict[str, Any]) -> dict[str, Any]:
         "verdict": summary["verdict"],
         "seconds": summary["seconds"],
         "cpu_capability": (summary.get("machine") or {}).get("cpu_capability"),
+        "gpu": (summary.get("machine") or {}).get("gpu"),
     }
 
 
@@ -577,7 +578,7 @@ def _cell_lines(records: list[dict[str, Any]]) -> list[str]:
 
     lines = [
         "| relation | method | pretraining seed | seed | train-fact rank | memorised | "
-        "test implication before -> after | seconds | CPU |",
+        "test implication before -> after | seconds | CPU kernels or GPU |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     order = sorted(records, key=lambda r: (r["relation"], r["method"], r["pretrain_seed"], r["seed"]))
@@ -587,7 +588,7 @@ def _cell_lines(records: list[dict[str, Any]]) -> list[str]:
             f"| {r['relation']} | {r['method']} | {r['pretrain_seed']} | {r['seed']} | "
             f"{rank(r['train_fact_rank'])} | {'yes' if memorised(r) else '**no**'} | {before} -> {after} | "
             f"{r['seconds']:.0f} | "
-            f"{r['cpu_capability']} |"
+            f"{r.get('gpu') or r['cpu_capability']} |"
         )
     return lines
 
