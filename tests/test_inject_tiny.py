@@ -151,3 +151,32 @@ def test_a_cell_that_changes_the_shared_base_model_fails_and_the_next_cell_reloa
     assert not torch.equal(fresh.fingerprint, weights_fingerprint(shared.model))
     inject.inject_cell(cell, tmp_path / "good")  # the reloaded model passes its own check
     fresh.check_weights_unchanged("a later cell")
+
+
+def test_cells_of_one_world_share_the_base_models_ranks(tmp_path, monkeypatch):
+    """The ranks before fine-tuning depend on the world and the (unchanged) base model only, so a
+    process computes them once per world; they equal a fresh computation."""
+    from factorlab.recipes import inject
+
+    backend = inject.cached_backend("tiny", None, 0)
+    computed = []
+    real_ranks = type(backend).ranks
+
+    def counting_ranks(self, model, queries, batch_size=64):
+        computed.append(model is self.model)
+        return real_ranks(self, model, queries, batch_size)
+
+    monkeypatch.setattr(type(backend), "ranks", counting_ranks)
+    base = {"model": "tiny", "relation": "sport-music", "seed": 11, "epochs": 1}
+    first = inject.inject_cell({**base, "method": "lora"}, tmp_path / "a")
+    second = inject.inject_cell({**base, "method": "compacter++"}, tmp_path / "b")
+    other_world = inject.inject_cell({**base, "seed": 12, "method": "lora"}, tmp_path / "c")
+    # base model: once per world (the probe's background queries are none here); trained models: once per cell
+    assert computed == [True, False, False, True, False]
+    for kind in ("train_fact", "test_implication"):
+        assert first[f"{kind}_rank_before"] == second[f"{kind}_rank_before"]
+    world = inject.World.generate(BUILTIN_RELATIONS["sport-music"], 12, 100, 0.2)
+    fresh = real_ranks(backend, backend.model, world.queries())
+    rows = json.loads((tmp_path / "c" / "ranks.json").read_text())
+    assert [r["rank_before"] for r in rows] == fresh
+    assert other_world["test_implication_rank_before"] is not None

@@ -37,6 +37,19 @@ class Backend:
     """Where the weights came from (tiny: cache key, shipped / cached / pretrained now)."""
     fingerprint: torch.Tensor | None = field(default=None, repr=False)
     """``weights_fingerprint(model)`` when loaded: cells that share this backend check it after each run."""
+    _base_ranks: dict[tuple, list[int]] = field(default_factory=dict, repr=False)
+
+    def base_ranks(self, queries: list[Query]) -> list[int]:
+        """``ranks(self.model, queries)``, remembered for the last few query lists: the cells of one
+        world (its methods and ranks) share the base model's ranks before fine-tuning. Sound because
+        the model is checked unchanged after every cell (``check_weights_unchanged``), and a backend
+        that fails the check is dropped with what it remembered."""
+        key = tuple((q.kind, q.subject, q.prompt, q.answer, tuple(q.candidates)) for q in queries)
+        if key not in self._base_ranks:
+            while len(self._base_ranks) >= 8:
+                self._base_ranks.pop(next(iter(self._base_ranks)))
+            self._base_ranks[key] = self.ranks(self.model, queries)
+        return list(self._base_ranks[key])
 
     def check_weights_unchanged(self, run: str) -> None:
         """Raise if the shared base model's weights differ from when it was loaded. Every method trains

@@ -141,7 +141,7 @@ def inject_cell(
     probe = backend.probe(relation, known)
     world = World.generate(relation, cfg.seed, cfg.num_subjects, cfg.bridge_fraction)
     queries = world.queries()
-    before = backend.ranks(backend.model, queries)
+    before = backend.base_ranks(queries)
     settings = FineTuneSettings(
         cfg.method, cfg.r, cfg.lora_alpha, cfg.lr, cfg.epochs, cfg.batch_size, seed=cfg.seed
     )
