@@ -9,7 +9,8 @@
 # wheels (*.whl, e.g. gguf's) to install into /tmp/site. The device tool sends at most 64 MiB a call,
 # the tracked tree included, so each part is sent by its own call and copied to one folder there;
 # size the parts to 64 MiB minus the tracked tree (`git ls-files -z | xargs -0 du -cb | tail -1`):
-# 41,000,000 bytes (3 parts) fitted beside the 22.8 MB tree of 2026-11-30. The grid
+# 41,000,000 bytes (3 parts) fitted beside the 22.8 MB tree of 2026-11-30. Send the parts in
+# back-to-back calls: an idle machine is given back after 30 s, and /tmp with it. The grid
 # runs with the python3 on PATH and this checkout's src/ (no install), WORKERS processes sharing the
 # GPU, stopped after GRID_SECONDS (cells are resumable: a rerun with the same OUT_DIR keeps
 # finished ones). OUT_DIR gets grid.tar.gz (the grid folder), log.txt and nvidia-smi.txt.
