@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from factorlab.errors import ConfigError
+
 
 def derive_seed(seed: int, stream: str) -> int:
     """A stable 63-bit seed for one named random stream of an experiment.
@@ -73,8 +75,6 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
 def resolve_device(spec: str | torch.device) -> torch.device:
     """``spec`` ("cpu", "cuda", "cuda:1", "mps") as a device this machine has, or a ConfigError that
     names what is missing and what to pass instead."""
-    from factorlab.errors import ConfigError
-
     try:
         device = torch.device(spec)
     except (RuntimeError, TypeError):

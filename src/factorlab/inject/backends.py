@@ -12,7 +12,6 @@ Ranks use the first token of each candidate answer, as in the paper.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,8 @@ class Backend:
 
     def base_ranks(self, queries: list[Query]) -> list[int]:
         """``ranks(self.model, queries)``, remembered for the last few query lists: the cells of one
-        world (its methods and ranks) share the base model's ranks before fine-tuning. Sound because
+        world (its methods and ranks) share the base model's ranks before fine-tuning, and the cells of
+        one relation its background probe. Sound because
         the model is checked unchanged after every cell (``check_weights_unchanged``), and a backend
         that fails the check is dropped with what it remembered."""
         key = tuple((q.kind, q.subject, q.prompt, q.answer, tuple(q.candidates)) for q in queries)
@@ -126,7 +126,7 @@ class Backend:
         queries = background_queries(relation, known or BUILTIN_RELATIONS)
         if not queries:
             return {"accuracy": None, "queries": 0, "source": None, "wrong": []}
-        ranks = self.ranks(self.model, queries)
+        ranks = self.base_ranks(queries)
         return {
             "accuracy": sum(r == 0 for r in ranks) / len(ranks),
             "mean_rank": sum(ranks) / len(ranks),
@@ -189,7 +189,7 @@ def load_backend(
         model, tokenizer = load_causal_lm(spec)
         tokenizer.padding_side = "right"
         backend = Backend(spec if spec == "smollm2" else Path(spec).name, model, tokenizer, {"source": spec})
-    if device.type != "cpu":  # a copy: the tiny backend's module may be shared by other callers
-        backend.model = copy.deepcopy(backend.model).to(device)
+    if device.type != "cpu":
+        backend.model = backend.model.to(device)
     backend.fingerprint = weights_fingerprint(backend.model)
     return backend
