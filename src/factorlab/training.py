@@ -4,6 +4,7 @@ checkpointed resumption. Used by the knowledge-injection and LoRA-Mixer recipes.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from factorlab.checkpoint import load_checkpoint, save_checkpoint
 from factorlab.distributed import all_reduce_sum, init_from_env, is_main, world_size
 from factorlab.errors import TrainingDivergedError
 from factorlab.layers.frozen import transposed_frozen_weights
+from factorlab.layers.tied import tied_embedding_gradient
 
 
 class _SummedCrossEntropy(torch.autograd.Function):
@@ -163,8 +165,11 @@ def run_training(
             start, losses = meta["step"], list(meta["extra"]["losses"])
     net = DistributedDataParallel(model) if distributed else model
     model.train()
-    # frozen weights read row-major in both GEMMs (factorlab.layers.frozen); one copy while training
-    with transposed_frozen_weights(model):
+    # frozen weights read row-major in both GEMMs (factorlab.layers.frozen); one copy while training.
+    # A trainable tied embedding's (vocabulary x hidden) gradient reuses one buffer instead of three
+    # fresh ones a step (factorlab.layers.tied); not under DDP, whose gradient hooks it would bypass.
+    tied = nullcontext() if distributed else tied_embedding_gradient(model)
+    with transposed_frozen_weights(model), tied:
         for step in range(start, steps):
             inputs, labels, forward_kwargs = batch_for_step(step)
             try:
