@@ -11,7 +11,8 @@ tied output head):
 
 Adam's step is memory traffic, not FLOPs: 28 bytes per trainable parameter (read weight, gradient and
 both moments, write weight and moments). A second floor adds that traffic at the machine's memory
-bandwidth (a large tensor copy timed in the same run); it matters only for full fine-tuning.
+bandwidth (a large tensor copy timed in the same run); it matters only for full fine-tuning. The timed
+steps are also split into forward (with the batch and the loss), backward and the optimizer's step.
 
     python bench/inject_cell_speed.py --model smollm2 --method lora --steps 10    # ~1 minute
 """
@@ -21,6 +22,8 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -67,6 +70,31 @@ def model_gemm_gflops(model: torch.nn.Module, tokens: int, frozen: bool, seconds
     return flops / (time.perf_counter() - started) / 1e9
 
 
+@contextmanager
+def phase_seconds() -> Iterator[dict[str, float]]:
+    """Seconds spent in ``Tensor.backward`` and in Adam's step while the block runs (bench only: the
+    two are wrapped for the process, and restored on exit)."""
+    spent = {"backward": 0.0, "optimizer": 0.0}
+    backward, step = torch.Tensor.backward, torch.optim.Adam.step
+
+    def timed(name, fn):
+        def run(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.perf_counter() - started
+
+        return run
+
+    torch.Tensor.backward = timed("backward", backward)
+    torch.optim.Adam.step = timed("optimizer", step)
+    try:
+        yield spent
+    finally:
+        torch.Tensor.backward, torch.optim.Adam.step = backward, step
+
+
 def copy_gbytes_per_s(megabytes: int = 512, seconds: float = 1.0) -> float:
     src = torch.ones(megabytes * 2**20 // 4)
     dst = torch.empty_like(src)
@@ -109,11 +137,16 @@ def main() -> None:
         return enc
 
     backend.encode = counting_encode
-    started = time.perf_counter()
-    model, _ = fine_tune(
-        backend, world, settings, lambda _: stamps.append(time.perf_counter()), stop_after=args.steps + 1
-    )
-    whole = time.perf_counter() - started
+    with phase_seconds() as spent:
+
+        def stamp(_) -> None:
+            stamps.append(time.perf_counter())
+            if len(stamps) == 1:  # the timed steps start here
+                spent.update(backward=0.0, optimizer=0.0)
+
+        started = time.perf_counter()
+        model, _ = fine_tune(backend, world, settings, stamp, stop_after=args.steps + 1)
+        whole = time.perf_counter() - started
     train = stamps[-1] - stamps[0]  # steps 2 .. steps + 1: no model copy, no first-step warm-up
     backend.encode = encode
     rates += gemm_gflops()  # measured before and after training; the best counts
@@ -145,6 +178,19 @@ def main() -> None:
           f"{achieved / attainable:.0%} of that")  # fmt: skip
     print(f"with Adam's memory traffic ({optimizer_bytes / 1e9:.1f} GB): floor {floor:.1f} s = "
           f"{floor / train:.0%} of the time trained")  # fmt: skip
+    backward_flops = flops * (4 if cfg.method == "full" else 2) / (6 if cfg.method == "full" else 4)
+    backward, optimizer = spent["backward"] / args.steps, spent["optimizer"] / args.steps
+    forward = train / args.steps - backward - optimizer
+    forward_rate = (flops - backward_flops) / args.steps / forward / 1e9
+    backward_rate = backward_flops / args.steps / backward / 1e9
+    traffic_rate = optimizer_bytes / args.steps / max(optimizer, 1e-9) / 1e9
+    print(f"per step: forward with batch and loss {forward:.3f} s ({forward_rate:.0f} GFLOP/s of its floor "
+          f"work), backward {backward:.3f} s ({backward_rate:.0f} GFLOP/s), optimizer {optimizer:.3f} s "
+          f"({traffic_rate:.1f} GB/s of Adam's traffic)")  # fmt: skip
+    floor_step = flops / args.steps / (peak * 1e9)
+    ceiling = floor_step / (floor_step + optimizer)
+    print(f"with its GEMMs at the large GEMM's rate and nothing else but this optimizer step, a step would "
+          f"take {floor_step + optimizer:.3f} s = {ceiling:.0%} of GEMM throughput")  # fmt: skip
 
 
 if __name__ == "__main__":
