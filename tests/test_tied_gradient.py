@@ -106,3 +106,71 @@ def test_other_embeddings_are_left_to_autograd(case):
     with tied_embedding_gradient(model) as covered:
         assert covered is False
         assert "forward" not in vars(embedding)
+
+
+def test_the_lookup_alone_writes_the_gradient_when_the_head_is_not_used():
+    model = tiny_models.build("llama", tie_word_embeddings=True, pad_token_id=3).train()
+    ids = repeated_ids()
+    ids[1, :3] = 3
+
+    def body_gradient(context) -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        with context:
+            model.model(input_ids=ids).last_hidden_state.square().sum().backward()
+        return model.get_input_embeddings().weight.grad.clone()
+
+    expected = body_gradient(nullcontext())
+    assert not expected[3].any() and expected[ids[0, 0]].any()
+    assert torch.equal(body_gradient(tied_embedding_gradient(model)), expected)
+
+
+class Accessors(nn.Module):
+    """An embedding and a head sharing one weight, with as many of Hugging Face's accessors as asked."""
+
+    def __init__(self, accessors: tuple[str, ...], head: nn.Module | None = None, embedding=nn.Embedding):
+        super().__init__()
+        self.embedding = embedding(10, 4)
+        self.head = head if head is not None else nn.Linear(4, 10, bias=False)
+        self.head.weight = self.embedding.weight
+        if "input" in accessors:
+            self.get_input_embeddings = lambda: self.embedding
+        if "output" in accessors:
+            self.get_output_embeddings = lambda: self.head
+
+
+class TiedLinear(nn.Linear):
+    pass
+
+
+class TiedEmbedding(nn.Embedding):
+    pass
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        Accessors(()),
+        Accessors(("input",)),
+        Accessors(("output",)),
+        Accessors(("input", "output"), head=TiedLinear(4, 10, bias=False)),
+        Accessors(("input", "output"), embedding=TiedEmbedding),
+    ],
+    ids=["no accessors", "input only", "output only", "head a Linear subclass", "an Embedding subclass"],
+)
+def test_models_without_both_accessors_or_with_other_modules_are_left_alone(model):
+    with tied_embedding_gradient(model) as covered:
+        assert covered is False
+        assert "forward" not in vars(model.embedding) and "forward" not in vars(model.head)
+
+
+@pytest.mark.parametrize("patched", ["embedding", "head"])
+def test_a_forward_someone_else_patched_is_left_in_place(patched):
+    model = Accessors(("input", "output"))
+    with tied_embedding_gradient(model) as covered:
+        assert covered is True  # the plain pair is covered
+    other = getattr(model, patched)
+    own = other.forward
+    other.forward = own
+    with tied_embedding_gradient(model) as covered:
+        assert covered is False
+        assert vars(other)["forward"] is own

@@ -67,7 +67,7 @@ class _TiedEmbedding(torch.autograd.Function):
     def forward(ctx, ids, weight, tied, padding_idx):  # ids (...), weight (V, d)
         ctx.save_for_backward(ids)
         ctx.tied, ctx.padding_idx = tied, padding_idx
-        return F.embedding(ids, weight, padding_idx)
+        return F.embedding(ids, weight)  # padding_idx acts only on the gradient, handled below
 
     @staticmethod
     def backward(ctx, grad):  # grad (..., d)
