@@ -118,7 +118,9 @@ def tied_embedding_gradient(model: nn.Module) -> Iterator[bool]:
     (Hugging Face's ``get_input_embeddings`` / ``get_output_embeddings``) gets its gradient in one
     reused buffer (module docstring); yields whether the model has such a weight.
 
-    Backward hooks registered on that weight do not run inside the block, and the gradient bypasses
+    The buffer is reused: a gradient tensor kept from one step (after ``zero_grad(set_to_none=True)``)
+    is overwritten by the next; clone it to keep it. Backward hooks registered on that weight do not
+    run inside the block, and the gradient bypasses
     autograd's accumulation, so do not use it under DistributedDataParallel (which reduces gradients
     from those hooks). Other weights, and a frozen or untied embedding, are left to autograd."""
     pair = _tied_pair(model)
