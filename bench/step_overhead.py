@@ -13,6 +13,7 @@ modules' Python. Printed: both medians and the fixed cost's share of the full-wi
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -20,13 +21,11 @@ import torch
 import transformers as tf
 
 from factorlab.inject.train import prepare
-from factorlab.layers.frozen import transposed_frozen_weights
-from factorlab.layers.tied import tied_embedding_gradient
-from factorlab.training import lm_loss, pack
+from factorlab.training import pack, run_training
 
 
 def step_seconds(hidden: int, vocab: int, method: str, steps: int) -> float:
-    """Median seconds of ``steps`` training steps (after three warm-up steps) at this width."""
+    """Median seconds of ``steps`` steps of ``run_training`` (after three warm-up steps) at this width."""
     config = tf.LlamaConfig(
         hidden_size=hidden,
         intermediate_size=hidden * 8 // 3,
@@ -44,16 +43,15 @@ def step_seconds(hidden: int, vocab: int, method: str, steps: int) -> float:
     ids = torch.randint(1, vocab, (len(lengths), max(lengths)))
     mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
     inputs, labels = pack(ids, mask)
-    model.train()
-    times = []
-    with transposed_frozen_weights(model), tied_embedding_gradient(model):
-        for _ in range(steps + 3):
-            started = time.perf_counter()
-            loss, _ = lm_loss(model, model, inputs, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            times.append(time.perf_counter() - started)
+    stamps: list[float] = []  # the training loop itself, with whatever it wraps a step in
+    run_training(
+        model,
+        optimizer,
+        steps + 4,
+        lambda _: (inputs, labels, {}),
+        progress=lambda _: stamps.append(time.perf_counter()),
+    )
+    times = [b - a for a, b in itertools.pairwise(stamps)]
     return statistics.median(times[3:])
 
 
