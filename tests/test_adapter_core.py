@@ -9,6 +9,7 @@ import factorlab
 from factorlab import (
     AdaptedModel,
     AdapterLoadError,
+    AdapterSaveError,
     ConfigError,
     LoraConfig,
     LoraMixerConfig,
@@ -324,6 +325,21 @@ def test_missing_extra_or_wrong_tensors_fail_cleanly(saved_llama, edit):
     with pytest.raises(AdapterLoadError, match=message):
         AdaptedModel.from_pretrained(model, saved_llama)
     assert_plain(model)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_saving_nan_or_inf_weights_is_refused_and_writes_nothing(tmp_path, value):
+    adapted = adapt(build("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    weight = adapted.base_model.model.layers[1].self_attn.v_proj.lora_B["default"].weight
+    with torch.no_grad():
+        weight[3, 1] = value
+    with pytest.raises(AdapterSaveError, match=r"NaN or inf .*layers\.1\.self_attn\.v_proj\.lora_B"):
+        adapted.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with torch.no_grad():
+        weight[3, 1] = 0.0
+    adapted.save_pretrained(tmp_path / "out")  # the same adapter, finite again, saves
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])

@@ -7,7 +7,14 @@ are reachable from the ``factorlab`` CLI.
 """
 
 from factorlab.core import AdaptedModel, adapt, count_parameters
-from factorlab.errors import AdapterLoadError, ConfigError, FactorlabError, TargetError, TrainingDivergedError
+from factorlab.errors import (
+    AdapterLoadError,
+    AdapterSaveError,
+    ConfigError,
+    FactorlabError,
+    TargetError,
+    TrainingDivergedError,
+)
 from factorlab.methods import (
     AdapterConfig,
     CompacterConfig,
@@ -25,6 +32,7 @@ __all__ = [
     "AdaptedModel",
     "AdapterConfig",
     "AdapterLoadError",
+    "AdapterSaveError",
     "CompacterConfig",
     "CompacterPlusPlusConfig",
     "ConfigError",

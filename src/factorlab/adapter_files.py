@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from factorlab.errors import AdapterLoadError
+from factorlab.errors import AdapterLoadError, AdapterSaveError
 from factorlab.runtime import write_json
 
 CONFIG_NAME = "adapter_config.json"
@@ -25,6 +25,13 @@ def write_adapter_folder(
     from safetensors.torch import save_file
 
     path = Path(path)
+    # Loading refuses NaN/inf, so such a file would be unloadable; say so now and write nothing.
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise AdapterSaveError(
+            f"not saving to {path}: {len(bad)} tensor(s) hold NaN or inf ({bad[:3]}); training diverged "
+            "(lower the learning rate) or the weights were overwritten. Nothing was written."
+        )
     path.mkdir(parents=True, exist_ok=True)
     # Own, contiguous CPU copies: safetensors refuses shared or strided storage, and values stay exact.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}

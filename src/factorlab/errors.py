@@ -21,6 +21,10 @@ class AdapterLoadError(FactorlabError, ValueError):
     """A saved adapter does not fit the model, or its files are missing or corrupt."""
 
 
+class AdapterSaveError(FactorlabError, ValueError):
+    """An adapter cannot be written as it is (NaN or inf in its weights): a file nobody could load."""
+
+
 class GridCellsFailed(FactorlabError, RuntimeError):
     """Some cells of an experiment grid failed; the others' results were kept and reported."""
 
