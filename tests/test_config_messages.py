@@ -15,6 +15,8 @@ MIXER_ERRORS = [
     ({"experts": []}, r"experts is empty; give at least one expert\."),
     ({"experts": [{"name": "a"}, {"name": "a"}]}, r"expert names must be unique, got \['a', 'a'\]\."),
     ({"experts": [{"name": "a", "r": 0}]}, r"expert 'a': rank r must be a positive integer, got 0\."),
+    ({"lora_alpha": 0.0}, r"expert 'expert_0': lora_alpha is 0, so it would train nothing"),
+    ({"experts": [{"name": "a", "lora_alpha": 0}]}, r"expert 'a': lora_alpha is 0"),
     ({"r": 0}, r"expert 'expert_0': rank r must be a positive integer, got 0\."),
     ({"routing": "sparse"}, r"routing must be one of \('hard', 'soft', 'topk', 'uniform'\), got 'sparse'\."),
     ({"top_k": 0}, r"top_k must be in 1\.\.num_experts=4, got 0\."),
@@ -83,6 +85,9 @@ LORA_ERRORS = [
     ({"r": 0}, r"LoRA r must be a positive integer, got 0; e\.g\. r=8\."),
     ({"r": True}, r"LoraConfig.r must be an integer, got True\."),  # check_fields, before the rank check
     ({"rank_pattern": {"q_proj": -1}}, r"LoRA rank_pattern\['q_proj'\] must be a positive integer, got -1"),
+    ({"lora_alpha": 0}, r"LoRA lora_alpha is 0, so the adapter would train nothing; e\.g\. lora_alpha=16"),
+    ({"alpha_pattern": {"v_proj": 0.0}}, r"LoRA alpha_pattern\['v_proj'\] is 0, so the adapter would train"),
+    ({"lora_alpha": float("nan")}, r"LoraConfig\.lora_alpha must be a finite number, got nan"),
     ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\), got 1\.0\."),
     ({"lora_dropout": -0.1}, r"lora_dropout must be in \[0, 1\), got -0\.1\."),
     ({"init_lora_weights": "pissa"}, r"init_lora_weights must be one of .*, got 'pissa'\."),

@@ -108,6 +108,15 @@ class LoraConfig(AdapterConfig):
         for where, r in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
             if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
                 raise ConfigError(f"LoRA {where} must be a positive integer, got {r!r}; e.g. r=8.")
+        alphas = [
+            ("lora_alpha", self.lora_alpha),
+            *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items()),
+        ]
+        for where, alpha in alphas:  # types and finiteness: check_fields
+            if alpha == 0:  # scales the update and B's gradient to zero: the adapter would train nothing
+                raise ConfigError(
+                    f"LoRA {where} is 0, so the adapter would train nothing; e.g. lora_alpha=16 for r=8."
+                )
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         if self.init_lora_weights not in LORA_INITS:

@@ -117,6 +117,10 @@ class LoraMixerConfig(AdapterConfig):
         for spec in self.expert_specs():
             if spec.source is None and (not isinstance(spec.r, int) or spec.r < 1):
                 raise ConfigError(f"expert {spec.name!r}: rank r must be a positive integer, got {spec.r!r}.")
+            if spec.source is None and spec.lora_alpha == 0:  # would scale the expert and its gradients to 0
+                raise ConfigError(
+                    f"expert {spec.name!r}: lora_alpha is 0, so it would train nothing; e.g. 16."
+                )
         if self.routing not in ROUTINGS:
             raise ConfigError(f"routing must be one of {ROUTINGS}, got {self.routing!r}.")
         if self.top_k is None:
