@@ -394,3 +394,46 @@ def test_shared_fast_weights_need_targets_of_one_size():
     )
     with pytest.raises(ConfigError, match=message):
         adapt(build("llama"), config)
+
+
+def test_a_second_compacter_adapter_with_layer_norms_gets_its_own_copies_and_no_nesting(tmp_path):
+    torch.manual_seed(0)
+    batch = inputs("llama")
+    adapted = adapt(build("llama"), CompacterConfig(train_layer_norms=True, **TINY))
+    adapted.add_adapter("second", CompacterConfig(train_layer_norms=True, phm_dim=2, **TINY))
+    wrappers = {n: m for n, m in adapted.base_model.named_modules() if isinstance(m, ModulesToSave)}
+    assert sorted(wrappers) == [
+        "model.layers.0.input_layernorm",
+        "model.layers.0.post_attention_layernorm",
+        "model.layers.1.input_layernorm",
+        "model.layers.1.post_attention_layernorm",
+        "model.norm",
+    ]  # each norm wrapped once, holding one copy per adapter: never a wrapper inside a wrapper
+    for wrapper in wrappers.values():
+        assert sorted(wrapper.modules_to_save) == ["default", "second"]
+        assert not any(isinstance(m, ModulesToSave) for m in wrapper.modules() if m is not wrapper)
+    shared = adapted.shared_adapter_weights
+    assert shared["default"]["phm_rule"].A.shape[0] == 4 and shared["second"]["phm_rule"].A.shape[0] == 2
+    expected = {}
+    for name in ("default", "second"):
+        adapted.set_adapter(name)
+        with torch.no_grad():
+            for p in adapted.parameters():
+                if p.requires_grad:
+                    p.add_(torch.randn_like(p) * 0.05)
+        expected[name] = logits(adapted, batch)
+    assert not torch.equal(expected["default"], expected["second"])
+    adapted.save_pretrained(tmp_path)
+    restored = AdaptedModel.from_pretrained(build("llama"), tmp_path)
+    restored.load_adapter(tmp_path / "second", "second")
+    for name in ("default", "second"):
+        restored.set_adapter(name)
+        assert torch.equal(logits(restored, batch), expected[name]), name
+
+
+def test_adapter_weights_follow_a_float64_base_model():
+    adapted = adapt(build("llama").double(), CompacterConfig(train_layer_norms=True, **TINY))
+    kinds = {p.dtype for p in adapted.parameters() if p.requires_grad}
+    assert kinds == {torch.float64}
+    assert adapted.shared_adapter_weights["default"]["phm_rule"].A.dtype == torch.float64
+    assert logits(adapted, inputs("llama")).dtype == torch.float64
