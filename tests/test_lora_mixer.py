@@ -161,6 +161,39 @@ def test_a_saved_plugged_mixer_loads_after_its_peft_folders_are_gone(tmp_path):
         adapt(build("llama"), loaded.adapter_configs["default"])
 
 
+def test_plugging_a_peft_folder_again_after_it_changed_uses_the_new_files(tmp_path):
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    batch = inputs("llama")
+    folder, _ = _peft_folder(tmp_path, "e", 2, ["q_proj"], seed=1)
+
+    def plugged_and_peft():
+        adapted = adapt(build("llama"), LoraMixerConfig.from_peft_adapters([folder]))
+        reference = peft.PeftModel.from_pretrained(build("llama"), folder)
+        with torch.no_grad():
+            return adapted(**batch, task_ids=torch.tensor([0, 0])).logits, logits(reference, batch)
+
+    first, expected = plugged_and_peft()
+    torch.testing.assert_close(first, expected, atol=1e-5, rtol=0)
+    # only the config changes (alpha 4 -> 12), the weights file stays as it was
+    config_file = folder / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["lora_alpha"] = 12
+    config_file.write_text(json.dumps(config))
+    second, expected = plugged_and_peft()
+    assert not torch.allclose(second, first, atol=1e-3)
+    torch.testing.assert_close(second, expected, atol=1e-5, rtol=0)
+    # the weights are rewritten in the same file with the same size: B negated
+    weights = folder / "adapter_model.safetensors"
+    tensors = {k: -v if "lora_B" in k else v for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights))
+    third, expected = plugged_and_peft()
+    assert not torch.allclose(third, second, atol=1e-3)
+    torch.testing.assert_close(third, expected, atol=1e-5, rtol=0)
+
+
 def test_peft_expert_for_another_model_size_is_refused(tmp_path):
     good, _ = _peft_folder(tmp_path, "good", 2, ["q_proj"], seed=1)
     bad, _ = _peft_folder(tmp_path, "bad", 2, ["q_proj"], seed=2, hidden=128)
@@ -463,3 +496,42 @@ def test_routers_take_the_model_dtype(granularity):
     routers = [p for n, p in adapted.named_parameters() if "router" in n]
     assert routers and all(p.dtype == torch.float64 for p in routers)
     assert logits(adapted, inputs("llama")).dtype == torch.float64
+
+
+def test_the_configured_temperature_sharpens_routing():
+    batch = inputs("llama")
+    sharp, plain = mixer("soft", temperature=0.25), mixer("soft")  # same seed: same routers and experts
+    assert sharp.shared_adapter_weights["default"].routing.temperature == 0.25
+    with torch.no_grad():
+        peaked = routing_weights_per_sample(sharp, batch).max(-1).values
+        flat = routing_weights_per_sample(plain, batch).max(-1).values
+    assert bool((peaked > flat).all())
+
+
+@pytest.mark.parametrize("granularity", ["layer", "shared"])
+def test_stages_choose_what_trains_with_routers_shared_between_projections(granularity):
+    adapted = mixer("soft", router_granularity=granularity)
+    for stage, kinds in (("experts", {"experts"}), ("router", {"router"}), ("all", {"experts", "router"})):
+        set_stage(adapted, stage)
+        trainable = [n for n, p in adapted.named_parameters() if p.requires_grad]
+        found = {"experts" if ".experts." in n else "router" if "routers" in n else n for n in trainable}
+        assert found == kinds, stage
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "message"),
+    [
+        (
+            "task_ids",
+            torch.tensor([0.0, 1.0]),
+            r"task_ids must be a 1-D integer tensor .* torch\.float32 of shape \(2,\)",
+        ),
+        ("task_ids", torch.tensor([[0], [1]]), r"task_ids must be a 1-D integer tensor .* of shape \(2, 1\)"),
+        ("task_labels", torch.tensor([0.5, 1.0]), r"task_labels must be a 1-D integer tensor"),
+        ("task_labels", torch.tensor([0, 3]), r"task id 3 is outside 0\.\.2 \(task_labels\)"),
+    ],
+)
+def test_bad_task_ids_and_labels_are_refused_by_name(keyword, value, message):
+    adapted = mixer("soft")
+    with pytest.raises(ConfigError, match=message):
+        adapted(**inputs("llama"), **{keyword: value})

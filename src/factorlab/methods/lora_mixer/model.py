@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -47,6 +46,9 @@ class MixerShared(nn.Module):
             config.route_label_coef,
         )
         self.train_router = True
+        # PEFT experts read once per adapt() by build_shared, for every layer of this adapter; read
+        # afresh on the next adapt(), so a folder changed in between is never served from memory.
+        self.plugged: dict[str, object] = {}
 
     def trainable_parameters(self):
         return self.routers.parameters() if self.train_router else iter(())
@@ -99,15 +101,10 @@ class MixerShared(nn.Module):
         return loss
 
 
-@functools.lru_cache(maxsize=32)
-def _read_peft(path: str, mtime: float):
+def _peft(path: str):
     from factorlab.peft_format import read_peft_lora
 
     return read_peft_lora(path)
-
-
-def _peft(path: str):
-    return _read_peft(path, Path(path, "adapter_model.safetensors").stat().st_mtime)
 
 
 @dataclass
@@ -172,7 +169,7 @@ def build_shared(base: nn.Module, config: LoraMixerConfig, names: list[str]) -> 
     # Check every PEFT expert against the model before anything is injected.
     for spec in config.expert_specs():
         if spec.source is not None:
-            lora = _expert_source(spec)
+            lora = shared.plugged[spec.name] = _expert_source(spec)
             modules = lora.ranks
             outside = sorted(set(modules) - set(widths))
             if outside:
@@ -206,11 +203,11 @@ def build_mixer_layer(
     ranks, scalings, sources = [], [], []
     for spec in config.expert_specs():
         if spec.source is not None:
-            lora = _expert_source(spec)
+            lora = shared.plugged[spec.name]
             present = module_name in lora.ranks
             ranks.append(lora.ranks[module_name] if present else 0)
             scalings.append(lora.scaling(module_name) if present else 0.0)
-            sources.append(lora.weights.get(module_name))
+            sources.append(lora.weights.pop(module_name, None))  # copied into the bank: no second copy kept
         else:
             present = spec.target_modules is None or _matches(module_name, spec.target_modules)
             ranks.append(spec.r if present else 0)
