@@ -106,3 +106,73 @@ def test_the_update_is_bit_equal_to_scaling_the_output_as_peft_does(r, alpha):
     (grad_got,) = torch.autograd.grad(got.square().sum(), x)
     (grad_expected,) = torch.autograd.grad(expected.square().sum(), x)
     assert torch.equal(grad_got, grad_expected)
+
+
+def _layers():
+    """One of each LoRA layer kind on a small base, with an input for it."""
+    from factorlab.layers import LoRAConv, LoRAEmbedding
+
+    torch.manual_seed(0)
+    return {
+        "linear": (LoRALinear(torch.nn.Linear(12, 10)), torch.randn(2, 3, 12)),
+        "embedding": (LoRAEmbedding(torch.nn.Embedding(20, 10, padding_idx=0)), torch.tensor([[0, 3, 7, 0]])),
+        "conv1d": (LoRAConv(torch.nn.Conv1d(4, 6, 3)), torch.randn(2, 4, 9)),
+        "conv2d": (LoRAConv(torch.nn.Conv2d(4, 6, 3)), torch.randn(2, 4, 7, 7)),
+    }
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding", "conv1d", "conv2d"])
+def test_every_lora_kind_starts_as_its_base_unless_init_is_false(kind):
+    layer, x = _layers()[kind]
+    base = layer.base_layer(x)
+    for init in (True, "gaussian", False):
+        layer.update_layer("a", r=2, lora_alpha=4, init_lora_weights=init)
+        layer.set_adapter(["a"])
+        assert torch.equal(layer(x), base) is (init is not False), init
+        layer.delete_adapter("a")
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding", "conv1d", "conv2d"])
+def test_merging_one_of_two_active_adapters_keeps_the_output_and_applies_the_other_unmerged(kind):
+    layer, x = _layers()[kind]
+    for name in ("first", "second"):
+        layer.update_layer(name, r=2, lora_alpha=4, init_lora_weights=False)
+    layer.set_adapter(["first", "second"])
+    both = layer(x)
+    layer.set_adapter(["first"])
+    assert not torch.allclose(layer(x), both)
+    layer.set_adapter(["elsewhere", "first", "second"])  # a model-wide list: names it lacks are ignored
+    assert torch.equal(layer(x), both)
+    layer.merge(["first"])  # "first" is now in the weights; "second" must still be added on top
+    torch.testing.assert_close(layer(x), both, atol=1e-5, rtol=1e-5)
+    layer.unmerge()  # W + dW - dW: equal up to float rounding
+    torch.testing.assert_close(layer(x), both, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear-dora", "embedding", "conv1d", "conv2d"])
+def test_a_half_precision_base_keeps_its_dtype_through_forward_merge_and_unmerge(kind):
+    layer, x = _layers()[kind.removesuffix("-dora")]
+    layer.base_layer.to(torch.bfloat16)
+    x = x if kind == "embedding" else x.to(torch.bfloat16)
+    layer.update_layer("a", r=2, lora_alpha=4, init_lora_weights=False, use_dora=kind.endswith("dora"))
+    layer.set_adapter(["a"])
+    assert {p.dtype for p in layer.adapter_parameters("a")} == {torch.float32}
+    unmerged = layer(x)
+    assert unmerged.dtype == torch.bfloat16
+    original = layer.base_layer.weight.detach().clone()
+    layer.merge()
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(layer(x), unmerged, atol=0.05, rtol=0.02)  # bf16 rounding of W + dW
+    layer.unmerge()
+    assert layer.base_layer.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(layer.base_layer.weight, original, atol=0.02, rtol=0.02)
+
+
+def test_embedding_lora_gives_the_padding_id_no_gradient_as_the_base_table_does():
+    layer, ids = _layers()["embedding"]
+    layer.update_layer("a", r=2, lora_alpha=4, init_lora_weights=False)
+    layer.set_adapter(["a"])
+    layer(ids).square().sum().backward()
+    grad_a = layer.lora_embedding_A["a"].grad  # (r, num_embeddings)
+    assert torch.count_nonzero(grad_a[:, 0]) == 0  # id 0 is the padding id, and it occurs twice
+    assert torch.count_nonzero(grad_a[:, 3]) > 0 and torch.count_nonzero(grad_a[:, 5]) == 0
