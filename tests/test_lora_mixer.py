@@ -1,6 +1,7 @@
 import peft
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from factorlab import AdaptedModel, AdapterLoadError, ConfigError, LoraConfig, LoraMixerConfig, adapt
 from factorlab.layers import LoRALinear, LoRAMixerLinear
@@ -535,3 +536,51 @@ def test_bad_task_ids_and_labels_are_refused_by_name(keyword, value, message):
     adapted = mixer("soft")
     with pytest.raises(ConfigError, match=message):
         adapted(**inputs("llama"), **{keyword: value})
+
+
+def test_preservation_penalty_counts_drift_of_a_and_b_and_theta_0_is_never_saved(tmp_path):
+    adapted = mixer("soft")
+    set_stage(adapted, "all")  # theta_0 = the weights now
+    banks = [layer.experts["default"] for _, layer in adapted.adapter_layers()]
+    with torch.no_grad():
+        banks[0].A[0, 0, 0] += 0.5
+        banks[1].B[1, 2, 1] -= 0.25
+    assert float(sum(bank.preservation() for bank in banks)) == pytest.approx(0.5**2 + 0.25**2, rel=1e-5)
+    assert not any(key.endswith(("A0", "B0")) for key in adapted.state_dict())
+    adapted.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    assert saved and not any(key.endswith(("A0", "B0")) for key in saved)
+
+
+def test_routers_start_near_uniform_with_the_symmetry_broken():
+    from factorlab.layers.mixer import init_router
+
+    router = torch.nn.Linear(512, 64)
+    init_router(router)
+    assert torch.count_nonzero(router.bias) == 0
+    assert router.weight.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+def test_a_deleted_mixer_adapter_leaves_nothing_behind_and_its_name_can_be_reused():
+    batch = inputs("llama")
+    adapted = mixer("soft")
+    adapted.add_adapter(
+        "other",
+        LoraMixerConfig(
+            num_experts=2, r=2, target_modules=TARGETS, routing="hard", router_granularity="layer"
+        ),
+    )
+    assert all("other" in layer._shared_routers for _, layer in adapted.adapter_layers())
+    adapted.delete_adapter("other")
+    for _, layer in adapted.adapter_layers():
+        assert "other" not in layer._routing and "other" not in layer.trainable_parts
+        assert "other" not in layer._shared_routers
+    adapted.add_adapter(
+        "other",
+        LoraMixerConfig(num_experts=3, r=2, target_modules=TARGETS, routing="soft", init_lora_weights=False),
+    )
+    adapted.set_adapter("other")
+    layer = next(m for _, m in adapted.adapter_layers())
+    assert layer._routing["other"] is adapted.shared_adapter_weights["other"].routing
+    assert layer._routing["other"].routing == "soft" and layer.experts["other"].num_experts == 3
+    assert logits(adapted, batch).isfinite().all()

@@ -160,11 +160,6 @@ class ExpertBank(nn.Module):
         h = h * (weights.to(h.dtype) * self.scaling).unsqueeze(-1) * self.rank_mask
         return h.reshape(-1, E * r) @ self.B.permute(0, 2, 1).reshape(E * r, -1)  # one GEMM
 
-    def delta_weight(self, expert: int) -> torch.Tensor:
-        """s_e B_e A_e, (out, in)."""
-        a = self.A[expert] * self.rank_mask[expert].unsqueeze(-1)
-        return self.scaling[expert] * (self.B[expert] @ a)
-
 
 class LoRAMixerLinear(AdapterLayer):
     """A frozen linear layer plus routed LoRA experts, per adapter name."""
