@@ -176,3 +176,15 @@ def test_embedding_lora_gives_the_padding_id_no_gradient_as_the_base_table_does(
     grad_a = layer.lora_embedding_A["a"].grad  # (r, num_embeddings)
     assert torch.count_nonzero(grad_a[:, 0]) == 0  # id 0 is the padding id, and it occurs twice
     assert torch.count_nonzero(grad_a[:, 3]) > 0 and torch.count_nonzero(grad_a[:, 5]) == 0
+
+
+def test_deleting_an_active_adapter_leaves_the_others_active_and_in_use():
+    layer, x = _layers()["linear"]
+    for name in ("first", "second"):
+        layer.update_layer(name, r=2, lora_alpha=4, init_lora_weights=False)
+    layer.set_adapter(["first"])
+    first_alone = layer(x)
+    layer.set_adapter(["first", "second"])
+    layer.delete_adapter("second")
+    assert layer.active_adapters == ["first"] and "second" not in layer.lora_A
+    assert torch.equal(layer(x), first_alone)
