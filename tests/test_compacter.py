@@ -431,9 +431,16 @@ def test_a_second_compacter_adapter_with_layer_norms_gets_its_own_copies_and_no_
         assert torch.equal(logits(restored, batch), expected[name]), name
 
 
-def test_adapter_weights_follow_a_float64_base_model():
-    adapted = adapt(build("llama").double(), CompacterConfig(train_layer_norms=True, **TINY))
+@pytest.mark.parametrize("shared_rule", [True, False])
+def test_adapter_weights_follow_a_float64_base_model(shared_rule):
+    config = CompacterConfig(
+        train_layer_norms=True, shared_phm_rule=shared_rule, factorized_phm_rule=True, **TINY
+    )
+    adapted = adapt(build("llama").double(), config)
     kinds = {p.dtype for p in adapted.parameters() if p.requires_grad}
     assert kinds == {torch.float64}
-    assert adapted.shared_adapter_weights["default"]["phm_rule"].A.dtype == torch.float64
+    rules = [m for m in adapted.modules() if isinstance(m, PHMRule)]
+    bottlenecks = [m for _, m in adapted.adapter_layers() if isinstance(m, BottleneckAdapterLayer)]
+    assert len(rules) == (1 if shared_rule else 2 * len(bottlenecks))  # else one per PHM layer, down and up
+    assert all(rule().dtype == torch.float64 and rule.factorized for rule in rules)
     assert logits(adapted, inputs("llama")).dtype == torch.float64
