@@ -134,3 +134,9 @@ def test_set_overrides_any_mixer_setting():
     )
     assert cfg.router_lr == 0.005 and cfg.balance_coef == 0 and cfg.tasks == ["first", "max"]
     assert cfg.steps == 1500  # the rest keeps the preset's values
+
+
+def test_report_on_a_folder_without_cells_names_what_to_pass(tmp_path):
+    result = runner.invoke(app, ["report", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2
+    assert "has no cells/ folder; pass the --out folder of `factorlab inject grid`" in result.output

@@ -595,6 +595,11 @@ def report(
     grid or a LoRA-Mixer comparison)."""
     from factorlab.cells import load_summary
 
+    if not (folder / "cells").is_dir():
+        raise ConfigError(
+            f"{folder} has no cells/ folder; pass the --out folder of `factorlab inject grid` or "
+            "`factorlab mixer run` (e.g. results/inject-smollm2)."
+        )
     summaries = [load_summary(f) for f in sorted((folder / "cells").glob("*/"))]
     if any(s is not None and "unit" in s.get("cell", {}) for s in summaries):
         from factorlab.recipes.mixer import report_from_cells as mixer_report
