@@ -15,6 +15,9 @@ backend = cached_backend("tiny", None)
 world = World.generate(BUILTIN_RELATIONS["city-language"], seed=0)
 model, losses = fine_tune(backend, world, FineTuneSettings("lora", r=4, epochs=1, batch_size=16, seed=0))
 if is_main():
-    weights = {n: p.detach().double().sum().item() for n, p in model.named_parameters() if p.requires_grad}
+    from safetensors.torch import save_file
+
+    trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    save_file(trained, sys.argv[1] + ".safetensors")
     with open(sys.argv[1], "w") as f:
-        json.dump({"losses": losses, "weights": weights}, f)
+        json.dump({"losses": losses}, f)

@@ -63,8 +63,13 @@ def test_plug_and_play_with_the_exported_peft_experts(quick):
     result = plug(dataclasses.replace(cfg, router_steps=300), out / "base", folders, out / "plug")
     records = experiment["records"]
     oracle = {r["task"]: r["accuracy"] for r in records if r["system"] == "per-task LoRA (oracle)"}
-    for t in cfg.tasks:  # each exported PEFT expert, routed alone, is exactly the experiment's oracle
-        assert result["oracle"][t] == oracle[t]
+    # Each exported PEFT expert, routed alone, is the experiment's oracle: the same weights (the export is
+    # exact: test_lora_mixer), so the same accuracy up to greedy choices decided by float rounding. The
+    # plugged experts are frozen, the oracle's were trainable, and PyTorch picks its matmul kernels by
+    # requires_grad; measured on the 512 test prompts per task: 0 answers differ with AVX-512 kernels,
+    # 1 with AVX2 (one task), 0 with SSE.
+    flipped = [round(abs(result["oracle"][t] - oracle[t]) * cfg.eval_examples_per_task) for t in cfg.tasks]
+    assert max(flipped) <= 2, flipped
     assert result["router_accuracy"] > 0.75
     assert sum(result["accuracy"].values()) / len(cfg.tasks) > 0.9
 
@@ -170,12 +175,17 @@ def test_packed_training_equals_padded_training():
     for packed in (True, False):
         torch.manual_seed(0)
         model = multitask_lora(cfg, base)
+        trained = [p for p in model.parameters() if p.requires_grad]
+        start = [p.detach().clone() for p in trained]
         losses = train(model, data, 3, 1e-2, 8, 0, hard=False, pad_id=0, pack_batches=packed)
-        runs[packed] = (losses, [p.detach().clone() for p in model.parameters() if p.requires_grad])
+        runs[packed] = (losses, [p.detach() - p0 for p, p0 in zip(trained, start)])
     torch.testing.assert_close(runs[True][0], runs[False][0], rtol=1e-5, atol=1e-6)
+    # Each tensor's update as a whole: the packed and padded sums round differently and Adam carries that
+    # into single entries (up to 1.3e-5 with SSE kernels). Measured ||packed - padded|| / ||padded||, worst
+    # tensor: 8.3e-6 (AVX-512), 1.4e-5 (AVX2), 3.7e-5 (SSE).
     for a, b in zip(runs[True][1], runs[False][1]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    assert runs[True][1][0].abs().sum() > 0
+        assert float(b.norm()) > 0.1
+        assert float((a - b).norm() / b.norm()) < 3e-4
 
 
 def test_greedy_decoding_without_a_cache_equals_generate():

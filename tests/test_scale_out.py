@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from factorlab.inject.train import FineTuneSettings, fine_tune
 from factorlab.inject.world import BUILTIN_RELATIONS, World
@@ -55,8 +56,17 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(bac
     assert len(one["losses"]) == len(two["losses"]) == 15  # 240 training texts, global batch 16
     for a, b in zip(one["losses"], two["losses"]):
         assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
-    for name, value in one["weights"].items():
-        assert two["weights"][name] == pytest.approx(value, rel=1e-3, abs=1e-4)
+    # The weights after 15 Adam steps, as whole tensors: elementwise, Adam turns the all-reduce's other
+    # summation order into differences of up to 8e-4 in single entries (AVX2 kernels). Measured
+    # ||two - one|| / ||one||: B 9.6e-6 (AVX-512) and 9.2e-5 (AVX2), A 8.9e-6 and 1.2e-4; one process on
+    # AVX-512 vs AVX2 differs by 5.8e-4 (B). B starts at zero, so ||B|| is the whole update.
+    trained = {n: load_file(f"{f}.safetensors") for n, f in (("one", single), ("two", double))}
+    assert trained["one"].keys() == trained["two"].keys()
+    for kind in ("lora_A", "lora_B"):
+        one_w, two_w = (
+            torch.cat([t.flatten() for k, t in sorted(trained[n].items()) if kind in k]) for n in trained
+        )
+        assert float((two_w - one_w).norm() / one_w.norm()) < 1e-3, kind
 
 
 def test_accelerate_launch_matches_one_process(backend, tmp_path):
