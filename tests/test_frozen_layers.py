@@ -56,8 +56,14 @@ def test_transposed_frozen_weights_give_the_same_loss_and_gradients_and_leave_no
         got_loss, got_grads = loss_and_grads(model, ids, mask)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
     assert len(got_grads) == len(want_grads) > 2  # LoRA factors and the input embeddings
+    # Another GEMM layout rounds differently: entries that are sums with cancellation differ relatively
+    # most (7e-5 with SSE kernels), so the margin scales with each tensor. Measured (AVX-512 / AVX2 / SSE):
+    # ||got - want|| / ||want|| up to 5.7e-7 / 4.8e-7 / 8.5e-7, max |got - want| / max |want| up to
+    # 7.0e-7 / 5.8e-7 / 1.2e-6.
     for got, want in zip(got_grads, want_grads, strict=True):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        scale = float(want.abs().max())
+        assert scale > 0 and float((got - want).norm() / want.norm()) < 1e-5
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5 * scale)
     assert [m for m in model.modules() if "forward" in vars(m)] == own_forward
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
