@@ -1,4 +1,4 @@
-"""The dequantised-SmolLM2 cache is keyed on everything that makes it (no SmolLM2 needed here)."""
+"""The dequantised-SmolLM2 cache is keyed on everything that makes it (no SmolLM2 or gguf needed here)."""
 
 import importlib.metadata
 
@@ -6,6 +6,8 @@ from factorlab.models import SMOLLM2_GGUF, smollm2_source_key
 
 
 def test_the_smollm2_cache_key_follows_the_gguf_bytes_and_the_dequantisers_versions(tmp_path, monkeypatch):
+    versions = {"transformers": "5.24.0", "gguf": "0.19.0"}  # gguf is absent where SmolLM2 is not installed
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: versions[name])
     gguf = tmp_path / SMOLLM2_GGUF
     gguf.write_bytes(b"GGUF" + bytes(range(256)) * 100)
     first = smollm2_source_key(tmp_path)
@@ -15,11 +17,8 @@ def test_the_smollm2_cache_key_follows_the_gguf_bytes_and_the_dequantisers_versi
     gguf.write_bytes(bytes(data))
     second = smollm2_source_key(tmp_path)
     assert second != first
-    real = importlib.metadata.version
     for package in ("transformers", "gguf"):
-        monkeypatch.setattr(
-            importlib.metadata, "version", lambda name, p=package: "0.0.1" if name == p else real(name)
-        )
+        versions[package] += ".post1"
         assert smollm2_source_key(tmp_path) != second, package
-    monkeypatch.setattr(importlib.metadata, "version", real)
+        versions[package] = versions[package].removesuffix(".post1")
     assert smollm2_source_key(tmp_path) == second
