@@ -584,3 +584,36 @@ def test_a_deleted_mixer_adapter_leaves_nothing_behind_and_its_name_can_be_reuse
     assert layer._routing["other"] is adapted.shared_adapter_weights["other"].routing
     assert layer._routing["other"].routing == "soft" and layer.experts["other"].num_experts == 3
     assert logits(adapted, batch).isfinite().all()
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_an_exported_expert_is_that_expert_in_peft_and_plugs_back_exactly(tmp_path, use_rslora):
+    from factorlab.methods.lora_mixer.model import export_expert_as_peft
+
+    batch = inputs("llama")
+    experts = [{"name": "a", "r": 2, "lora_alpha": 6.0}, {"name": "b", "r": 4, "lora_alpha": 4.0}]
+    experts = [{**e, "use_rslora": use_rslora} for e in experts]
+    torch.manual_seed(0)
+    config = LoraMixerConfig(experts=experts, target_modules=TARGETS, routing="soft", init_lora_weights=False)
+    adapted = adapt(build("llama"), config)
+    for e in range(2):
+        with torch.no_grad():
+            routed_alone = adapted(**batch, task_ids=torch.tensor([e, e])).logits
+        export_expert_as_peft(adapted, e, tmp_path / str(e))
+        in_peft = peft.PeftModel.from_pretrained(build("llama"), tmp_path / str(e))
+        torch.testing.assert_close(logits(in_peft, batch), routed_alone, atol=1e-5, rtol=0)
+        bank = adapted.base_model.model.layers[0].self_attn.q_proj.experts["default"]
+        saved = load_file(tmp_path / str(e) / "adapter_model.safetensors")
+        r = experts[e]["r"]
+        assert torch.equal(
+            saved["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"], bank.A[e, :r]
+        )
+        assert torch.equal(
+            saved["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"], bank.B[e, :, :r]
+        )
+    plugged = adapt(build("llama"), LoraMixerConfig.from_peft_adapters([tmp_path / "0", tmp_path / "1"]))
+    for e in range(2):
+        with torch.no_grad():
+            again = plugged(**batch, task_ids=torch.tensor([e, e])).logits
+            alone = adapted(**batch, task_ids=torch.tensor([e, e])).logits
+        torch.testing.assert_close(again, alone, atol=1e-6, rtol=0)

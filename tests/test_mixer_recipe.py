@@ -63,11 +63,11 @@ def test_plug_and_play_with_the_exported_peft_experts(quick):
     result = plug(dataclasses.replace(cfg, router_steps=300), out / "base", folders, out / "plug")
     records = experiment["records"]
     oracle = {r["task"]: r["accuracy"] for r in records if r["system"] == "per-task LoRA (oracle)"}
-    # Each exported PEFT expert, routed alone, is the experiment's oracle: the same weights (the export is
-    # exact: test_lora_mixer), so the same accuracy up to greedy choices decided by float rounding. The
-    # plugged experts are frozen, the oracle's were trainable, and PyTorch picks its matmul kernels by
-    # requires_grad; measured on the 512 test prompts per task: 0 answers differ with AVX-512 kernels,
-    # 1 with AVX2 (one task), 0 with SSE.
+    # Each exported PEFT expert, routed alone, is the experiment's oracle: the same weights (the export
+    # is exact: test_lora_mixer.py::test_an_exported_expert_is_that_expert_in_peft_and_plugs_back_exactly),
+    # so the same accuracy up to greedy choices decided by float rounding. The plugged experts are frozen,
+    # the oracle's were trainable, and PyTorch picks its matmul kernels by requires_grad; measured on the
+    # 512 test prompts per task: 0 answers differ with AVX-512 kernels, 1 with AVX2 (one task), 0 with SSE.
     flipped = [round(abs(result["oracle"][t] - oracle[t]) * cfg.eval_examples_per_task) for t in cfg.tasks]
     assert max(flipped) <= 2, flipped
     assert result["router_accuracy"] > 0.75
