@@ -22,3 +22,29 @@ def test_the_smollm2_cache_key_follows_the_gguf_bytes_and_the_dequantisers_versi
         assert smollm2_source_key(tmp_path) != second, package
         versions[package] = versions[package].removesuffix(".post1")
     assert smollm2_source_key(tmp_path) == second
+
+
+def test_publish_folder_replaces_whole_and_sweeps_only_dead_builders_temporaries(tmp_path):
+    import subprocess
+    import sys
+
+    from factorlab.runtime import publish_folder
+
+    folder = tmp_path / "cache-abc"
+    folder.mkdir()
+    (folder / "old.txt").write_text("old")
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
+    dead = tmp_path / f"cache-abc.tmp{int(finished.stdout)}"  # a builder that was killed mid-write
+    live = tmp_path / "cache-abc.tmp1"  # pid 1 runs: another builder still writing
+    for partial in (dead, live):
+        partial.mkdir()
+        (partial / "half.bin").write_bytes(b"\0")
+
+    def write(tmp):
+        tmp.mkdir()
+        (tmp / "model.bin").write_bytes(b"weights")
+
+    assert publish_folder(folder, write) == folder
+    assert sorted(p.name for p in folder.iterdir()) == ["model.bin"]
+    assert not dead.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache-abc", "cache-abc.tmp1"]

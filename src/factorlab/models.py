@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 from factorlab.errors import ConfigError
+from factorlab.runtime import publish_folder
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Every from_pretrained in factorlab: never the network, never code from a model folder (auto_map).
@@ -67,32 +67,12 @@ def smollm2_folder() -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    for stale in target.parent.glob(f"{target.name}.tmp-*"):  # half-written by an interrupted run
-        pid = stale.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not _process_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")  # grid workers may build it at once
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    if not (target / "model.safetensors").exists():
-        shutil.rmtree(target, ignore_errors=True)
-        try:
-            tmp.rename(target)  # the cache appears whole or not at all
-            return target
-        except OSError:
-            pass  # another process renamed its copy (built from the same source) first
-    shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return publish_folder(target, write)  # grid workers may build it at once
 
 
 def minilm_folder() -> Path:

@@ -6,8 +6,9 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,38 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def publish_folder(folder: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` fills a temporary folder beside ``folder``, which is then renamed into place, so the
+    folder appears whole or not at all; a folder already there is replaced. Several processes may build
+    the same folder from the same inputs (grid workers): the first rename wins, the later copies are
+    dropped. Temporary folders of processes that no longer run (an interrupted build) are removed."""
+    folder = Path(folder)
+    for stale in folder.parent.glob(f"{folder.name}.tmp*"):
+        pid = stale.name.rsplit(".tmp", 1)[1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    if folder.exists():
+        shutil.rmtree(folder)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process renamed its copy into place first: keep it
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, run by another user
+        return True
+    return True
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:

@@ -27,9 +27,7 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import os
 import random
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +38,7 @@ from factorlab.errors import ConfigError
 from factorlab.inject.world import SYLLABLES, Relation, fictitious_names
 from factorlab.models import OFFLINE, cache_dir
 from factorlab.progress import StepBars
-from factorlab.runtime import machine_info
+from factorlab.runtime import machine_info, publish_folder
 from factorlab.validation import check_fields, check_ranges
 
 TINY_VERSION = 3  # a human-readable generation marker; the cache key hashes the code itself too
@@ -292,19 +290,13 @@ def shipped_folder(key: str) -> Path | None:
 
 def save_backend(model, tokenizer, folder: Path, manifest: dict[str, Any]) -> Path:
     """Write model, tokenizer and manifest so the folder appears whole or not at all."""
-    folder = Path(folder)
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    if folder.exists():
-        shutil.rmtree(folder)
-    try:
-        tmp.rename(folder)
-    except OSError:  # another process finished first: keep its copy
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+    return publish_folder(folder, write)
 
 
 def tiny_model(relations: dict[str, Relation], config: TinyPretrainConfig | None = None):
