@@ -216,6 +216,24 @@ def _unshared_rule(adapted, down, up):
 def _shared_fast(adapted, down, up):
     shared = adapted.shared_adapter_weights["default"]
     assert down.fast is shared["W_down"] and up.fast is shared["W_up"]
+    assert down.fast.s.shape == (4, 2, 1) and up.fast.s.shape == (4, 16, 1)  # rank 1, as unshared
+
+
+def _shared_full_fast(adapted, down, up):
+    _shared_fast_only(adapted, down, up)
+    assert down.fast.B.shape == (4, 2, 16) and not down.fast.factorized  # factorized_phm_W=False holds
+
+
+def _shared_fast_only(adapted, down, up):
+    shared = adapted.shared_adapter_weights["default"]
+    assert down.fast is shared["W_down"] and up.fast is shared["W_up"]
+
+
+def _shared_normal_fast(adapted, down, up):
+    _shared_fast_only(adapted, down, up)
+    # the init options reach the shared weights too (the default, glorot-uniform, has std ~1.4 here)
+    assert down.fast.t.std().item() == pytest.approx(0.01, rel=0.3)
+    assert up.fast.s.std().item() == pytest.approx(0.01, rel=0.3)
 
 
 def _glorot(adapted, down, up):
@@ -253,6 +271,11 @@ OPTIONS = {
     "full fast weights": ({"factorized_phm_W": False}, _full_fast),
     "unshared rule": ({"shared_phm_rule": False}, _unshared_rule),
     "shared fast weights": ({"shared_W_phm": True}, _shared_fast),
+    "shared full fast weights": ({"shared_W_phm": True, "factorized_phm_W": False}, _shared_full_fast),
+    "shared normal fast weights": (
+        {"shared_W_phm": True, "hypercomplex_nonlinearity": "normal", "phm_init_range": 0.01},
+        _shared_normal_fast,
+    ),
     "factorized rule": ({"factorized_phm_rule": True}, _factorized_rule),
     "no bias": ({"phm_bias": False}, _no_bias),
     "uniform rule": ({"phm_c_init": "uniform", "phm_init_range": 0.5}, _uniform_rule),
@@ -319,8 +342,9 @@ def test_compacter_cannot_merge_but_unloads_cleanly():
 )
 def test_size_errors_name_the_dimension_and_the_fix(config, message):
     model = build("llama")
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as error:
         adapt(model, config)
+    assert str(error.value).startswith("model.layers.0.self_attn.o_proj")  # the first target that fails
     assert not any(isinstance(m, BottleneckAdapterLayer) for m in model.modules())
     assert all(p.requires_grad for p in model.parameters())
 
@@ -412,6 +436,9 @@ def test_a_second_compacter_adapter_with_layer_norms_gets_its_own_copies_and_no_
     for wrapper in wrappers.values():
         assert sorted(wrapper.modules_to_save) == ["default", "second"]
         assert not any(isinstance(m, ModulesToSave) for m in wrapper.modules() if m is not wrapper)
+    bottlenecks = [m for _, m in adapted.adapter_layers() if isinstance(m, BottleneckAdapterLayer)]
+    assert bottlenecks and all(sorted(m.adapter_down) == ["default", "second"] for m in bottlenecks)
+    assert {m.adapter_down["second"].phm_dim for m in bottlenecks} == {2}  # the second adapter's own layers
     shared = adapted.shared_adapter_weights
     assert shared["default"]["phm_rule"].A.shape[0] == 4 and shared["second"]["phm_rule"].A.shape[0] == 2
     expected = {}
@@ -424,6 +451,9 @@ def test_a_second_compacter_adapter_with_layer_norms_gets_its_own_copies_and_no_
         expected[name] = logits(adapted, batch)
     assert not torch.equal(expected["default"], expected["second"])
     adapted.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "second" / "adapter_model.safetensors")
+    # each layer's down projection: its bias and fast weights s_i, t_i (the rule is shared, saved once)
+    assert sum(".adapter_down." in key for key in saved) == 3 * len(bottlenecks)
     restored = AdaptedModel.from_pretrained(build("llama"), tmp_path)
     restored.load_adapter(tmp_path / "second", "second")
     for name in ("default", "second"):
@@ -431,10 +461,14 @@ def test_a_second_compacter_adapter_with_layer_norms_gets_its_own_copies_and_no_
         assert torch.equal(logits(restored, batch), expected[name]), name
 
 
-@pytest.mark.parametrize("shared_rule", [True, False])
-def test_adapter_weights_follow_a_float64_base_model(shared_rule):
+@pytest.mark.parametrize(("shared_rule", "shared_fast"), [(True, False), (False, False), (True, True)])
+def test_adapter_weights_follow_a_float64_base_model(shared_rule, shared_fast):
     config = CompacterConfig(
-        train_layer_norms=True, shared_phm_rule=shared_rule, factorized_phm_rule=True, **TINY
+        train_layer_norms=True,
+        shared_phm_rule=shared_rule,
+        factorized_phm_rule=True,
+        shared_W_phm=shared_fast,
+        **TINY,
     )
     adapted = adapt(build("llama").double(), config)
     kinds = {p.dtype for p in adapted.parameters() if p.requires_grad}
