@@ -363,6 +363,38 @@ def test_corrupt_config_and_missing_files(saved_llama, tmp_path):
         AdaptedModel.from_pretrained(build("llama"), tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("config", "edit", "message"),
+    [
+        # a field factorlab does not know is refused by name, never dropped: it could change what loads
+        (
+            factorlab.CompacterConfig(reduction_factor=8),
+            lambda c: {**c, "bogus_field": 1},
+            r"adapter_config\.json: CompacterConfig has no field\(s\) \['bogus_field'\]; known fields: \[",
+        ),
+        (
+            LoraConfig(r=4, target_modules=["q_proj"]),
+            lambda c: {**c, "bogus_field": 1},
+            r"LoRA option\(s\) \['bogus_field'\] are set but unknown to factorlab",
+        ),
+        (
+            LoraConfig(r=4, target_modules=["q_proj"]),
+            lambda c: {k: v for k, v in c.items() if k not in ("peft_type", "method")},
+            r"has neither 'method' \(factorlab\) nor 'peft_type' \(PEFT\); it is not an adapter folder",
+        ),
+    ],
+    ids=["unknown Compacter field", "unknown LoRA field", "no method"],
+)
+def test_config_with_an_unknown_field_or_no_method_fails_by_name(tmp_path, config, edit, message):
+    adapt(build("llama"), config).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(edit(saved)))
+    model = build("llama")
+    with pytest.raises(AdapterLoadError, match=message):
+        AdaptedModel.from_pretrained(model, tmp_path)
+    assert_plain(model)
+
+
 def test_config_rank_disagreeing_with_file_fails(saved_llama):
     config = json.loads((saved_llama / "adapter_config.json").read_text())
     config["r"] = 2

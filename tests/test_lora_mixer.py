@@ -204,6 +204,27 @@ def test_peft_expert_for_another_model_size_is_refused(tmp_path):
     assert not any(isinstance(m, LoRAMixerLinear) for m in model.modules())
 
 
+@pytest.mark.parametrize(
+    ("factor", "shapes"), [("lora_A", r"A \(2, 32\), B \(64, 2\)"), ("lora_B", r"A \(2, 64\), B \(32, 2\)")]
+)
+def test_peft_expert_with_one_factor_of_the_wrong_width_is_refused(tmp_path, factor, shapes):
+    from safetensors.torch import save_file
+
+    folder, _ = _peft_folder(tmp_path, "e", 2, ["q_proj"], seed=1)
+    weights = folder / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    for key in tensors:  # A (r, in) loses half its inputs, or B (out, r) half its outputs
+        if factor in key:
+            tensors[key] = (tensors[key][:, :32] if factor == "lora_A" else tensors[key][:32]).contiguous()
+    save_file(tensors, str(weights))
+    model = build("llama")
+    with pytest.raises(
+        ConfigError, match=rf"expert 'e'.*has LoRA shapes {shapes} at .*q_proj, which is a 64 -> 64"
+    ):
+        adapt(model, LoraMixerConfig.from_peft_adapters([folder]))
+    assert not any(isinstance(m, LoRAMixerLinear) for m in model.modules())
+
+
 def test_peft_expert_from_a_deeper_model_or_outside_the_targets_is_refused(tmp_path):
     good, _ = _peft_folder(tmp_path, "good", 2, ["q_proj"], seed=1)
     deeper, _ = _peft_folder(tmp_path, "deeper", 2, ["q_proj"], seed=2, layers=4)
@@ -421,8 +442,12 @@ def test_set_routing_checks_and_keeps_what_it_is_not_given():
         0.5,
     )  # a refused call changes nothing
     lora = adapt(build("llama"), LoraConfig(r=2, target_modules=TARGETS))
-    with pytest.raises(ConfigError, match=r"adapter 'default' is not a LoRA-Mixer adapter\."):
+    with pytest.raises(
+        ConfigError, match=r"adapter 'default' is not a LoRA-Mixer adapter; .* adapters: \[\]\.$"
+    ):
         set_routing(lora, "soft")
+    with pytest.raises(ConfigError, match=r"adapter 'default' is not a LoRA-Mixer adapter"):
+        set_stage(lora, "router")
 
 
 def test_set_stage_all_trains_experts_and_routers_and_snapshots_theta_0():
@@ -575,6 +600,12 @@ def test_a_deleted_mixer_adapter_leaves_nothing_behind_and_its_name_can_be_reuse
     for _, layer in adapted.adapter_layers():
         assert "other" not in layer._routing and "other" not in layer.trainable_parts
         assert "other" not in layer._shared_routers
+        assert (
+            "other" not in layer.experts
+            and "other" not in layer.router
+            and layer.adapter_names == ["default"]
+        )
+    assert not any("other" in key for key in adapted.state_dict())
     adapted.add_adapter(
         "other",
         LoraMixerConfig(num_experts=3, r=2, target_modules=TARGETS, routing="soft", init_lora_weights=False),
@@ -584,6 +615,9 @@ def test_a_deleted_mixer_adapter_leaves_nothing_behind_and_its_name_can_be_reuse
     assert layer._routing["other"] is adapted.shared_adapter_weights["other"].routing
     assert layer._routing["other"].routing == "soft" and layer.experts["other"].num_experts == 3
     assert logits(adapted, batch).isfinite().all()
+    adapted.delete_adapter("other")  # this one has per-token routers, no shared ones
+    adapted.set_adapter("default")
+    assert torch.equal(logits(adapted, batch), logits(mixer("soft"), batch))
 
 
 @pytest.mark.parametrize("use_rslora", [False, True])
@@ -617,3 +651,43 @@ def test_an_exported_expert_is_that_expert_in_peft_and_plugs_back_exactly(tmp_pa
             again = plugged(**batch, task_ids=torch.tensor([e, e])).logits
             alone = adapted(**batch, task_ids=torch.tensor([e, e])).logits
         torch.testing.assert_close(again, alone, atol=1e-6, rtol=0)
+
+
+def test_exporting_a_plugged_expert_gives_back_its_peft_file(tmp_path):
+    """An expert that adapts only some projections (rank 1, q_proj only, beside one on q and v) exports
+    exactly the tensors it was plugged from; a wrong expert index or adapter name is a clean error."""
+    from factorlab.methods.lora_mixer.model import export_expert_as_peft
+
+    narrow, _ = _peft_folder(tmp_path, "narrow", 1, ["q_proj"], seed=1)
+    wide, _ = _peft_folder(tmp_path, "wide", 2, ["q_proj", "v_proj"], seed=2)
+    config = LoraMixerConfig.from_peft_adapters([wide, narrow], target_modules=["q_proj", "v_proj"])
+    adapted = adapt(build("llama"), config)
+    for index, folder in enumerate([wide, narrow]):
+        export_expert_as_peft(adapted, index, tmp_path / f"out{index}")
+        original = load_file(folder / "adapter_model.safetensors")
+        exported = load_file(tmp_path / f"out{index}" / "adapter_model.safetensors")
+        assert sorted(exported) == sorted(original)
+        assert all(torch.equal(exported[key], original[key]) for key in original), folder.name
+    for bad in (2, -1, 1.0, True):
+        with pytest.raises(ConfigError, match=r"expert must be an index in 0\.\.1 \(the adapter's experts: "):
+            export_expert_as_peft(adapted, bad, tmp_path / "none")
+    with pytest.raises(
+        ConfigError,
+        match=r"adapter 'other' is not a LoRA-Mixer adapter; this model's mixer adapters: \['default'\]\.$",
+    ):
+        export_expert_as_peft(adapted, 0, tmp_path / "none", adapter_name="other")
+    assert not (tmp_path / "none").exists()
+
+
+def test_set_stage_acts_on_the_named_adapter_only():
+    adapted = mixer("soft")
+    adapted.add_adapter("second", LoraMixerConfig(num_experts=2, r=2, target_modules=TARGETS))
+    set_stage(adapted, "router", "second")  # "default" stays active and keeps its stage
+    layers = [m for _, m in adapted.adapter_layers() if isinstance(m, LoRAMixerLinear)]
+    assert all(m.trainable_parts["second"] == {"router"} for m in layers)
+    assert all(m.trainable_parts["default"] != {"router"} for m in layers)
+    assert adapted.shared_adapter_weights["second"].train_router
+    before = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    assert before and all(".default" in n or "default." in n for n in before)
+    with pytest.raises(ConfigError, match=r"adapter 'nope' is not a LoRA-Mixer adapter"):
+        set_stage(adapted, "experts", "nope")

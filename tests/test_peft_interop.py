@@ -90,6 +90,11 @@ def test_non_lora_peft_folder_is_refused(tmp_path):
     with pytest.raises(AdapterLoadError, match="PEFT IA3 adapter"):
         load_peft_lora(model, tmp_path)
     assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(
+        AdapterLoadError, match=r"holds a PEFT IA3 adapter; factorlab reads PEFT LORA adapters"
+    ):
+        AdaptedModel.from_pretrained(model, tmp_path)  # not read as the first PEFT method factorlab knows
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def test_one_lora_format_for_both_and_native_methods_are_marked(tmp_path):

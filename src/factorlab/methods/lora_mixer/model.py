@@ -280,12 +280,24 @@ def mixer_layers(adapted, adapter_name: str | None = None) -> list[LoRAMixerLine
     ]
 
 
+def _mixer_adapter(adapted, adapter_name: str | None) -> str:
+    """The adapter a mixer function acts on (default: the active one), refused unless it is a mixer."""
+    name = adapter_name or adapted.active_adapter
+    shared = dict(adapted.shared_adapter_weights.items())  # nn.ModuleDict has no .get
+    if not isinstance(shared.get(name), MixerShared):
+        mixers = sorted(n for n, s in shared.items() if isinstance(s, MixerShared))
+        raise ConfigError(
+            f"adapter {name!r} is not a LoRA-Mixer adapter; this model's mixer adapters: {mixers}."
+        )
+    return name
+
+
 def set_stage(adapted, stage: str, adapter_name: str | None = None) -> None:
     """Choose what trains: "experts" (stage 1, hard routing), "router" (stage 2 / plug-and-play),
     or "all" (stage 2 with lightly tuned experts; theta_0 for the preservation penalty is taken now)."""
     if stage not in STAGES:
         raise ConfigError(f"stage must be one of {STAGES}, got {stage!r}.")
-    name = adapter_name or adapted.active_adapter
+    name = _mixer_adapter(adapted, adapter_name)
     parts = {"experts": {"experts"}, "router": {"router"}, "all": {"experts", "router"}}[stage]
     for layer in mixer_layers(adapted, name):
         layer.trainable_parts[name] = set(parts)
@@ -306,11 +318,7 @@ def set_routing(
     (the average-of-experts baseline); optionally a new top_k or router temperature."""
     if routing not in ROUTINGS:
         raise ConfigError(f"routing must be one of {ROUTINGS}, got {routing!r}.")
-    name = adapter_name or adapted.active_adapter
-    if name not in adapted.shared_adapter_weights or not isinstance(
-        adapted.shared_adapter_weights[name], MixerShared
-    ):
-        raise ConfigError(f"adapter {name!r} is not a LoRA-Mixer adapter.")
+    name = _mixer_adapter(adapted, adapter_name)
     state = adapted.shared_adapter_weights[name].routing
     if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= state.num_experts):
         raise ConfigError(f"top_k must be an integer in 1..{state.num_experts}, got {top_k!r}.")
@@ -328,7 +336,7 @@ def routing_weights_per_sample(adapted, batch: dict, adapter_name: str | None = 
     """Mean routing weight per expert for each sample of ``batch`` (averaged over its real tokens, where
     ``batch["attention_mask"]`` is 1, and over projections), (batch, E). Uses the adapter's routing (no
     task ids)."""
-    name = adapter_name or adapted.active_adapter
+    name = _mixer_adapter(adapted, adapter_name)
     shared = adapted.shared_adapter_weights[name]
     shared.begin_forward(None, record=True)
     try:
@@ -352,7 +360,13 @@ def export_expert_as_peft(adapted, expert: int, path, adapter_name: str | None =
     """Write expert ``expert`` alone as a standard PEFT LoRA folder (deployable without factorlab)."""
     from factorlab.peft_format import write_peft_lora
 
-    name = adapter_name or adapted.active_adapter
+    name = _mixer_adapter(adapted, adapter_name)
+    config = adapted.adapter_configs[name]
+    if isinstance(expert, bool) or not isinstance(expert, int) or not 0 <= expert < config.num_experts:
+        raise ConfigError(
+            f"expert must be an index in 0..{config.num_experts - 1} (the adapter's experts: "
+            f"{config.expert_names()}), got {expert!r}."
+        )
     modules = {}
     for module, layer in adapted.adapter_layers():
         if not isinstance(layer, LoRAMixerLinear) or name not in layer.adapter_names:
