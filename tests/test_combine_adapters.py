@@ -160,3 +160,30 @@ def test_the_new_adapter_is_plain_trainable_lora_at_its_own_rank_where_the_sourc
             rtol=1e-4,
             atol=1e-6,
         )
+
+
+def test_cat_where_the_sources_differ_in_modules_and_ranks_pads_with_zeros():
+    """'cat' at rank 4 + 2 = 6 where "b" adapts q_proj only and "default" has rank 2 on one layer: each
+    layer holds its present adapters' factors first, zero rows after, and the update is their sum."""
+    first = {"rank_pattern": {"layers.0.self_attn.q_proj": 2}}
+    adapted = two_adapters(first=first, second={"target_modules": ["q_proj"]})
+    adapted.add_weighted_adapter(["default", "b"], [0.7, -1.3], "c", combination_type="cat")
+    rows = {}
+    for name, layer in adapted.adapter_layers():
+        present = {a: w for a, w in {"default": 0.7, "b": -1.3}.items() if a in layer.adapter_names}
+        assert layer.lora_A["c"].weight.shape[0] == 6
+        used = sum(layer.lora_A[a].weight.shape[0] for a in present)
+        rows[name] = used
+        assert not layer.lora_A["c"].weight[used:].any() and not layer.lora_B["c"].weight[:, used:].any()
+        torch.testing.assert_close(
+            layer.delta_weight("c", out_in=True),
+            sum_of_updates(adapted, present, layer),
+            rtol=1e-5,
+            atol=1e-7,
+        )
+    assert rows == {
+        "model.layers.0.self_attn.q_proj": 4,
+        "model.layers.0.self_attn.v_proj": 4,
+        "model.layers.1.self_attn.q_proj": 6,
+        "model.layers.1.self_attn.v_proj": 4,
+    }

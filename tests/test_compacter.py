@@ -205,18 +205,21 @@ def _shared_rule(adapted, down, up):
     assert down.fast.s.shape == (4, 2, 1) and down.fast.t.shape == (4, 16, 1)  # 64 -> 8, n = 4, rank 1
     assert down.bias is not None and down.rule is adapted.shared_adapter_weights["default"]["phm_rule"]
     assert down.rule.A.std().item() == pytest.approx(1e-4, rel=0.3)  # phm_init_range
+    assert down.extra_repr() == "in_features=64, out_features=8, phm_dim=4, rank=1, shared=['rule']"
 
 
 def _unshared_rule(adapted, down, up):
     # a layer's own rule: N(0, 0.01^2) as the original code and AdapterHub, whatever phm_init_range says
     assert down.rule is down.own_rule and down.rule.A.std().item() == pytest.approx(0.01, rel=0.3)
     assert up.rule is up.own_rule and up.rule is not down.rule
+    assert down.extra_repr().endswith("shared=none")
 
 
 def _shared_fast(adapted, down, up):
     shared = adapted.shared_adapter_weights["default"]
     assert down.fast is shared["W_down"] and up.fast is shared["W_up"]
     assert down.fast.s.shape == (4, 2, 1) and up.fast.s.shape == (4, 16, 1)  # rank 1, as unshared
+    assert up.extra_repr().endswith("rank=1, shared=['rule', 'fast']")
 
 
 def _shared_full_fast(adapted, down, up):

@@ -369,3 +369,11 @@ def test_fan_in_fan_out_that_contradicts_the_module_is_refused_by_name():
         adapt(build("gpt2"), LoraConfig(target_modules=["c_attn"], fan_in_fan_out=False))
     adapt(build("gpt2"), LoraConfig(target_modules=["c_attn"], fan_in_fan_out=True))  # says what it is: fine
     adapt(build("llama"), LoraConfig(target_modules=["q_proj"], fan_in_fan_out=False))
+
+
+def test_lora_config_dict_leaves_out_the_peft_options_it_does_not_use_and_keeps_those_set():
+    assert not set(LoraConfig.NOT_SUPPORTED) & set(LoraConfig(r=4).to_dict())
+    kept = LoraConfig(r=4, layers_pattern="layers").to_dict()  # a block name factorlab finds itself
+    assert kept["layers_pattern"] == "layers" and LoraConfig.from_dict(kept) == LoraConfig(
+        r=4, layers_pattern="layers"
+    )

@@ -297,3 +297,27 @@ def test_dora_with_dropout_in_training_matches_peft(tmp_path):
         trained.append(model(**batch).logits)
     torch.testing.assert_close(trained[1], trained[0], atol=1e-5, rtol=0)
     assert different(trained[1], logits(ours, batch))  # the dropout acted
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_an_adapter_without_the_saved_module_runs_the_base_one_as_in_peft(tmp_path):
+    """ "a" trains its own lm_head (modules_to_save), "b" does not: with "b" active the model uses the
+    original head, as PEFT does, and switching back brings "a"'s head back."""
+    batch = inputs("llama")
+    with_head = dict(options("llama", "modules_to_save"))
+    plain = {k: v for k, v in with_head.items() if k != "modules_to_save"}
+    adapted = adapt(build("llama"), LoraConfig(**with_head), adapter_name="a")
+    adapted.add_adapter("b", LoraConfig(**plain))
+    perturb(adapted)  # "a": its LoRA and its own copy of the head
+    adapted.set_adapter("b")
+    perturb(adapted, seed=1)  # "b"'s LoRA
+    head = adapted.base_model.lm_head
+    assert head.active_adapters == []  # "b" has no copy: the original head runs
+    adapted.save_pretrained(tmp_path)
+    in_peft = peft.PeftModel.from_pretrained(build("llama"), tmp_path / "a", adapter_name="a")
+    in_peft.load_adapter(tmp_path / "b", adapter_name="b")
+    for name in ("b", "a"):
+        adapted.set_adapter(name)
+        in_peft.set_adapter(name)
+        torch.testing.assert_close(logits(adapted, batch), logits(in_peft, batch), atol=1e-5, rtol=0)
+    assert head.active_adapters == ["a"]
