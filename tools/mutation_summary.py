@@ -17,6 +17,10 @@ from pathlib import Path
 import torch
 from mutmut.stats import status_by_exit_code
 
+# functions that run only while factorlab is imported (building the registered Method objects): mutmut
+# switches a mutant on per call after the modules are loaded, so their mutants survive whatever the tests
+IMPORT_TIME = ("factorlab.methods.compacter.model.x__method__", "factorlab.methods.base.x_register_method__")
+
 
 def main(mutants: Path = Path("mutants"), out: Path = Path("results/mutation")) -> None:
     metas = sorted(mutants.rglob("*.py.meta"))
@@ -57,6 +61,13 @@ def main(mutants: Path = Path("mutants"), out: Path = Path("results/mutation")) 
     ]
     for name, c in [*per_file.items(), ("**all**", total)]:
         lines.append(f"| {name} | " + " | ".join(str(c.get(v, 0)) for v in verdicts) + " |")
+    at_import = [key for key in survivors if key.startswith(IMPORT_TIME)]
+    lines += [
+        "",
+        f"{len(at_import)} of the {len(survivors)} survivors are in code that runs only at import "
+        f"({', '.join(sorted({key.split('__mutmut_')[0] for key in at_import}))}): mutmut switches a mutant "
+        "on per call after the modules are loaded, so no test can kill them. All survivors: summary.json.",
+    ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
