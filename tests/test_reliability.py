@@ -342,6 +342,20 @@ def test_cli_bad_values_give_one_line_and_exit_2(args, tmp_path):
     assert "error" in result.stderr.lower()
 
 
+def test_cli_plug_names_what_is_not_an_adapter_or_a_model(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = _cli("mixer", "plug", "--base", str(empty), "--adapters", f"{empty},{tmp_path / 'nope'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"--adapters: ['{empty}', '{tmp_path / 'nope'}'] are not PEFT LoRA folders" in result.stderr
+    (empty / "adapter_config.json").write_text("{}")
+    result = _cli("mixer", "plug", "--base", str(tmp_path), "--adapters", str(empty))
+    assert (
+        result.returncode == 2
+        and f"--base {tmp_path} is not a model folder (no config.json)" in result.stderr
+    )
+
+
 @pytest.mark.parametrize("command", [["ocr", "run", "--steps", "3"], ["demo", "--quick"]])
 def test_cli_unwritable_out_is_a_clean_error(tmp_path, command):
     blocker = tmp_path / "file"

@@ -405,6 +405,19 @@ def mixer_plug(
     from factorlab.recipes.mixer import plug
 
     folders = [Path(a.strip()) for a in adapters.split(",") if a.strip()]
+    not_adapters = [str(f) for f in folders if not (f / "adapter_config.json").is_file()]
+    if not folders or not_adapters:
+        raise ConfigError(
+            f"--adapters: {not_adapters or repr(adapters)} "
+            f"{'are not PEFT LoRA folders' if len(not_adapters) > 1 else 'is not a PEFT LoRA folder'} "
+            "(no adapter_config.json); pass the folders, comma-separated, e.g. the "
+            "experts/<task>/ that `factorlab mixer train` writes."
+        )
+    if not (base / "config.json").is_file():
+        raise ConfigError(
+            f"--base {base} is not a model folder (no config.json); pass the folder of the model the "
+            "adapters were trained on, e.g. the base/ that `factorlab mixer train` writes."
+        )
     task_names = tasks or ",".join(f.name for f in folders)
     saved = base / "factorlab_tasks.json"
     cfg = _mixer_config(
@@ -420,7 +433,10 @@ def mixer_plug(
     if preset == "quick" and saved.exists():  # the tiny preset's vocabulary depends on the full task list
         trained = json.loads(saved.read_text())["tasks"]
         if sorted(trained) != sorted(cfg.tasks):
-            raise typer.BadParameter(f"the base was trained with tasks {trained}; adapters give {cfg.tasks}.")
+            raise ConfigError(
+                f"the base was trained with tasks {trained}; the adapters give {cfg.tasks}. Pass one adapter "
+                "per task the base was trained with (--tasks names them when folder names differ)."
+            )
         cfg = _mixer_config(
             preset, ",".join(trained), None, None, None, router_steps, [seed], route_label_coef
         )
