@@ -239,7 +239,28 @@ def test_peft_expert_from_a_deeper_model_or_outside_the_targets_is_refused(tmp_p
 
 @pytest.mark.parametrize(
     ("edit", "message"),
-    [("nan", "NaN or inf"), ("int", "non-float"), ("alpha", "finite number"), ("rslora", "true or false")],
+    [
+        ("nan", r"NaN or inf values; the adapter is corrupt\."),
+        ("int", r"non-float values; the adapter is corrupt\."),
+        ("alpha", r"adapter_config\.json: lora_alpha must be a finite number, got inf\."),
+        ("rslora", r"adapter_config\.json: use_rslora must be true or false\."),
+        ("r", r"adapter_config\.json: r must be a positive integer, got 0\."),
+        (
+            "only A",
+            r"e: module model\.layers\.0\.self_attn\.q_proj has lora_A but not both\.",
+        ),
+        (
+            "only B",
+            r"e: module model\.layers\.0\.self_attn\.q_proj has lora_B but not both\.",
+        ),
+        (
+            "A/B rank",
+            r"rank mismatch at .*layers\.0\.self_attn\.q_proj: lora_A has rank 1 but lora_B has 2\.",
+        ),
+        ("config rank", r"adapter_config\.json says r=3, the tensors have rank 2\. The folder mixes files"),
+        ("no tensors", r"adapter_model\.safetensors holds no LoRA tensors\."),
+        ("foreign tensor", r"tensor 'unrelated' is not a LoRA A/B weight of a linear layer; factorlab reads"),
+    ],
 )
 def test_corrupt_peft_expert_is_refused(tmp_path, edit, message):
     import json
@@ -258,8 +279,24 @@ def test_corrupt_peft_expert_is_refused(tmp_path, edit, message):
         tensors[key] = tensors[key].to(torch.int32)
     elif edit == "alpha":
         config["lora_alpha"] = float("inf")
-    else:
+    elif edit == "rslora":
         config["use_rslora"] = "false"
+    elif edit == "r":
+        config["r"] = 0
+    elif edit == "config rank":
+        config["r"] = 3
+    elif edit == "no tensors":
+        tensors = {}
+    elif edit == "foreign tensor":
+        tensors["unrelated"] = torch.zeros(1)
+    else:  # drop or cut one factor of layer 0's q_proj
+        layer0 = "base_model.model.model.layers.0.self_attn.q_proj"
+        if edit == "only A":
+            del tensors[f"{layer0}.lora_B.weight"]
+        elif edit == "only B":
+            del tensors[f"{layer0}.lora_A.weight"]
+        else:
+            tensors[f"{layer0}.lora_A.weight"] = tensors[f"{layer0}.lora_A.weight"][:1].contiguous()
     save_file(tensors, str(weights))
     config_file.write_text(json.dumps(config))
     with pytest.raises(AdapterLoadError, match=message):
@@ -691,3 +728,37 @@ def test_set_stage_acts_on_the_named_adapter_only():
     assert before and all(".default" in n or "default." in n for n in before)
     with pytest.raises(ConfigError, match=r"adapter 'nope' is not a LoRA-Mixer adapter"):
         set_stage(adapted, "experts", "nope")
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_peft_experts_with_rank_and_alpha_patterns_are_reproduced_and_export_back(tmp_path, use_rslora):
+    """PEFT folders whose rank and alpha differ per module (rank_pattern, alpha_pattern) plug in as
+    those experts (each routed alone gives PEFT's logits), and an exported expert loads in PEFT with
+    the same per-module ranks and scalings."""
+    from factorlab.methods.lora_mixer.model import export_expert_as_peft
+
+    batch = inputs("llama")
+    patterns = [
+        {"rank_pattern": {"v_proj": 4}, "alpha_pattern": {"q_proj": 3}},
+        {"rank_pattern": {"layers.1.self_attn.q_proj": 1}, "alpha_pattern": {"layers.0.self_attn.v_proj": 7}},
+    ]
+    folders, expected = [], []
+    for i, pattern in enumerate(patterns):
+        torch.manual_seed(30 + i)
+        config = peft.LoraConfig(
+            r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_rslora=use_rslora,
+            init_lora_weights=False, **pattern,
+        )  # fmt: skip
+        pm = peft.get_peft_model(build("llama"), config)
+        pm.save_pretrained(tmp_path / f"e{i}")
+        folders.append(tmp_path / f"e{i}")
+        expected.append(logits(pm, batch))
+    assert not torch.allclose(expected[0], expected[1], atol=1e-3)
+    adapted = adapt(build("llama"), LoraMixerConfig.from_peft_adapters(folders))
+    for e in range(2):
+        with torch.no_grad():
+            got = adapted(**batch, task_ids=torch.tensor([e, e])).logits
+        torch.testing.assert_close(got, expected[e], atol=1e-5, rtol=0)
+        export_expert_as_peft(adapted, e, tmp_path / f"out{e}")
+        back = peft.PeftModel.from_pretrained(build("llama"), tmp_path / f"out{e}")
+        torch.testing.assert_close(logits(back, batch), expected[e], atol=1e-5, rtol=0)
