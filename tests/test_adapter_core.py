@@ -87,7 +87,9 @@ def test_only_adapter_weights_are_trainable_and_counted():
     )  # two layers, r=4; q: 64->64, v: 64->32 (A: r x in, B: out x r)
     counts = factorlab.count_parameters(adapted)
     assert counts["trainable"] == counts["adapter"] == expected
-    assert counts["total"] == total + expected
+    assert counts["total"] == total + expected and counts["base"] == total
+    assert counts["trainable_percent"] == pytest.approx(100 * expected / (total + expected), rel=1e-12)
+    assert counts["trainable_percent_of_base"] == pytest.approx(100 * expected / total, rel=1e-12)
     assert adapted.get_nb_trainable_parameters() == (expected, total + expected)
 
 
@@ -232,11 +234,52 @@ def test_trainer_lowers_the_loss_and_changes_only_adapter_weights(tmp_path):
 # ---- errors -----------------------------------------------------------------------------------
 
 
-def test_target_that_matches_nothing_lists_close_names():
+LINEAR_SUFFIXES = "['down_proj', 'gate_proj', 'k_proj', 'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj']"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (
+            {"target_modules": ["q_prj"]},
+            "target_modules=['q_prj'] matched no module of this model. Did you mean ['q_proj', 'v_proj', "
+            f"'o_proj']? Linear layers here end in: {LINEAR_SUFFIXES}.",
+        ),
+        (
+            {"target_modules": "q_prj"},  # a string is a regex over full names, quoted as given
+            "target_modules='q_prj' matched no module of this model. Did you mean ['q_proj', 'v_proj', "
+            f"'o_proj']? Linear layers here end in: {LINEAR_SUFFIXES}.",
+        ),
+        (
+            {"target_modules": ["q_proj"], "layers_to_transform": [7]},
+            "target_modules=['q_proj'] matched no module of this model (after exclude_modules=None, "
+            "layers_to_transform=[7]).",
+        ),
+    ],
+    ids=["list", "regex", "layers_to_transform"],
+)
+def test_target_that_matches_nothing_lists_close_names(kwargs, message):
     model = build("llama")
-    with pytest.raises(TargetError, match=r"matched no module.*Did you mean \['q_proj'"):
-        adapt(model, LoraConfig(target_modules=["q_prj"]))
+    with pytest.raises(TargetError) as error:
+        adapt(model, LoraConfig(**kwargs))
+    assert str(error.value).startswith(message), str(error.value)
     assert_plain(model)
+
+
+def test_merging_an_adapter_on_a_tied_weight_is_refused_and_changes_nothing():
+    batch = inputs("llama")
+    adapted = adapt(
+        build("llama", tie_word_embeddings=True),
+        LoraConfig(r=2, target_modules=["lm_head", "q_proj"], init_lora_weights=False),
+    )
+    expected = logits(adapted, batch)
+    with pytest.raises(
+        ConfigError,
+        match=r"^the weight of lm_head is tied to \['model\.embed_tokens\.weight'\]; merging its adapter "
+        r"would change those too",
+    ):
+        adapted.merge_and_unload()
+    assert adapted.state.value == "ready" and torch.equal(logits(adapted, batch), expected)
 
 
 def test_non_linear_target_is_refused():
