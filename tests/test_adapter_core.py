@@ -346,6 +346,23 @@ def test_loading_into_another_size_fails_cleanly(saved_llama):
     with pytest.raises(AdapterLoadError, match="another depth or layout"):
         AdaptedModel.from_pretrained(bigger, saved_llama)
     assert_plain(bigger)
+    wider = tf.LlamaForCausalLM(
+        tf.LlamaConfig(
+            hidden_size=128,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=1000,
+        )
+    )
+    with pytest.raises(
+        AdapterLoadError,
+        match=r": module model\.layers\.0\.self_attn\.q_proj had weight shape \[64, 64\] when saved but has "
+        r"\[128, 128\] here \(14 modules differ\); the adapter belongs to a model of another size\.$",
+    ):
+        AdaptedModel.from_pretrained(wider, saved_llama)
+    assert_plain(wider)
 
 
 @pytest.mark.parametrize("edit", ["drop", "add", "reshape", "nan"])
