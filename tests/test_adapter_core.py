@@ -517,3 +517,48 @@ def _pickled(model) -> bytes:
     buffer = io.BytesIO()
     torch.save(model, buffer)
     return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("names", "message"),
+    [
+        (
+            ["default", "c"],
+            r"^set_adapter\(\['default', 'c'\]\): compacter adapters do not add up, so they are active",
+        ),
+        ([], r"^set_adapter takes an adapter name or a list of names, got \[\]\.$"),
+        (3, r"^set_adapter takes an adapter name or a list of names, got 3\.$"),
+        (["default", 3], r"^set_adapter takes an adapter name or a list of names, got \['default', 3\]\.$"),
+        (["default", "nope"], r"^no adapter named 'nope'; adapters: \['c', 'default', 'second'\]\.$"),
+    ],
+    ids=["compacter with lora", "empty", "not a name", "one not a name", "unknown"],
+)
+def test_set_adapter_refusals_name_the_problem_and_change_nothing(names, message):
+    adapted = adapt(build("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    adapted.add_adapter("c", factorlab.CompacterConfig(reduction_factor=8))
+    adapted.add_adapter("second", LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ConfigError, match=message):
+        adapted.set_adapter(names)
+    assert adapted.active_adapters == ["default"]
+    adapted.set_adapter(["default", "second"])  # LoRA adapters add up
+    assert adapted.active_adapters == ["default", "second"]
+
+
+def test_pickled_weights_or_a_config_that_is_not_an_object_are_refused_by_name(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": 2, "target_modules": ["q_proj"]}'
+    )
+    torch.save({}, tmp_path / "adapter_model.bin")
+    model = build("llama")
+    with pytest.raises(
+        AdapterLoadError,
+        match=r"has no adapter_model\.safetensors\. It holds \['adapter_model\.bin'\]: pickle files are not "
+        r"loaded \(they can run code\)",
+    ):
+        AdaptedModel.from_pretrained(model, tmp_path)
+    (tmp_path / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(
+        AdapterLoadError, match=r"adapter_config\.json should hold a JSON object, found list\.$"
+    ):
+        AdaptedModel.from_pretrained(model, tmp_path)
+    assert_plain(model)
