@@ -333,29 +333,19 @@ def test_loading_into_another_architecture_fails_cleanly(saved_llama):
 def test_loading_into_another_size_fails_cleanly(saved_llama):
     import transformers as tf
 
-    bigger = tf.LlamaForCausalLM(
-        tf.LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=1000,
+    def llama(**changes):
+        sizes = {"hidden_size": 64, "num_hidden_layers": 2, **changes}
+        return tf.LlamaForCausalLM(
+            tf.LlamaConfig(
+                intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=1000, **sizes
+            )
         )
-    )
+
+    bigger = llama(num_hidden_layers=3)
     with pytest.raises(AdapterLoadError, match="another depth or layout"):
         AdaptedModel.from_pretrained(bigger, saved_llama)
     assert_plain(bigger)
-    wider = tf.LlamaForCausalLM(
-        tf.LlamaConfig(
-            hidden_size=128,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=1000,
-        )
-    )
+    wider = llama(hidden_size=128)
     with pytest.raises(
         AdapterLoadError,
         match=r": module model\.layers\.0\.self_attn\.q_proj had weight shape \[64, 64\] when saved but has "
