@@ -413,10 +413,10 @@ def mixer_plug(
             "(no adapter_config.json); pass the folders, comma-separated, e.g. the "
             "experts/<task>/ that `factorlab mixer train` writes."
         )
-    if not (base / "config.json").is_file():
+    if str(base) != "smollm2" and not (base / "config.json").is_file():
         raise ConfigError(
             f"--base {base} is not a model folder (no config.json); pass the folder of the model the "
-            "adapters were trained on, e.g. the base/ that `factorlab mixer train` writes."
+            "adapters were trained on, e.g. the base/ that `factorlab mixer train` writes, or smollm2."
         )
     task_names = tasks or ",".join(f.name for f in folders)
     saved = base / "factorlab_tasks.json"
