@@ -17,6 +17,10 @@ MIXER_ERRORS = [
     ({"experts": [{"name": "a", "r": 0}]}, r"expert 'a': rank r must be a positive integer, got 0\."),
     ({"lora_alpha": 0.0}, r"expert 'expert_0': lora_alpha is 0, so it would train nothing"),
     ({"experts": [{"name": "a", "lora_alpha": 0}]}, r"expert 'a': lora_alpha is 0"),
+    (
+        {"lora_alpha": 1e39},
+        r"expert 'expert_0': lora_alpha=1e\+39 overflows float32, where the update is scaled",
+    ),
     ({"r": 0}, r"expert 'expert_0': rank r must be a positive integer, got 0\."),
     ({"routing": "sparse"}, r"routing must be one of \('hard', 'soft', 'topk', 'uniform'\), got 'sparse'\."),
     ({"top_k": 0}, r"top_k must be in 1\.\.num_experts=4, got 0\."),
@@ -85,8 +89,11 @@ LORA_ERRORS = [
     ({"r": 0}, r"LoRA r must be a positive integer, got 0; e\.g\. r=8\."),
     ({"r": True}, r"LoraConfig.r must be an integer, got True\."),  # check_fields, before the rank check
     ({"rank_pattern": {"q_proj": -1}}, r"LoRA rank_pattern\['q_proj'\] must be a positive integer, got -1"),
-    ({"lora_alpha": 0}, r"LoRA lora_alpha is 0, so the adapter would train nothing; e\.g\. lora_alpha=16"),
-    ({"alpha_pattern": {"v_proj": 0.0}}, r"LoRA alpha_pattern\['v_proj'\] is 0, so the adapter would train"),
+    ({"lora_alpha": 0}, r"LoRA lora_alpha is 0, so it would train nothing; e\.g\. lora_alpha=16"),
+    ({"alpha_pattern": {"v_proj": 0.0}}, r"LoRA alpha_pattern\['v_proj'\] is 0, so it would train"),
+    # finite as a Python float, inf as float32 (found by hypothesis in a clean-clone run)
+    ({"lora_alpha": 3.4028235677973366e38}, r"LoRA lora_alpha=3\.4028235677973366e\+38 overflows float32"),
+    ({"alpha_pattern": {"v_proj": -1e39}}, r"LoRA alpha_pattern\['v_proj'\]=-1e\+39 overflows float32"),
     ({"lora_alpha": float("nan")}, r"LoraConfig\.lora_alpha must be a finite number, got nan"),
     ({"lora_dropout": 1.0}, r"lora_dropout must be in \[0, 1\), got 1\.0\."),
     ({"lora_dropout": -0.1}, r"lora_dropout must be in \[0, 1\), got -0\.1\."),
@@ -108,6 +115,9 @@ def test_lora_config_accepts_block_names_it_finds_itself_and_the_smallest_rank()
     assert LoraConfig(layers_pattern=["h", "block"]).layers_pattern == ["h", "block"]
     # every NOT_SUPPORTED option is checked, not only those before the first accepted one
     assert LoraConfig(layers_pattern="layers", lora_dropout=0.0, r=1).r == 1
+    float32_max = torch.finfo(torch.float32).max  # the largest alpha float32 holds is accepted
+    assert LoraConfig(lora_alpha=float32_max, alpha_pattern={"q": -float32_max}).lora_alpha == float32_max
+    assert LoraMixerConfig(lora_alpha=float32_max).lora_alpha == float32_max
     with pytest.raises(ConfigError, match="megatron_config"):
         LoraConfig(layers_pattern="layers", megatron_config={"tp": 2})
 

@@ -242,7 +242,11 @@ def test_peft_expert_from_a_deeper_model_or_outside_the_targets_is_refused(tmp_p
     [
         ("nan", r"NaN or inf values; the adapter is corrupt\."),
         ("int", r"non-float values; the adapter is corrupt\."),
-        ("alpha", r"adapter_config\.json: lora_alpha must be a finite number, got inf\."),
+        (
+            "alpha",
+            r"adapter_config\.json: lora_alpha must be a finite number within float32's range, got inf\.",
+        ),
+        ("huge alpha", r"lora_alpha must be a finite number within float32's range, got 1e\+39\."),
         ("rslora", r"adapter_config\.json: use_rslora must be true or false\."),
         ("r", r"adapter_config\.json: r must be a positive integer, got 0\."),
         (
@@ -279,6 +283,8 @@ def test_corrupt_peft_expert_is_refused(tmp_path, edit, message):
         tensors[key] = tensors[key].to(torch.int32)
     elif edit == "alpha":
         config["lora_alpha"] = float("inf")
+    elif edit == "huge alpha":
+        config["lora_alpha"] = 1e39
     elif edit == "rslora":
         config["use_rslora"] = "false"
     elif edit == "r":

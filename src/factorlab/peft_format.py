@@ -17,6 +17,7 @@ from torch import nn
 
 from factorlab.adapter_files import read_adapter_config, read_adapter_tensors, write_adapter_folder
 from factorlab.errors import AdapterLoadError, ConfigError
+from factorlab.validation import FLOAT32_MAX
 
 KEY_PREFIX = "base_model.model."  # PEFT's key prefix; factorlab's files use it too
 
@@ -151,9 +152,15 @@ def read_peft_lora(path: str | os.PathLike) -> PeftLora:
             f"{path}/adapter_config.json: r must be a positive integer, got {r_default!r}."
         )
     for alpha in alpha_values:
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        if (
+            isinstance(alpha, bool)
+            or not isinstance(alpha, (int, float))
+            or not math.isfinite(alpha)
+            or abs(alpha) > FLOAT32_MAX
+        ):
             raise AdapterLoadError(
-                f"{path}/adapter_config.json: lora_alpha must be a finite number, got {alpha!r}."
+                f"{path}/adapter_config.json: lora_alpha must be a finite number within float32's range, "
+                f"got {alpha!r}."
             )
     if not isinstance(data.get("use_rslora", False), bool):
         raise AdapterLoadError(f"{path}/adapter_config.json: use_rslora must be true or false.")

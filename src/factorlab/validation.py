@@ -115,3 +115,16 @@ def check_ranges(
             value = getattr(obj, name)
             if value is not None and not ok(value):
                 raise ConfigError(f"{type(obj).__name__}.{name} {what}, got {short(value)}.")
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_lora_alpha(where: str, alpha: float, example: str = "e.g. lora_alpha=16 for r=8") -> None:
+    """A LoRA alpha (its type already checked) that scales anything: not 0 (the update and B's gradient
+    would be zero, an adapter that trains nothing) and inside float32's range, where the scaling
+    alpha / r meets the weights (a larger one is inf there)."""
+    if alpha == 0:
+        raise ConfigError(f"{where} is 0, so it would train nothing; {example}.")
+    if abs(alpha) > FLOAT32_MAX:
+        raise ConfigError(f"{where}={short(alpha)} overflows float32, where the update is scaled; {example}.")

@@ -11,7 +11,7 @@ from factorlab.layers.lora import LORA_INITS
 from factorlab.layers.shapes import LAYER_PATTERNS
 from factorlab.methods.base import AdapterConfig
 from factorlab.peft_format import pattern_value
-from factorlab.validation import check_fields
+from factorlab.validation import check_fields, check_lora_alpha
 
 
 @dataclass
@@ -113,10 +113,7 @@ class LoraConfig(AdapterConfig):
             *((f"alpha_pattern[{k!r}]", v) for k, v in self.alpha_pattern.items()),
         ]
         for where, alpha in alphas:  # types and finiteness: check_fields
-            if alpha == 0:  # scales the update and B's gradient to zero: the adapter would train nothing
-                raise ConfigError(
-                    f"LoRA {where} is 0, so the adapter would train nothing; e.g. lora_alpha=16 for r=8."
-                )
+            check_lora_alpha(f"LoRA {where}", alpha)
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}.")
         if self.init_lora_weights not in LORA_INITS:

@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 from factorlab.errors import ConfigError
 from factorlab.layers.mixer import ROUTINGS
 from factorlab.methods.base import AdapterConfig
-from factorlab.validation import check_fields
+from factorlab.validation import check_fields, check_lora_alpha
 
 GRANULARITIES = ("projection", "layer", "shared")
 
@@ -117,10 +117,8 @@ class LoraMixerConfig(AdapterConfig):
         for spec in self.expert_specs():
             if spec.source is None and (not isinstance(spec.r, int) or spec.r < 1):
                 raise ConfigError(f"expert {spec.name!r}: rank r must be a positive integer, got {spec.r!r}.")
-            if spec.source is None and spec.lora_alpha == 0:  # would scale the expert and its gradients to 0
-                raise ConfigError(
-                    f"expert {spec.name!r}: lora_alpha is 0, so it would train nothing; e.g. 16."
-                )
+            if spec.source is None:
+                check_lora_alpha(f"expert {spec.name!r}: lora_alpha", spec.lora_alpha, "e.g. 16")
         if self.routing not in ROUTINGS:
             raise ConfigError(f"routing must be one of {ROUTINGS}, got {self.routing!r}.")
         if self.top_k is None:
