@@ -382,7 +382,7 @@ def test_missing_extra_or_wrong_tensors_fail_cleanly(saved_llama, edit):
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 def test_saving_nan_or_inf_weights_is_refused_and_writes_nothing(tmp_path, value):
     adapted = adapt(build("llama"), LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
-    weight = adapted.base_model.model.layers[1].self_attn.v_proj.lora_B["default"].weight
+    weight = adapted.base_model.model.model.layers[1].self_attn.v_proj.lora_B["default"].weight
     with torch.no_grad():
         weight[3, 1] = value
     with pytest.raises(AdapterSaveError, match=r"NaN or inf .*layers\.1\.self_attn\.v_proj\.lora_B"):

@@ -428,7 +428,7 @@ def test_a_second_compacter_adapter_with_layer_norms_gets_its_own_copies_and_no_
     batch = inputs("llama")
     adapted = adapt(build("llama"), CompacterConfig(train_layer_norms=True, **TINY))
     adapted.add_adapter("second", CompacterConfig(train_layer_norms=True, phm_dim=2, **TINY))
-    wrappers = {n: m for n, m in adapted.base_model.named_modules() if isinstance(m, ModulesToSave)}
+    wrappers = {n: m for n, m in adapted.get_base_model().named_modules() if isinstance(m, ModulesToSave)}
     assert sorted(wrappers) == [
         "model.layers.0.input_layernorm",
         "model.layers.0.post_attention_layernorm",

@@ -31,7 +31,7 @@ def lora_like_expert(adapted_mixer, expert: int):
     lora = adapt(build("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS))
     with torch.no_grad():
         for name, layer in lora.adapter_layers():
-            bank = adapted_mixer.base_model.get_submodule(name).experts["default"]
+            bank = adapted_mixer.get_base_model().get_submodule(name).experts["default"]
             layer.lora_A["default"].weight.copy_(bank.A[expert])
             layer.lora_B["default"].weight.copy_(bank.B[expert])
     return lora
@@ -519,7 +519,7 @@ def test_gpt2_conv1d_hard_routing_equals_the_expert_alone():
     lora = adapt(build("gpt2"), LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn"]))
     with torch.no_grad():
         for name, layer in lora.adapter_layers():
-            bank = adapted.base_model.get_submodule(name).experts["default"]
+            bank = adapted.get_base_model().get_submodule(name).experts["default"]
             layer.lora_A["default"].weight.copy_(bank.A[1])
             layer.lora_B["default"].weight.copy_(bank.B[1])
     batch = inputs("gpt2")
@@ -679,7 +679,7 @@ def test_an_exported_expert_is_that_expert_in_peft_and_plugs_back_exactly(tmp_pa
         export_expert_as_peft(adapted, e, tmp_path / str(e))
         in_peft = peft.PeftModel.from_pretrained(build("llama"), tmp_path / str(e))
         torch.testing.assert_close(logits(in_peft, batch), routed_alone, atol=1e-5, rtol=0)
-        bank = adapted.base_model.model.layers[0].self_attn.q_proj.experts["default"]
+        bank = adapted.base_model.model.model.layers[0].self_attn.q_proj.experts["default"]
         saved = load_file(tmp_path / str(e) / "adapter_model.safetensors")
         r = experts[e]["r"]
         assert torch.equal(

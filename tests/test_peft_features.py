@@ -99,7 +99,8 @@ def test_dora_starts_as_the_base_model_and_trains_its_magnitude():
     assert any(n.endswith("lora_magnitude_vector.default.weight") for n in trainable)
     loss = adapted(**batch, labels=batch["input_ids"]).loss
     loss.backward()
-    magnitude = adapted.base_model.model.layers[0].self_attn.q_proj.lora_magnitude_vector["default"].weight
+    q_proj = adapted.base_model.model.model.layers[0].self_attn.q_proj
+    magnitude = q_proj.lora_magnitude_vector["default"].weight
     assert magnitude.grad is not None and magnitude.grad.abs().sum() > 0
 
 

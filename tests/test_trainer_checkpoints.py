@@ -62,7 +62,7 @@ def test_trainer_checkpoints_are_adapter_sized_and_resume_to_the_same_losses(tmp
     adapter = whole.state_dict()
     assert set(saved) == set(adapter)  # adapter only: no base weight, no tied pair
     base_numel = sum(p.numel() for p in whole.base_model.parameters())
-    saved_numel = sum(t.numel() for t in saved.values())
+    saved_numel = sum(t.numel() for k, t in saved.items() if k != "factorlab_adapter_configs")
     expected = sum(p.numel() for p in whole.parameters() if p.requires_grad)
     assert saved_numel == expected < base_numel
     if modules_to_save:
@@ -74,6 +74,57 @@ def test_trainer_checkpoints_are_adapter_sized_and_resume_to_the_same_losses(tmp
         assert resumed_losses[step] == pytest.approx(losses[step], abs=1e-4), step
     for key, value in whole.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("modules_to_save", [None, ["embed_tokens"]])
+def test_a_trainer_checkpoint_opens_with_from_pretrained(tmp_path, modules_to_save):
+    """Trainer writes only model.safetensors for a model class it does not know; the adapters' configs
+    travel in the state dict, so the checkpoint folder opens as it is."""
+    train(tmp_path / "a", steps=3, modules_to_save=modules_to_save)
+    checkpoint = tmp_path / "a" / "checkpoint-2"
+    assert not (checkpoint / "adapter_config.json").exists()
+    opened = factorlab.AdaptedModel.from_pretrained(tied_llama(), checkpoint)
+    reference = adapted_model(modules_to_save)
+    reference.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    batch = torch.randint(1, VOCAB, (2, 8))
+    torch.testing.assert_close(
+        opened(input_ids=batch).logits, reference(input_ids=batch).logits, atol=0, rtol=0
+    )
+    assert opened.peft_config["default"].to_dict() | {"inference_mode": False} == reference.peft_config[
+        "default"
+    ].to_dict() | {"inference_mode": False}
+    assert not any(p.requires_grad for p in opened.parameters())  # loaded for inference, as PEFT
+    trainable = factorlab.AdaptedModel.from_pretrained(tied_llama(), checkpoint, is_trainable=True)
+    assert any(p.requires_grad for p in trainable.parameters())
+    opened.save_pretrained(tmp_path / "adapter")  # and on to a PEFT folder
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_checkpoint_without_configs_or_for_another_model_is_refused_and_changes_nothing(tmp_path):
+    from safetensors.torch import save_file
+
+    source = adapted_model()
+    state = source.state_dict()
+    folder = tmp_path / "old"
+    folder.mkdir()
+    save_file(
+        {k: v.contiguous() for k, v in state.items() if k != "factorlab_adapter_configs"},
+        str(folder / "model.safetensors"),
+    )
+    model = tied_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterLoadError, match="holds no factorlab adapter configs"):
+        factorlab.AdaptedModel.from_pretrained(model, folder)
+    good = tmp_path / "good"
+    good.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(good / "model.safetensors"))
+    gpt2 = build("gpt2")
+    names = [n for n, _ in gpt2.named_modules()]
+    with pytest.raises(AdapterLoadError, match="does not fit"):
+        factorlab.AdaptedModel.from_pretrained(gpt2, good)
+    assert [n for n, _ in gpt2.named_modules()] == names and all(p.requires_grad for p in gpt2.parameters())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_state_dict_round_trip_and_refusals():

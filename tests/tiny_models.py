@@ -15,14 +15,9 @@ def build(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
     torch.manual_seed(seed)
     if arch == "llama":
+        sizes = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
         cfg = tf.LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            **overrides,
+            num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB, **{**sizes, **overrides}
         )
         model = tf.LlamaForCausalLM(cfg)
     elif arch == "gpt2":

@@ -12,9 +12,11 @@ from factorlab.errors import (
     AdapterSaveError,
     ConfigError,
     FactorlabError,
+    ResourceError,
     TargetError,
     TrainingDivergedError,
 )
+from factorlab.interop.peft import get_peft_model_state_dict, set_peft_model_state_dict
 from factorlab.methods import (
     AdapterConfig,
     CompacterConfig,
@@ -25,8 +27,7 @@ from factorlab.methods import (
     PHMAdapterConfig,
     register_method,
 )
-
-__version__ = "0.1.0"
+from factorlab.version import __version__
 
 __all__ = [
     "AdaptedModel",
@@ -41,10 +42,13 @@ __all__ = [
     "LoraConfig",
     "LoraMixerConfig",
     "PHMAdapterConfig",
+    "ResourceError",
     "TargetError",
     "TrainingDivergedError",
     "__version__",
     "adapt",
     "count_parameters",
+    "get_peft_model_state_dict",
     "register_method",
+    "set_peft_model_state_dict",
 ]

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from factorlab.errors import AdapterLoadError, AdapterSaveError
+from factorlab.errors import AdapterLoadError, AdapterSaveError, translated
+from factorlab.files import parse, read_text
 from factorlab.runtime import write_json
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 10_000_000  # PEFT's configs are a few kB; a per-module rank_pattern stays far below this
 
 
 def write_adapter_folder(
@@ -32,13 +33,27 @@ def write_adapter_folder(
             f"not saving to {path}: {len(bad)} tensor(s) hold NaN or inf ({bad[:3]}); training diverged "
             "(lower the learning rate) or the weights were overwritten. Nothing was written."
         )
-    path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not path.is_dir():
+        raise AdapterSaveError(
+            f"cannot save an adapter to {path}: it is a file, and an adapter is a folder; pass a folder path."
+        )
+    for name in (WEIGHTS_NAME, CONFIG_NAME):
+        if (path / name).is_dir():
+            raise AdapterSaveError(
+                f"cannot save to {path}: {path / name} is a folder; remove it or save elsewhere."
+            )
     # Own, contiguous CPU copies: safetensors refuses shared or strided storage, and values stay exact.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     tmp = path / f".{WEIGHTS_NAME}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
-    os.replace(tmp, path / WEIGHTS_NAME)
-    write_json(path / CONFIG_NAME, config)
+    with translated(f"saving an adapter to {path}", AdapterSaveError):
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        os.replace(tmp, path / WEIGHTS_NAME)
+        write_json(path / CONFIG_NAME, config)
     return path
 
 
@@ -52,12 +67,10 @@ def read_adapter_config(path: str | os.PathLike) -> dict[str, Any]:
         raise AdapterLoadError(
             f"{path} has no {CONFIG_NAME} (it holds {present}); is this an adapter folder?"
         )
-    try:
-        data = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterLoadError(
-            f"{file} is not valid JSON ({err}); the file is corrupt, re-save the adapter."
-        ) from None
+    what = f"adapter folder {path}"
+    data = parse(
+        read_text(file, what, MAX_CONFIG_BYTES, AdapterLoadError), "json", f"{file}", AdapterLoadError
+    )
     if not isinstance(data, dict):
         raise AdapterLoadError(f"{file} should hold a JSON object, found {type(data).__name__}.")
     return data
@@ -68,6 +81,8 @@ def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     path = Path(path)
     file = path / WEIGHTS_NAME
+    if file.is_dir():
+        raise AdapterLoadError(f"{file} is a folder, not a weights file; the adapter folder is damaged.")
     if not file.exists():
         pickled = [p.name for p in path.glob("*.bin")]
         hint = (

@@ -28,18 +28,40 @@ def cell_id(cell: dict[str, Any]) -> str:
     return name
 
 
-def load_summary(folder: Path, cell: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """A finished cell's summary, or None when it is missing, unreadable, or (given ``cell``) written
-    for another cell: such a summary is recomputed, never reused."""
+SummaryCheck = Callable[[dict[str, Any], dict[str, Any]], bool]
+
+
+def load_summary(
+    folder: Path, cell: dict[str, Any] | None = None, complete: SummaryCheck | None = None
+) -> dict[str, Any] | None:
+    """A finished cell's summary, or None when it is missing, unreadable, (given ``cell``) written for
+    another cell, or (given ``complete``) lacking what its readers need: such a summary is
+    recomputed, never reused."""
     try:
         summary = json.loads((folder / SUMMARY).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         return None
     if not isinstance(summary, dict):
         return None
     if cell is not None and summary.get("cell") != json.loads(json.dumps(cell)):
         return None
+    if complete is not None and cell is not None:
+        try:
+            if not complete(summary, cell):
+                return None
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
     return summary
+
+
+def has_keys(*keys: str) -> SummaryCheck:
+    """A completeness check: the summary holds ``keys`` (a cell function's ``summary_is_complete``)."""
+    return lambda summary, cell: all(k in summary for k in keys)
+
+
+def summary_check(fn_path: str) -> SummaryCheck | None:
+    """The cell function's ``summary_is_complete`` (summary, cell) -> bool, if it declares one."""
+    return getattr(resolve(fn_path), "summary_is_complete", None)
 
 
 def resolve(fn_path: str) -> Callable[[dict[str, Any], Path], dict[str, Any]]:

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from factorlab.errors import ConfigError, FactorlabError, GridCellsFailed
+from factorlab.errors import ConfigError, GridCellsFailed, explain
 from factorlab.ocr.train import OCRConfig
 from factorlab.recipes.inject import InjectConfig
 
@@ -38,8 +38,9 @@ app.add_typer(inject_app, name="inject")
 
 def friendly_errors(fn):
     """Expected failures as a clear message instead of a traceback: failed grid cells (listed, exit
-    status 1); factorlab's own errors and unusable paths (one line naming the fix, exit status 2).
-    Anything else is a bug and keeps its traceback."""
+    status 1); factorlab's own errors, and what ``factorlab.errors.explain`` translates (unusable
+    paths, bad regular expressions, allocations that fail, an unreachable Ray cluster): one line
+    naming the fix, exit status 2. Anything else is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -48,14 +49,14 @@ def friendly_errors(fn):
         except GridCellsFailed as err:
             typer.secho(f"error: {err}", fg="red", err=True)
             sys.exit(1)
-        except FactorlabError as err:
-            typer.secho(f"error: {_short(str(err))}", fg="red", err=True)
-            sys.exit(2)
-        except OSError as err:  # --out is a file, a read-only folder, a missing input ...
-            where = f" ({err.filename})" if getattr(err, "filename", None) else ""
-            typer.secho(
-                f"error: {err.strerror or err}{where}; choose a path you can read/write.", fg="red", err=True
-            )
+        except KeyboardInterrupt:
+            typer.secho("interrupted (finished grid cells are kept; rerun to resume)", fg="red", err=True)
+            sys.exit(130)
+        except Exception as err:
+            clean = explain(err)
+            if clean is None:
+                raise
+            typer.secho(f"error: {_short(str(clean))}", fg="red", err=True)
             sys.exit(2)
 
     return wrapper
@@ -97,6 +98,24 @@ Association = Annotated[
 ]
 EvalEvery = Annotated[int | None, typer.Option(help="Steps between evaluations \\[default: steps // 50].")]
 Workers = Annotated[int | None, typer.Option(help="Worker processes \\[default: CPU count].")]
+Threads = Annotated[
+    int,
+    typer.Option(
+        help="torch threads for this run. Default 1, as every grid worker uses: on a machine busy with "
+        "other work more threads can be many times slower (a SmolLM2 cell: 25 min with 2, 1.5 with 1); "
+        "raise it on an idle machine with many cores."
+    ),
+]
+
+
+def _threads(threads: int) -> None:
+    from factorlab.runtime import limit_threads
+
+    if isinstance(threads, bool) or threads < 1:
+        raise ConfigError(f"--threads must be >= 1, got {threads}.")
+    limit_threads(threads)
+
+
 GridBackend = Annotated[str, typer.Option(help="local (process pool on this machine) or ray.")]
 RayAddress = Annotated[
     str | None, typer.Option(help="Address of an existing Ray cluster \\[default: start a local one].")
@@ -121,9 +140,11 @@ def ocr_run(
     seq_len: SeqLen = OCR.seq_len,
     association: Association = OCR.association,
     eval_every: EvalEvery = OCR.eval_every,
+    threads: Threads = 1,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/ocr-run"),
 ) -> None:
     """Train one model; write OUT/metrics.jsonl, OUT/summary.json and OUT/curves.png."""
+    _threads(threads)
     from factorlab.recipes import ocr
 
     config = _ocr_config(locals())
@@ -177,8 +198,10 @@ def ocr_sweep(
     ),
 ) -> None:
     """Rank sweep over d_h (and combined) x seeds; same-shape runs train as one batched model."""
+    from factorlab.grid import check_grid_options
     from factorlab.recipes import ocr
 
+    check_grid_options(backend, address, workers)
     d_hs = _int_list(d_h, "--d-h", allow_empty=combined)
     base = _ocr_config({k: v for k, v in locals().items() if k != "d_h"})
     for value in d_hs:  # validate every d_h before any training starts
@@ -226,10 +249,12 @@ def ocr_theory(
             help="Tokens a margin compares the answer with: vocabulary (as the loss), answers, or relation."
         ),
     ] = "vocabulary",
+    threads: Threads = 1,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/ocr-theory"),
 ) -> None:
     """Solve the nuclear- and Frobenius-norm max-margin programs on a small instance and compare
     them with factorized and combined models trained with attention fixed (Theorem 1), over training."""
+    _threads(threads)
     from factorlab.recipes import ocr
 
     defaults = {
@@ -350,8 +375,10 @@ def mixer_run(
     """Compare base, one multi-task LoRA of the mixer's total rank, Compacter++, full fine-tuning, per-task
     LoRA (oracle), the uniform average of the experts, LoRA-Mixer joint and plug-and-play, and X-LoRA, per
     task and seed; report trainable parameters, training time and tokens/s, and routing accuracy."""
+    from factorlab.grid import check_grid_options
     from factorlab.recipes.mixer import run_experiment
 
+    check_grid_options(backend, address, workers)
     cfg = _mixer_config(
         preset, tasks, model, r, steps, router_steps, _int_list(seeds), route_label_coef, settings
     )
@@ -373,9 +400,11 @@ def mixer_train(
     route_label_coef: RouteLabelCoef = None,
     settings: Settings = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    threads: Threads = 1,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/mixer-train"),
 ) -> None:
     """Joint workflow: stage 1 trains one expert per task (hard routing), stage 2 the routers."""
+    _threads(threads)
     from factorlab.recipes.mixer import joint
 
     cfg = _mixer_config(preset, tasks, model, r, steps, router_steps, [seed], route_label_coef, settings)
@@ -397,9 +426,11 @@ def mixer_plug(
     router_steps: RouterSteps = None,
     route_label_coef: RouteLabelCoef = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    threads: Threads = 1,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/mixer-plug"),
 ) -> None:
     """Plug-and-play: route between existing PEFT LoRA adapters; only the routers train."""
+    _threads(threads)
     import json
 
     from factorlab.recipes.mixer import plug
@@ -495,10 +526,12 @@ def inject_run(
         bool, typer.Option(help="Also write the trained adapter (full: the model) to OUT/adapter.")
     ] = False,
     device: InjDevice = INJECT.device,
+    threads: Threads = 1,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/inject"),
 ) -> None:
     """One relation x method x seed: ranks before and after fine-tuning -> OUT/summary.json, and every
     query with its candidates and ranks -> OUT/ranks.json."""
+    _threads(threads)
     from factorlab.recipes.inject import InjectConfig, run
 
     cfg = InjectConfig(
@@ -565,8 +598,10 @@ def inject_grid(
     ),
 ) -> None:
     """Relations x pretraining seeds x seeds x methods (+ a LoRA rank sweep), parallel and resumable."""
+    from factorlab.grid import check_grid_options
     from factorlab.recipes.inject import grid, grid_cells
 
+    check_grid_options(backend, address, workers)
     cells = grid_cells(
         model,
         [x.strip() for x in relations.split(",") if x.strip()],

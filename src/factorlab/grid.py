@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factorlab.cells import SUMMARY, cell_id, load_summary, resolve, run_cell  # noqa: F401  (the grid API)
+from factorlab.cells import SUMMARY, cell_id, load_summary, resolve, run_cell, summary_check  # noqa: F401
 from factorlab.errors import ConfigError
+from factorlab.workers import ending_with_parent, start_worker
 
 
 @dataclass
@@ -37,6 +38,20 @@ class GridReport:
         )
 
 
+def check_grid_options(backend: str, address: str | None = None, workers: int | None = None) -> None:
+    """Everything about where cells run, checked before any work (a grid may pretrain models first)."""
+    if backend not in ("local", "ray"):
+        raise ConfigError(f"--backend must be 'local' or 'ray', got {backend!r}.")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ConfigError(f"--workers must be a positive integer, got {workers!r}.")
+    if address and backend != "ray":
+        raise ConfigError(f"--address {address!r} applies to --backend ray only; add --backend ray.")
+    if backend == "ray":
+        from factorlab.grid_ray import check_address
+
+        check_address(address)
+
+
 def run_grid(
     fn_path: str,
     cells: Sequence[dict[str, Any]],
@@ -52,8 +67,7 @@ def run_grid(
     ``backend``: "local" (a process pool of ``workers`` processes; ``workers=1`` runs in this
     process) or "ray" (a local Ray instance, or the cluster at ``address``).
     """
-    if backend not in ("local", "ray"):
-        raise ConfigError(f"--backend must be 'local' or 'ray', got {backend!r}.")
+    check_grid_options(backend, address, workers)
     if not cells:
         raise ConfigError("the grid has no cells: give at least one value for every list option.")
     out = Path(out)
@@ -62,7 +76,8 @@ def run_grid(
     folders = [out / "cells" / cell_id(c) for c in cells]
     for stale in out.glob("cells/*/.*.tmp"):  # left by a writer that was killed mid-write
         stale.unlink(missing_ok=True)
-    results: list[dict[str, Any] | None] = [load_summary(f, c) for f, c in zip(folders, cells)]
+    complete = summary_check(fn_path)
+    results: list[dict[str, Any] | None] = [load_summary(f, c, complete) for f, c in zip(folders, cells)]
     report.reused = sum(r is not None for r in results)
     todo = [i for i, r in enumerate(results) if r is None]
     done = report.reused
@@ -73,7 +88,7 @@ def run_grid(
 
         jobs = [(cells[i], str(folders[i])) for i in todo]
         for j, summary, error, attempts in run_on_ray(fn_path, jobs, address, retries, workers):
-            written = load_summary(folders[todo[j]], cells[todo[j]]) if error is not None else None
+            written = load_summary(folders[todo[j]], cells[todo[j]], complete) if error is not None else None
             if written is not None:  # died after writing
                 summary, error = written, None
             _record(report, results, todo[j], summary, error, cells)
@@ -97,6 +112,7 @@ def run_grid(
                 cells,
                 folders,
                 todo,
+                complete,
                 workers,
                 report,
                 results,
@@ -117,13 +133,18 @@ def _record(report, results, index, summary, error, cells) -> None:
 
 
 def _local_pass(
-    fn_path, cells, folders, todo, workers, report, results, attempts, retries, tick
+    fn_path, cells, folders, todo, complete, workers, report, results, attempts, retries, tick
 ) -> list[int]:
     """One process pool over ``todo``; returns the cells to retry because their worker died."""
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
     retry: list[int] = []
     ctx = mp.get_context("spawn")
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with (
+        ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=start_worker, initargs=(os.getpid(),)
+        ) as pool,
+        ending_with_parent(pool),
+    ):
         futures = {pool.submit(run_cell, fn_path, cells[i], str(folders[i])): i for i in todo}
         pending = set(futures)
         while pending:
@@ -133,7 +154,9 @@ def _local_pass(
                 try:
                     _record(report, results, i, f.result(), None, cells)
                 except BrokenProcessPool:
-                    written = load_summary(folders[i], cells[i])  # it may have finished before the pool broke
+                    written = load_summary(
+                        folders[i], cells[i], complete
+                    )  # it may have finished before the pool broke
                     if written is not None:
                         _record(report, results, i, written, None, cells)
                         continue

@@ -23,6 +23,36 @@ def _ray():
     return ray
 
 
+def check_address(address: str | None) -> None:
+    """Before any work: Ray is installed and the cluster at ``address`` answers (a TCP connection to
+    its port within a few seconds; ray.init itself retries an unreachable address for minutes)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    _ray()
+    if address in (None, "", "auto", "local"):
+        return
+    parts = urlsplit(address if "://" in address else f"gcs://{address}")
+    if parts.scheme not in ("ray", "gcs"):
+        raise ConfigError(
+            f"--address {address!r}: use ray://HOST:10001 (Ray client) or HOST:6379 (a cluster head on this "
+            "network), or leave it out to start a local Ray."
+        )
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError:
+        host, port = None, None
+    if not host or port is None:
+        raise ConfigError(f"--address {address!r} has no HOST:PORT; e.g. ray://head:10001 or head:6379.")
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as err:
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address} ({err.strerror or type(err).__name__}); check the "
+            "address and that the cluster runs, or leave --address out to start a local Ray."
+        ) from None
+
+
 def run_on_ray(
     fn_path: str,
     jobs: Sequence[tuple[dict[str, Any], str]],
@@ -35,7 +65,14 @@ def run_on_ray(
     started_here = not ray.is_initialized()
     if started_here:
         if address:
-            ray.init(address=address, log_to_driver=False)
+            check_address(address)
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError, TimeoutError) as err:
+                raise ConfigError(
+                    f"Ray at {address} refused the connection ({type(err).__name__}: {str(err)[:200]}); the "
+                    "cluster may run another Ray or Python version than this one."
+                ) from None
         else:
             env = {k: os.environ[k] for k in ("PYTHONPATH", "FACTORLAB_CACHE") if k in os.environ}
             ray.init(

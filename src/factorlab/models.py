@@ -13,7 +13,7 @@ import importlib.util
 import os
 from pathlib import Path
 
-from factorlab.errors import ConfigError
+from factorlab.errors import ConfigError, ResourceError, explain
 from factorlab.runtime import publish_folder
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -90,7 +90,10 @@ def minilm_folder() -> Path:
 
 
 def resolve_model_path(spec: str | os.PathLike) -> Path:
-    """ "smollm2" or a local folder -> a folder ``from_pretrained`` can read offline."""
+    """ "smollm2" or a local folder -> a folder ``from_pretrained`` can read offline. A folder is
+    checked before anything is loaded: a config.json naming a model_type transformers knows (never
+    code from the folder: ``auto_map`` is not run) and weights in safetensors (pickled weights are
+    not loaded, as they can run code)."""
     if str(spec) == "smollm2":
         return smollm2_folder()
     path = Path(spec)
@@ -99,7 +102,56 @@ def resolve_model_path(spec: str | os.PathLike) -> Path:
             f"model {str(spec)!r} is neither 'tiny', 'smollm2' nor a local Hugging Face model folder "
             "with a config.json."
         )
+    check_model_folder(path)
     return path
+
+
+def check_model_folder(path: Path) -> None:
+    from transformers import CONFIG_MAPPING
+
+    from factorlab.files import read_structured
+
+    config = read_structured(path / "config.json", f"model folder {path}", 10_000_000)
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in CONFIG_MAPPING:
+        code = (
+            " and asks to run its own code (auto_map)"
+            if isinstance(config, dict) and "auto_map" in config
+            else ""
+        )
+        raise ConfigError(
+            f"model folder {path}: model_type {model_type!r} is not one this transformers knows{code}; "
+            "factorlab never runs code from a model folder. Use a folder of a built-in architecture "
+            "(llama, mistral, qwen2, gemma2, olmo, gpt2, ...)."
+        )
+    weights = [*path.glob("*.safetensors"), *path.glob("*.safetensors.index.json")]
+    if not weights:
+        pickled = sorted(p.name for p in [*path.glob("*.bin"), *path.glob("*.pt"), *path.glob("*.pth")])
+        found = (
+            f"it holds {pickled[:3]}, pickle files, which factorlab does not load (they can run code); "
+            if pickled
+            else ""
+        )
+        raise ConfigError(
+            f"model folder {path} has no safetensors weights: {found}convert them once with "
+            "transformers (model.save_pretrained(folder, safe_serialization=True)) where you trust them."
+        )
+
+
+def load_pretrained(loader, path: str | os.PathLike, **kwargs):
+    """``loader.from_pretrained(path, ...)`` offline, safetensors only, with transformers' refusals (a
+    missing file, an unknown architecture, a damaged checkpoint) as one ConfigError naming the folder."""
+    try:
+        return loader.from_pretrained(path, **OFFLINE, **kwargs)
+    except Exception as err:  # transformers' refusals have many types (OSError, ValueError, safetensors')
+        mapped = explain(err)
+        if isinstance(mapped, ResourceError):
+            raise mapped from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        raise ConfigError(
+            f"cannot load {getattr(loader, '__name__', 'the model')} from {path}: {first}; check the folder "
+            "is a complete local Hugging Face model (config.json, safetensors weights, tokenizer files)."
+        ) from None
 
 
 def load_causal_lm(spec: str):
@@ -107,8 +159,8 @@ def load_causal_lm(spec: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_path(spec)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype="float32", **OFFLINE).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path, **OFFLINE)
+    model = load_pretrained(AutoModelForCausalLM, path, dtype="float32", use_safetensors=True).eval()
+    tokenizer = load_pretrained(AutoTokenizer, path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -19,6 +19,7 @@ from factorlab.adapter_files import read_adapter_config, read_adapter_tensors, w
 from factorlab.errors import AdapterLoadError, ConfigError
 from factorlab.validation import FLOAT32_MAX
 
+PEFT_EMBEDDING_NAMES = ("embed_tokens", "lm_head")  # PEFT saves these whole when target_modules names them
 KEY_PREFIX = "base_model.model."  # PEFT's key prefix; factorlab's files use it too
 
 HEAD_CLASSES = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification": "TOKEN_CLS",

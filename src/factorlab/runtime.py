@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from factorlab.errors import ConfigError
+from factorlab.errors import ConfigError, ResourceError
 
 
 def derive_seed(seed: int, stream: str) -> int:
@@ -34,6 +34,39 @@ def generator(seed: int, stream: str) -> torch.Generator:
 def limit_threads(num_threads: int = 1) -> None:
     """Pin torch to few threads: on a busy 2-core machine, oversubscription is up to 10x slower."""
     torch.set_num_threads(num_threads)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process could still allocate (Linux: MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(needed: int, what: str, fix: str) -> None:
+    """Refuse work that would need more memory than is available, before anything is allocated (an
+    allocation that fails part-way is a traceback from deep inside torch, after minutes of work)."""
+    available = available_memory()
+    if available is not None and needed > available:
+        raise ResourceError(
+            f"{what} needs about {_size(needed)} of memory, and {_size(available)} is available; {fix}."
+        )
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"
 
 
 def _jsonable(value: Any) -> Any:

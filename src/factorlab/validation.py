@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 import types
 import typing
 from typing import Any
@@ -18,9 +19,21 @@ from factorlab.errors import ConfigError
 
 
 def short(value: Any, limit: int = 80) -> str:
-    """repr() cut to ``limit`` characters, so a hostile value cannot flood an error message."""
-    text = repr(value)
+    """A repr cut to ``limit`` characters, built within that budget: a hostile value (a YAML alias
+    bomb expanding to billions of items) can neither flood an error message nor take minutes and
+    gigabytes to describe, as a full repr() would."""
+    text = _SHORT_REPR.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _bounded_repr() -> reprlib.Repr:
+    r = reprlib.Repr()
+    r.maxlevel, r.maxlist, r.maxtuple, r.maxdict, r.maxset = 3, 6, 6, 4, 6
+    r.maxstring, r.maxother, r.maxlong = 60, 60, 40
+    return r
+
+
+_SHORT_REPR = _bounded_repr()
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -128,3 +141,27 @@ def check_lora_alpha(where: str, alpha: float, example: str = "e.g. lora_alpha=1
         raise ConfigError(f"{where} is 0, so it would train nothing; {example}.")
     if abs(alpha) > FLOAT32_MAX:
         raise ConfigError(f"{where}={short(alpha)} overflows float32, where the update is scaled; {example}.")
+
+
+def check_regex(where: str, pattern: str) -> None:
+    """A regular expression factorlab will match module names with: it must compile."""
+    import re
+
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(
+            f"{where}={short(pattern)} is not a valid regular expression ({err.msg} at position {err.pos}); "
+            "fix it, or escape a literal module name with re.escape()."
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"{where}={short(pattern)} is nested too deeply to compile.") from None
+
+
+def check_targeting(config: Any) -> None:
+    """The regular expressions of an adapter config's targeting (a string ``target_modules`` or
+    ``exclude_modules`` is one; "all-linear" is PEFT's shorthand, not a pattern)."""
+    for name in ("target_modules", "exclude_modules"):
+        value = getattr(config, name, None)
+        if isinstance(value, str) and value != "all-linear":
+            check_regex(f"{type(config).__name__}.{name}", value)

@@ -15,6 +15,7 @@ import contextlib
 import enum
 import functools
 import inspect
+import json
 import os
 import re
 import warnings
@@ -40,7 +41,8 @@ from factorlab.methods.base import (
     method_for_peft_type,
     no_forward_state,
 )
-from factorlab.peft_format import HEAD_CLASSES, KEY_PREFIX, task_type_of
+from factorlab.peft_format import HEAD_CLASSES, KEY_PREFIX, PEFT_EMBEDDING_NAMES, task_type_of
+from factorlab.version import __version__ as _VERSION
 
 SHARED_PREFIX = "factorlab_shared."  # weights shared by all layers of an adapter (Compacter's rule)
 TARGETING_FIELDS = ("target_modules", "target_roles", "exclude_modules", "layers_to_transform")
@@ -90,6 +92,32 @@ _FIX = {
 }
 
 
+class TunerModel(nn.Module):
+    """What ``AdaptedModel.base_model`` is, as in PEFT (``PeftModel.base_model`` is a tuner whose
+    ``.model`` is the Hugging Face model): code written against PEFT's layout, e.g.
+    ``model.base_model.model.model.layers``, runs unchanged, and state-dict keys read
+    ``base_model.model.<module>...`` as in PEFT's files. Attributes and calls go to the model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+
+CONFIGS_KEY = "factorlab_adapter_configs"  # in state_dict(): what from_pretrained needs from a checkpoint
+MODEL_PREFIX = "base_model.model."  # the given model's keys inside an AdaptedModel's state dict
+
+
 def _replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -106,7 +134,7 @@ class AdaptedModel(nn.Module):
 
     def __init__(self, base_model: nn.Module):
         super().__init__()
-        self.base_model = base_model
+        self.base_model = TunerModel(base_model)  # PEFT's layout: base_model.model is the given model
         self.adapter_configs: dict[str, AdapterConfig] = {}
         self.adapter_targets: dict[str, list[str]] = {}  # adapter layers, then modules_to_save
         self.adapter_in_place: dict[str, list[str]] = {}  # base parameters trained in place (PEFT's bias)
@@ -124,7 +152,7 @@ class AdaptedModel(nn.Module):
         def forward(*args, **kwargs):
             return type(self).forward(self, *args, **kwargs)
 
-        base_forward = self.base_model.forward
+        base_forward = self.get_base_model().forward
         functools.update_wrapper(forward, base_forward)
         signature = inspect.signature(base_forward)
         params = list(signature.parameters.values())
@@ -154,7 +182,7 @@ class AdaptedModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
-            return getattr(self.base_model, name)
+            return getattr(self.base_model.model, name)
 
     # ---- running ------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):
@@ -173,7 +201,7 @@ class AdaptedModel(nn.Module):
             )
         self.last_aux_loss = None
         with self._method_context(kwargs, record=self.training) as aux_loss:
-            outputs = self.base_model(*args, **kwargs)
+            outputs = self.get_base_model()(*args, **kwargs)
         if self.training and aux_loss is not None:
             self.last_aux_loss = aux = aux_loss()
             if getattr(outputs, "loss", None) is not None:
@@ -183,7 +211,7 @@ class AdaptedModel(nn.Module):
     def generate(self, *args, **kwargs):
         self._require("generate")
         with self._method_context(kwargs, record=False):
-            return self.base_model.generate(*args, **kwargs)
+            return self.get_base_model().generate(*args, **kwargs)
 
     def _method_context(self, kwargs: dict, record: bool):
         name = self.active_adapter
@@ -194,7 +222,8 @@ class AdaptedModel(nn.Module):
         return context(self, name, kwargs, record)
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model
+        """The model handed to ``adapt`` (holding the adapter layers), as PEFT's ``get_base_model``."""
+        return self.base_model.model
 
     # ---- state --------------------------------------------------------------------------------
     @property
@@ -215,7 +244,7 @@ class AdaptedModel(nn.Module):
 
     # ---- adapters -----------------------------------------------------------------------------
     def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
-        for name, module in self.base_model.named_modules():
+        for name, module in self.get_base_model().named_modules():
             if isinstance(module, AdapterLayer):
                 yield name, module
 
@@ -228,7 +257,7 @@ class AdaptedModel(nn.Module):
             )
         check_adapter_name(adapter_name)
         method = get_method(config.method)
-        base = self.base_model
+        base = self.get_base_model()
         names = resolve_targets(
             base,
             config.target_modules,
@@ -291,7 +320,7 @@ class AdaptedModel(nn.Module):
         def matching(wanted) -> list[str]:
             return [
                 n
-                for n, _ in self.base_model.named_modules()
+                for n, _ in self.get_base_model().named_modules()
                 if n and any(n == w or n.endswith("." + w) for w in wanted)
             ]
 
@@ -307,12 +336,14 @@ class AdaptedModel(nn.Module):
             if not found and not names:
                 raise TargetError(
                     f"task_type={config.task_type!r} trains the head {' or '.join(heads)}, but this "
-                    f"{type(self.base_model).__name__} has none; name it in modules_to_save "
+                    f"{type(self.get_base_model()).__name__} has none; name it in modules_to_save "
                     "or drop task_type."
                 )
             names += found
         if method.extra_modules_to_save is not None:
-            names += [n for n in method.extra_modules_to_save(self.base_model, config) if n not in names]
+            names += [
+                n for n in method.extra_modules_to_save(self.get_base_model(), config) if n not in names
+            ]
         clash = sorted(set(names) & set(targets))
         if clash:
             raise TargetError(f"{clash[:3]} are both adapter targets and modules_to_save; choose one.")
@@ -400,7 +431,7 @@ class AdaptedModel(nn.Module):
             if adapter_name in layer.adapter_names:
                 layer.delete_adapter(adapter_name)
                 if not layer.adapter_names:
-                    _replace_submodule(self.base_model, name, layer.base_layer)
+                    _replace_submodule(self.get_base_model(), name, layer.base_layer)
         del self.adapter_configs[adapter_name]
         del self.adapter_targets[adapter_name]
         self.adapter_in_place.pop(adapter_name, None)
@@ -432,16 +463,18 @@ class AdaptedModel(nn.Module):
                 trainable |= {id(p) for p in params}
             in_place = set(self.adapter_in_place.get(name, ()))
             trainable |= {
-                id(p) for n, p in self.base_model.named_parameters(remove_duplicate=False) if n in in_place
+                id(p)
+                for n, p in self.get_base_model().named_parameters(remove_duplicate=False)
+                if n in in_place
             }
-        for p in self.base_model.parameters():
+        for p in self.get_base_model().parameters():
             p.requires_grad_(id(p) in trainable)
         for module in self.shared_adapter_weights.values():
             for p in module.parameters():
                 p.requires_grad_(id(p) in trainable)
 
     def _restore_requires_grad(self) -> None:
-        for n, p in self.base_model.named_parameters():
+        for n, p in self.get_base_model().named_parameters():
             if n in self._original_requires_grad:
                 p.requires_grad_(self._original_requires_grad[n])
 
@@ -462,7 +495,11 @@ class AdaptedModel(nn.Module):
     disable_adapter = disable_adapters  # PEFT's name
 
     # ---- merging ------------------------------------------------------------------------------
-    def _check_mergeable(self) -> list[tuple[str, AdapterLayer]]:
+    def _check_mergeable(self, unloading: bool = False) -> list[tuple[str, AdapterLayer]]:
+        """The layers to merge. A trained copy (modules_to_save) of a module whose weight is tied to
+        another's (a tied embedding and head) would change both when written into the shared tensor:
+        ``merge_and_unload`` unties them first, with a warning, as PEFT does; ``merge_adapter`` (which
+        must be undone exactly) refuses."""
         layers = list(self.adapter_layers())
         cannot = sorted({type(layer).__name__ for _, layer in layers if not layer.can_merge})
         if cannot:
@@ -471,7 +508,7 @@ class AdaptedModel(nn.Module):
                 "update of one weight); keep the AdaptedModel, or call unload() to drop the adapters."
             )
         aliases: dict[int, list[str]] = {}
-        for n, p in self.base_model.named_parameters(remove_duplicate=False):
+        for n, p in self.get_base_model().named_parameters(remove_duplicate=False):
             aliases.setdefault(id(p), []).append(n)
         for name, layer in layers:
             weight = getattr(layer.base_layer, "weight", None)
@@ -480,6 +517,38 @@ class AdaptedModel(nn.Module):
                 raise ConfigError(
                     f"the weight of {name} is tied to {tied}; merging its adapter would change those too "
                     "(e.g. the output head). Keep the AdaptedModel, or untie the weights before adapting."
+                )
+        copies = [
+            (name, layer)
+            for name, layer in layers
+            if isinstance(layer, ModulesToSave) and layer.active_adapters
+        ]
+        for name, layer in copies:
+            tied = {
+                own: [n for n in aliases[id(p)] if not n.startswith(name + ".")]
+                for own, p in layer.base_layer.named_parameters(recurse=False)
+                if len(aliases[id(p)]) > 1
+            }
+            tied = {own: others for own, others in tied.items() if others}
+            if tied and not unloading:
+                raise ConfigError(
+                    f"{name} is trained as a copy (modules_to_save) and its weights are tied to "
+                    f"{sorted(n for others in tied.values() for n in others)}; merging would change those "
+                    "too. Use merge_and_unload(), which unties them first (as PEFT does), or do not merge."
+                )
+            for own, others in tied.items():
+                shared = getattr(layer.base_layer, own)
+                setattr(
+                    layer.base_layer,
+                    own,
+                    nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad),
+                )
+                _untie_in_config(self.get_base_model())
+                warnings.warn(
+                    f"merge_and_unload: {name}.{own} was tied to {others}; it is untied (its own copy, "
+                    "config.tie_word_embeddings = False) so the trained copy merged into it leaves those as "
+                    "they were, as PEFT does.",
+                    stacklevel=3,
                 )
         return layers
 
@@ -501,7 +570,7 @@ class AdaptedModel(nn.Module):
     def merge_and_unload(self) -> nn.Module:
         """Fold the active adapter into the base weights and return the plain base model."""
         self._require("merge_and_unload")
-        for _, layer in self._check_mergeable():
+        for _, layer in self._check_mergeable(unloading=True):
             layer.merge()
         return self.unload()
 
@@ -509,7 +578,7 @@ class AdaptedModel(nn.Module):
         """Remove every adapter layer (merged updates stay in the weights) and return the base model."""
         self._require("unload")
         for name, layer in list(self.adapter_layers()):
-            _replace_submodule(self.base_model, name, layer.base_layer)
+            _replace_submodule(self.get_base_model(), name, layer.base_layer)
         self._restore_requires_grad()
         self.shared_adapter_weights = nn.ModuleDict()
         self.adapter_configs.clear()
@@ -517,7 +586,7 @@ class AdaptedModel(nn.Module):
         self.adapter_in_place.clear()
         self.active_adapter, self._active = None, []
         self._unloaded = True
-        return self.base_model
+        return self.get_base_model()
 
     # ---- parameters ---------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -541,19 +610,19 @@ class AdaptedModel(nn.Module):
         if adapter_name in self.shared_adapter_weights:
             for key, tensor in self.shared_adapter_weights[adapter_name].state_dict().items():
                 out[f"{SHARED_PREFIX}{key}"] = tensor
-        params = dict(self.base_model.named_parameters(remove_duplicate=False))
+        params = dict(self.get_base_model().named_parameters(remove_duplicate=False))
         for name in self.adapter_in_place.get(adapter_name, ()):
             out[f"{KEY_PREFIX}{name}"] = params[name].detach()
         return out
 
     def _describe_base(self, adapter_name: str) -> dict[str, Any]:
-        config = getattr(self.base_model, "config", None)
+        config = getattr(self.get_base_model(), "config", None)
         return {
-            "base_model_class": type(self.base_model).__name__,
+            "base_model_class": type(self.get_base_model()).__name__,
             "model_type": getattr(config, "model_type", None),
             "base_model_name_or_path": getattr(config, "_name_or_path", None) or None,
             "targets": {
-                name: _weight_shape(self.base_model.get_submodule(name).base_layer)
+                name: _weight_shape(self.get_base_model().get_submodule(name).base_layer)
                 for name in self.adapter_targets[adapter_name]
             },
         }
@@ -564,13 +633,16 @@ class AdaptedModel(nn.Module):
 
         Why not the whole model: ``transformers.Trainer`` checkpoints ``model.state_dict()``; the base
         weights are frozen and already on disk, and a tied-embedding model's state dict cannot be
-        written as safetensors at all. The full weights are ``model.base_model.state_dict()`` (or
+        written as safetensors at all. The full weights are ``model.get_base_model().state_dict()`` (or
         ``merge_and_unload().state_dict()``).
+
+        The last entry, ``factorlab_adapter_configs`` (the adapters' configs as UTF-8 JSON bytes), makes
+        a Trainer checkpoint (which holds only this state dict) a folder ``from_pretrained`` can open.
         """
         full = super().state_dict(*args, prefix="", keep_vars=keep_vars)
-        layers = tuple(f"base_model.{name}." for name, _ in self.adapter_layers())
+        layers = tuple(f"{MODEL_PREFIX}{name}." for name, _ in self.adapter_layers())
 
-        in_place = {f"base_model.{n}" for names in self.adapter_in_place.values() for n in names}
+        in_place = {f"{MODEL_PREFIX}{n}" for names in self.adapter_in_place.values() for n in names}
 
         def is_adapter(key: str) -> bool:
             if key.startswith("shared_adapter_weights.") or key in in_place:
@@ -584,7 +656,17 @@ class AdaptedModel(nn.Module):
             if is_adapter(key) and identity not in seen:
                 seen.add(identity)
                 out[prefix + key] = value
+        if self.adapter_configs:
+            out[prefix + CONFIGS_KEY] = self._configs_tensor()
         return out
+
+    def _configs_tensor(self) -> torch.Tensor:
+        data = {
+            "factorlab_version": _VERSION,
+            "active": list(self._active),
+            "adapters": {name: config.to_dict() for name, config in self.adapter_configs.items()},
+        }
+        return torch.frombuffer(bytearray(json.dumps(data).encode()), dtype=torch.uint8)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Load a ``state_dict()`` of this model: the adapters' weights (a full-model state dict also
@@ -594,9 +676,11 @@ class AdaptedModel(nn.Module):
 
         if not isinstance(state_dict, Mapping) or not all(torch.is_tensor(v) for v in state_dict.values()):
             raise AdapterLoadError("load_state_dict takes a mapping of parameter names to tensors.")
-        own = set(self.state_dict())
         current = super().state_dict()  # the whole model's tensors, read once
         known = set(current)
+        state_dict = _current_keys(state_dict, known)
+        state_dict.pop(CONFIGS_KEY, None)  # the configs travel for from_pretrained; the adapters exist here
+        own = set(self.state_dict()) - {CONFIGS_KEY}
         missing = sorted(own - set(state_dict))
         unexpected = sorted(set(state_dict) - known)
         if strict and (missing or unexpected):
@@ -622,9 +706,49 @@ class AdaptedModel(nn.Module):
         )
         return _IncompatibleKeys(missing, unexpected)
 
-    def save_pretrained(self, path: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
-        """Write each adapter to ``path`` ("default") or ``path/<name>`` (others), as PEFT does."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write each adapter to ``save_directory`` ("default") or ``save_directory/<name>`` (others), as
+        PEFT does, with PEFT's keywords: ``is_main_process=False`` writes nothing (other ranks of a
+        distributed run); files are safetensors whatever ``safe_serialization`` says (factorlab never
+        writes pickles); embeddings are saved when an adapter trains them (``modules_to_save``), so
+        ``save_embedding_layers`` may be "auto" or False."""
+        path = save_directory
         self._require("save_pretrained")
+        unknown = sorted(set(kwargs) - {"state_dict", "convert_pissa_to_lora", "push_to_hub"})
+        if unknown:
+            raise ConfigError(
+                f"save_pretrained() got unknown keyword(s) {unknown}; PEFT's keywords are accepted."
+            )
+        if save_embedding_layers not in ("auto", False):
+            raise ConfigError(
+                f"save_embedding_layers={save_embedding_layers!r}: factorlab saves the embeddings an adapter "
+                "trains; to train and save them, add modules_to_save=['embed_tokens', 'lm_head'] to the "
+                "config."
+            )
+        if path_initial_model_for_weight_conversion is not None or kwargs.get("convert_pissa_to_lora"):
+            raise ConfigError("PiSSA/OLoRA weight conversion on save is not supported (nor those inits).")
+        if kwargs.get("push_to_hub"):
+            raise ConfigError("factorlab does not upload; save locally and push with huggingface_hub.")
+        if not isinstance(selected_adapters, (list, tuple, type(None))):
+            raise ConfigError(
+                f"selected_adapters must be a list of adapter names, got {selected_adapters!r}."
+            )
+        if not safe_serialization:
+            warnings.warn(
+                "safe_serialization=False: factorlab writes safetensors only (pickles run code on load).",
+                stacklevel=2,
+            )
+        if not is_main_process:
+            return
         for name in selected_adapters or list(self.adapter_configs):
             if name not in self.adapter_configs:
                 raise ConfigError(f"no adapter named {name!r}; adapters: {sorted(self.adapter_configs)}.")
@@ -633,26 +757,26 @@ class AdaptedModel(nn.Module):
     def write_adapter(self, name: str, folder: str | os.PathLike) -> Path:
         """Write adapter ``name`` into ``folder`` itself: PEFT's format for methods PEFT has (LoRA,
         DoRA), factorlab's own for the others."""
-        from factorlab import __version__
-
         self._require("save_pretrained")
         if name not in self.adapter_configs:
             raise ConfigError(f"no adapter named {name!r}; adapters: {sorted(self.adapter_configs)}.")
         config = self.adapter_configs[name]
         method = get_method(config.method)
-        facts = {"method": config.method, "factorlab_version": __version__, **self._describe_base(name)}
+        facts = {"method": config.method, "factorlab_version": _VERSION, **self._describe_base(name)}
         if method.peft_type is not None:
             # PEFT's own format: peft.PeftModel.from_pretrained loads the folder as it is; factorlab's
             # facts (for its checks on load) sit under one key PEFT ignores.
             layers = [layer for _, layer in self.adapter_layers() if name in layer.adapter_names]
+            targets = [
+                n
+                for n in self.adapter_targets[name]
+                if not isinstance(self.get_base_model().get_submodule(n), ModulesToSave)
+            ]
             data = config.to_peft_dict(
-                [
-                    n
-                    for n in self.adapter_targets[name]
-                    if not isinstance(self.base_model.get_submodule(n), ModulesToSave)
-                ],
-                task_type_of(self.base_model),
+                targets,
+                task_type_of(self.get_base_model()),
                 any(getattr(layer, "fan_in_fan_out", False) for layer in layers),
+                self._portable_targeting(config, method, targets),
             )
             data["base_model_name_or_path"] = (
                 data["base_model_name_or_path"] or facts["base_model_name_or_path"]
@@ -668,6 +792,37 @@ class AdaptedModel(nn.Module):
             metadata = {"factorlab_method": config.method}
         return write_adapter_folder(folder, data, self.adapter_state_dict(name), metadata)
 
+    def _portable_targeting(self, config, method, targets: list[str]) -> tuple | None:
+        """Targeting in PEFT's terms (names or a regex, and exclusions; no roles, no layer filter, whose
+        layer numbering PEFT finds its own way) that picks exactly ``targets`` here, or None."""
+        # PEFT saves whole embedding matrices when target_modules names "embed_tokens"/"lm_head" (or a
+        # regex matches them): such modules are written by their full names, which it does not check.
+        full_names = [n for n in targets if n.rsplit(".", 1)[-1] in PEFT_EMBEDDING_NAMES]
+        candidates = []
+        as_given = config.target_roles is None and config.layers_to_transform is None and not full_names
+        if as_given and config.target_modules not in (None, "all-linear"):
+            candidates.append((config.target_modules, config.exclude_modules))
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in targets if n not in full_names})
+        candidates.append((leaves + full_names, None))
+        for target_modules, exclude_modules in candidates:
+            try:
+                picked = resolve_targets(
+                    self.get_base_model(),
+                    target_modules,
+                    exclude_modules=exclude_modules,
+                    accepts=method.accepts,
+                    accepted_kinds=method.accepted_kinds,
+                )
+            except TargetError:
+                continue
+            if sorted(picked) == sorted(targets):
+                return list(target_modules) if isinstance(
+                    target_modules, (list, tuple)
+                ) else target_modules, (
+                    list(exclude_modules) if isinstance(exclude_modules, (list, tuple)) else exclude_modules
+                )
+        return None
+
     @classmethod
     def from_pretrained(
         cls,
@@ -676,15 +831,62 @@ class AdaptedModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
     ) -> AdaptedModel:
-        """Wrap ``model`` and load the adapter saved at ``path``, exactly as it was saved."""
+        """Wrap ``model`` and load the adapter saved at ``path``, exactly as it was saved: an adapter
+        folder (``save_pretrained``, factorlab's or PEFT's), or a ``transformers.Trainer`` checkpoint
+        folder (``checkpoint-N/``, whose ``model.safetensors`` holds this model's ``state_dict()``:
+        every adapter, each under its own name, ``adapter_name`` aside)."""
         _refuse_adapted(model)
         adapted = cls(model)
         try:
-            adapted.load_adapter(path, adapter_name, is_trainable)
+            if is_trainer_checkpoint(path):
+                adapted._load_trainer_checkpoint(Path(path), is_trainable)
+            else:
+                adapted.load_adapter(path, adapter_name, is_trainable)
         except BaseException:
+            for name in list(adapted.adapter_configs):
+                adapted.delete_adapter(name)
             adapted._restore_requires_grad()
             raise
         return adapted
+
+    def _load_trainer_checkpoint(self, path: Path, is_trainable: bool) -> None:
+        from safetensors.torch import load_file
+
+        file = path / TRAINER_WEIGHTS
+        try:
+            tensors = load_file(str(file))
+        except Exception as err:  # safetensors' own error type for bad headers and short files
+            raise AdapterLoadError(f"{file} is corrupt or truncated ({type(err).__name__}: {err}).") from None
+        blob = tensors.pop(CONFIGS_KEY, None)
+        if blob is None or blob.dtype != torch.uint8 or blob.dim() != 1 or blob.numel() > 10_000_000:
+            raise AdapterLoadError(
+                f"{file} holds no factorlab adapter configs ({CONFIGS_KEY}): not a Trainer checkpoint of an "
+                "AdaptedModel of factorlab >= 0.2. Adapt the model with its config, then "
+                "load_state_dict(safetensors.torch.load_file(...))."
+            )
+        from factorlab.files import parse
+
+        data = parse(bytes(blob.tolist()).decode("utf-8", "replace"), "json", str(file), AdapterLoadError)
+        adapters = data.get("adapters") if isinstance(data, dict) else None
+        if not isinstance(adapters, dict) or not adapters:
+            raise AdapterLoadError(f"{file}: its {CONFIGS_KEY} entry names no adapters; the file is damaged.")
+        for name, fields in adapters.items():
+            try:
+                config = config_from_dict(fields if isinstance(fields, dict) else {})
+            except ConfigError as err:
+                raise AdapterLoadError(f"{file}: adapter {name!r}: {err}") from None
+            config.inference_mode = not is_trainable
+            token = WEIGHTS_FOLLOW.set(True)
+            try:
+                self.add_adapter(name, config)
+            except TargetError as err:
+                raise AdapterLoadError(f"{path} does not fit this model: {err}") from None
+            finally:
+                WEIGHTS_FOLLOW.reset(token)
+        self.load_state_dict(tensors)
+        active = [n for n in data.get("active", []) if n in self.adapter_configs]
+        if active:
+            self.set_adapter(active)
 
     def load_adapter(
         self, path: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
@@ -709,12 +911,12 @@ class AdaptedModel(nn.Module):
                 "not an adapter folder."
             )
         saved_class = data.get("base_model_class")
-        here = type(self.base_model).__name__
+        here = type(self.get_base_model()).__name__
         if saved_class is not None and saved_class != here:
             raise AdapterLoadError(
                 f"{path} was saved for a {saved_class} (model_type {data.get('model_type')!r}); this model "
-                f"is a {here} (model_type {model_family(self.base_model)!r}). Load it into the architecture "
-                "it was trained on."
+                f"is a {here} (model_type {model_family(self.get_base_model())!r}). Load it into the "
+                "architecture it was trained on."
             )
         try:
             config = config_from_dict({k: v for k, v in data.items() if k not in SAVE_ONLY_KEYS})
@@ -744,13 +946,13 @@ class AdaptedModel(nn.Module):
             return
         method = get_method(self.adapter_configs[adapter_name].method)
         loaded = {n for n in self.adapter_targets[adapter_name]
-                  if not isinstance(self.base_model.get_submodule(n), ModulesToSave)}  # fmt: skip
+                  if not isinstance(self.get_base_model().get_submodule(n), ModulesToSave)}  # fmt: skip
         try:
             wanted = set(
                 resolve_targets(
-                    self.base_model,
+                    self.get_base_model(),
                     **targeting,
-                    default_roles=method.default_roles(model_family(self.base_model)),
+                    default_roles=method.default_roles(model_family(self.get_base_model())),
                     accepts=method.accepts,
                     accepted_kinds=method.accepted_kinds,
                 )
@@ -784,6 +986,11 @@ class AdaptedModel(nn.Module):
                 "differ); the adapter belongs to a model of another size."
             )
 
+    def load_adapter_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], where: str) -> None:
+        """Load one adapter's tensors, keyed as in its saved file; every check of loading a file applies
+        (``where`` names the source in messages)."""
+        self._load_tensors(adapter_name, tensors, where)
+
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], path) -> None:
         for key, tensor in tensors.items():
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -798,9 +1005,20 @@ class AdaptedModel(nn.Module):
             own = {k[len(SHARED_PREFIX) :]: v for k, v in tensors.items() if k.startswith(SHARED_PREFIX)}
             claimed |= {SHARED_PREFIX + k for k in own}
             copy_state_exact(shared.state_dict(), own, f"{path}: shared weights")
-        for name, layer in self.adapter_layers():
-            if adapter_name not in layer.adapter_names:
-                continue
+        layers = [(n, layer) for n, layer in self.adapter_layers() if adapter_name in layer.adapter_names]
+        bare = [
+            n
+            for n, layer in layers
+            if layer.adapter_state_dict(adapter_name)
+            and not any(k.startswith(f"{KEY_PREFIX}{n}.") for k in tensors)
+        ]
+        if bare:
+            raise AdapterLoadError(
+                f"{path} holds no tensors for {len(bare)} of the {len(layers)} modules its targeting picks "
+                f"in this model (e.g. {bare[:3]}): the model has another depth or layout than the one the "
+                "adapter was saved from."
+            )
+        for name, layer in layers:
             prefix = f"{KEY_PREFIX}{name}."
             own = {
                 k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix) and k not in in_place
@@ -814,13 +1032,41 @@ class AdaptedModel(nn.Module):
                 f"layer of this model (e.g. {extra[:3]}); it was saved from a different model or config."
             )
         if in_place:  # last: base weights change only once everything else has loaded
-            params = dict(self.base_model.named_parameters(remove_duplicate=False))
+            params = dict(self.get_base_model().named_parameters(remove_duplicate=False))
             with torch.no_grad():
                 copy_state_exact(
                     {n: params[n].detach() for n in in_place.values()},
                     {in_place[k]: v for k, v in tensors.items() if k in in_place},
                     f"{path}: trained base parameters",
                 )
+
+
+TRAINER_WEIGHTS = "model.safetensors"  # what transformers.Trainer writes for a model it does not know
+
+
+def is_trainer_checkpoint(path: str | os.PathLike) -> bool:
+    """A folder with Trainer's weights file and no adapter config: a ``checkpoint-N/`` of an AdaptedModel."""
+    path = Path(path)
+    return (path / TRAINER_WEIGHTS).is_file() and not (path / "adapter_config.json").exists()
+
+
+def _untie_in_config(model: nn.Module) -> None:
+    """After untying, a save/load round trip must not tie the weights again."""
+    config = getattr(model, "config", None)
+    for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)())}.values():
+        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+
+
+def _current_keys(state_dict: Mapping[str, torch.Tensor], known: set[str]) -> dict[str, torch.Tensor]:
+    """Checkpoints written before AdaptedModel.base_model followed PEFT's layout (factorlab <= 0.1.0
+    Trainer checkpoints) name the model's tensors ``base_model.<module>``; they load as
+    ``base_model.model.<module>``."""
+    out = {}
+    for key, value in state_dict.items():
+        moved = MODEL_PREFIX + key[len("base_model.") :] if key.startswith("base_model.") else key
+        out[moved if key not in known and moved in known else key] = value
+    return out
 
 
 def _combinable_methods() -> set[str]:

@@ -23,6 +23,7 @@ from torch import nn
 
 from factorlab.errors import TargetError
 from factorlab.layers.shapes import LAYER_PATTERNS, is_conv1d, is_linear, layer_index  # noqa: F401
+from factorlab.validation import check_regex
 
 # role -> regular expression over the full module name, per family (config.model_type)
 _LLAMA_LIKE = {
@@ -138,6 +139,9 @@ def resolve_targets(
     """Full names of the modules to adapt, in model order. Raises TargetError if none match, or if
     one is not a module the method can adapt (``accepts``; default: linear layers)."""
     accepts = accepts or is_linear
+    for what, spec in (("target_modules", target_modules), ("exclude_modules", exclude_modules)):
+        if isinstance(spec, str) and spec != "all-linear":
+            check_regex(what, spec)
     family = model_family(model)
     if target_modules is None and not target_roles:
         if not default_roles:

@@ -22,13 +22,14 @@ Relations come built in (the paper's five) or from a small YAML/JSON file::
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from factorlab.errors import ConfigError
+from factorlab.files import read_structured
+from factorlab.validation import short as _short
 
 SYLLABLES = [
     "ka",
@@ -79,6 +80,13 @@ class Relation:
     description: str = ""
 
     def __post_init__(self) -> None:
+        for kind, templates, slots in (
+            ("fact", self.fact, ("subject", "fact")),
+            ("implication", self.implication, ("subject", "implication")),
+            ("background", self.background, ("fact", "implication")),
+        ):
+            for t in templates:
+                _check_placeholders(self.name, kind, t, slots)
         for kind, templates, slot in (
             ("fact", self.fact, "{fact}"),
             ("implication", self.implication, "{implication}"),
@@ -111,6 +119,30 @@ class Relation:
 
     def implication_of(self, fact: str) -> str:
         return dict(self.pairs)[fact]
+
+
+def _check_placeholders(relation: str, kind: str, template: str, slots: tuple[str, ...]) -> None:
+    """A phrasing is filled with str.format: only ``slots`` may appear, as plain {name} (no format
+    spec, conversion, index or attribute), and a literal brace is written {{ or }}."""
+    import string
+
+    allowed = ", ".join("{" + s + "}" for s in slots)
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in string.Formatter().parse(template)]
+    except ValueError as err:
+        raise ConfigError(
+            f"relation {relation!r}: {kind} phrasing {_short(template)} has unbalanced braces ({err}); "
+            f"use {allowed} as placeholders and write a literal brace as {{{{ or }}}}."
+        ) from None
+    for name, spec, conv in fields:
+        if name is None:
+            continue
+        if name not in slots or spec or conv:
+            raise ConfigError(
+                f"relation {relation!r}: {kind} phrasing {_short(template)} has the placeholder "
+                f"{_short('{' + name + ('!' + conv if conv else '') + (':' + spec if spec else '') + '}')}; "
+                f"a {kind} phrasing may use only {allowed} (write a literal brace as {{{{ or }}}})."
+            )
 
 
 def query_of(template: str, slot: str) -> str:
@@ -212,11 +244,6 @@ BUILTIN_RELATIONS: dict[str, Relation] = {
 MAX_RELATIONS_FILE_BYTES = 1_000_000
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _strings(path: Path, i: int, item: dict, key: str, required: bool = True) -> tuple[str, ...]:
     value = item.get(key, [] if not required else None)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -229,28 +256,12 @@ def _strings(path: Path, i: int, item: dict, key: str, required: bool = True) ->
 def load_relations(path: str | Path) -> dict[str, Relation]:
     """Relations from a YAML or JSON list (see the module docstring for the format).
 
-    YAML is read with the safe loader (no Python tags); files over 1 MB are refused, every field's
-    type is checked (``causal`` must be true or false, not the string "false").
+    YAML is read with the safe loader (no Python tags); files over 1 MB, or whose aliases expand to
+    more values than factorlab reads, are refused (``factorlab.files``); every field's type is checked
+    (``causal`` must be true or false, not the string "false"), and every phrasing's placeholders.
     """
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > MAX_RELATIONS_FILE_BYTES:
-            raise ConfigError(f"{path}: {size} bytes; a relations file must stay under 1 MB.")
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read relations file {path}: {err}") from None
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as err:  # yaml.YAMLError, JSONDecodeError, RecursionError: all mean a bad file
-        raise ConfigError(
-            f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {_short(str(err), 200)}"
-        ) from None
+    data = read_structured(path, f"relations file {path}", MAX_RELATIONS_FILE_BYTES)
     if not isinstance(data, list) or not data:
         raise ConfigError(f"{path}: expected a non-empty list of relations, found {_short(data)}.")
     out = {}

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 
 from torch import nn
 
-from factorlab.errors import ConfigError
+from factorlab.errors import ConfigError, PeftOnlyError
 from factorlab.layers.base import AdapterLayer
 
 TaskType = Literal["CAUSAL_LM", "SEQ_2_SEQ_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"]
@@ -52,6 +52,16 @@ class AdapterConfig:
     written to saved LoRA folders, where PEFT picks its model class by it."""
     inference_mode: bool = field(default=False, repr=False)
 
+    # PEFT's get/set_peft_model_state_dict read these first, then walk PEFT's own layer classes, which a
+    # factorlab model does not have: instead of an AttributeError deep inside PEFT, name the equivalent.
+    @property
+    def is_prompt_learning(self) -> bool:
+        raise PeftOnlyError(_PEFT_STATE_DICT)
+
+    @property
+    def peft_type(self) -> str:
+        raise PeftOnlyError(_PEFT_STATE_DICT)
+
     def to_dict(self) -> dict[str, Any]:
         out = {"method": self.method}
         for f in dataclasses.fields(self):
@@ -68,6 +78,12 @@ class AdapterConfig:
             raise ConfigError(f"{cls.__name__} has no field(s) {unknown}; known fields: {sorted(known)}.")
         return cls(**data)
 
+
+_PEFT_STATE_DICT = (
+    "peft.get_peft_model_state_dict / set_peft_model_state_dict work on PEFT's own layers; for a factorlab "
+    "AdaptedModel use factorlab.get_peft_model_state_dict / factorlab.set_peft_model_state_dict (same "
+    "arguments, same keys)."
+)
 
 # (target module, config, adapter name, module name, existing layer or None, shared weights or None)
 LayerBuilder = Callable[

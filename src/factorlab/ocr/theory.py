@@ -229,6 +229,12 @@ MARGIN_CASES = [(1, 3), (1, 2), (2, 2), (1, 1), (2, 1)]
 
 
 def check_instance(task: OCRTaskConfig) -> None:
+    if task.groups < 2:
+        raise ConfigError(
+            f"--groups {task.groups}: with one group every subject shares one fact and one implication, so "
+            "the implication is the relation's only answer and no margin separates reasoning from "
+            "guessing; the analysis needs --groups >= 2 (e.g. 4)."
+        )
     if task.association != "causal":
         raise ConfigError(
             "the max-margin analysis is defined for the causal association; drop --association."

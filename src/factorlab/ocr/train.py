@@ -23,7 +23,7 @@ import torch
 from factorlab.errors import ConfigError, TrainingDivergedError
 from factorlab.ocr.model import INITS, PARAMETRIZATIONS, BatchedAttentionOnly, attention_step
 from factorlab.ocr.task import SPLITS, OCRTaskConfig, OCRWorld
-from factorlab.runtime import generator
+from factorlab.runtime import check_memory, generator
 
 OPTIMIZERS = ("adamw", "gd")
 DATA_CHUNK_STEPS = 100  # batches generated per call; fixed so every run's data stream is the same
@@ -143,6 +143,25 @@ class RunResult:
 ProgressFn = Callable[[int], None]  # called with the number of steps done
 
 
+def check_group_memory(configs: Sequence[OCRConfig]) -> None:
+    """Refuse a batched group whose tensors would not fit in memory, before anything is allocated."""
+    cfg = configs[0]
+    d, d_h = cfg.task.vocab_size, cfg.hidden_dim
+    # per run: W_KQ (d x d), W_O and W_V (d x d_h) or W_OV (d x d), each with its gradient and two Adam
+    # moments, the product W_O W_V^T and the evaluation's logits (float32); the evaluation set's and a
+    # chunk of batches' token ids (int64)
+    weights = d * d + (2 * d * d_h if cfg.param == "factorized" else d * d)
+    ids = (DATA_CHUNK_STEPS * cfg.batch_size + 4 * EVAL_SAMPLES_PER_SUBJECT * cfg.task.num_subjects) * (
+        cfg.task.seq_len
+    )
+    check_memory(
+        len(configs) * (4 * (4 * weights + 2 * d * d + cfg.task.num_subjects * d) + 8 * ids),
+        f"training {len(configs)} OCR model(s) with a vocabulary of {d:,}",
+        "lower --groups / --subjects-per-group / --noise-tokens (the vocabulary), --d-h, --batch-size or "
+        "--seq-len",
+    )
+
+
 def train_batched(configs: Sequence[OCRConfig], progress: ProgressFn | None = None) -> list[RunResult]:
     """Train runs that share a batch key as one batched model. Returns results in input order."""
     if not configs:
@@ -152,6 +171,7 @@ def train_batched(configs: Sequence[OCRConfig], progress: ProgressFn | None = No
         if c.batch_key() != key:
             raise ConfigError("train_batched needs runs that differ only in seed and association.")
     cfg = configs[0]
+    check_group_memory(configs)
     started = time.perf_counter()
     worlds = [OCRWorld(c.task, c.seed) for c in configs]
     world0 = worlds[0]

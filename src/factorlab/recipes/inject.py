@@ -23,9 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from factorlab.cells import has_keys
 from factorlab.distributed import is_main
 from factorlab.errors import ConfigError, GridCellsFailed, SharedModelChangedError
-from factorlab.grid import GridReport, load_summary, run_grid
+from factorlab.grid import GridReport, check_grid_options, load_summary, run_grid
 from factorlab.inject.backends import Backend, load_backend
 from factorlab.inject.tiny import (
     PROBE_THRESHOLD,
@@ -309,6 +310,13 @@ def grid_cells(
     return cells
 
 
+# what the grid's reports read; a summary without it is recomputed
+inject_cell.summary_is_complete = has_keys(
+    "config", "causal", "probe", "world", "verdict", "chance_rank", "num_candidates", "train_fact_rank",
+    "test_fact_rank", "test_implication_rank", "test_implication_rank_before", "machine",
+)  # fmt: skip
+
+
 def pretrain_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
     """A grid cell that builds (or finds) one tiny backend, so missing seeds pretrain in parallel."""
     relations = known_relations(cell.get("relations_file"))
@@ -350,6 +358,8 @@ def grid(
     """`factorlab inject grid`: run (or reuse) every cell, then write results.json, table.{md,csv,json},
     ranks.png, rank_sweep.png and report.md."""
     out = Path(out)
+    check_grid_options(backend, address, workers)  # before pretraining anything
+    (out / "cells").mkdir(parents=True, exist_ok=True)  # an unusable --out fails here too
     started = time.perf_counter()
     prepare_tiny_backends(cells, workers if backend == "local" else None, out)
     with StepBars("injection grid") as bars:

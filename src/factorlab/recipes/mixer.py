@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from factorlab.cells import has_keys
 from factorlab.core.adapted import AdaptedModel, adapt
 from factorlab.errors import ConfigError, GridCellsFailed
 from factorlab.grid import cell_id, load_summary, run_grid
@@ -273,6 +274,9 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
         "eval_seconds": evaluating,
         "machine": machine_info(),
     }
+
+
+comparison_cell.summary_is_complete = has_keys("records", "systems", "machine")
 
 
 def _routing(usage: torch.Tensor, overall: float, per_task: list[float]) -> dict[str, Any]:
@@ -561,9 +565,9 @@ def plug(
     seed = cfg.seeds[0]
     from transformers import AutoModelForCausalLM
 
-    from factorlab.models import OFFLINE
+    from factorlab.models import load_pretrained
 
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(base_path), **OFFLINE).eval()
+    base = load_pretrained(AutoModelForCausalLM, resolve_model_path(base_path), use_safetensors=True).eval()
     router_data, evals = train_and_eval_sets(
         tasks, cfg.router_examples_per_task, cfg.eval_examples_per_task, seed
     )

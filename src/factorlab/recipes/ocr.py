@@ -19,6 +19,7 @@ from factorlab.ocr.train import (
     SUMMARY_KEYS,
     OCRConfig,
     RunResult,
+    check_group_memory,
     group_cost,
     group_runs,
     train_batched,
@@ -122,6 +123,18 @@ def train_group_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
     return {"runs": runs, "machine": machine_info()}  # the worker's: its kernels and threads
 
 
+def _group_is_complete(summary: dict[str, Any], cell: dict[str, Any]) -> bool:
+    runs = summary["runs"]
+    return (
+        isinstance(runs, list)
+        and len(runs) == len(cell["runs"])
+        and all(isinstance(r["summary"], dict) and isinstance(r["history"], list) for r in runs)
+    )
+
+
+train_group_cell.summary_is_complete = _group_is_complete  # a damaged summary is recomputed
+
+
 def sweep(
     base: OCRConfig,
     d_hs: Sequence[int],
@@ -143,6 +156,8 @@ def sweep(
     out = Path(out)
     configs = sweep_configs(base, d_hs, combined, seeds, associations)
     cells = group_cells(configs)
+    for cell in cells:  # before any worker starts
+        check_group_memory([OCRConfig(**c) for c in cell["runs"]])
     started = time.perf_counter()
     with StepBars("OCR sweep") as bars:
         bars.start([f"{len(cells)} batched groups of {len(configs)} runs"], [len(cells)])

@@ -22,7 +22,7 @@ from factorlab.errors import ConfigError
 from factorlab.layers.bottleneck import ACTIVATIONS
 from factorlab.layers.phm import FAST_INITS, RULE_INITS
 from factorlab.methods.base import AdapterConfig
-from factorlab.validation import check_fields
+from factorlab.validation import check_fields, check_targeting
 
 UNSHARED_RULE_STD = 0.01
 """Init std of a PHM layer's own rule (shared_phm_rule=False), as the original code and AdapterHub."""
@@ -82,6 +82,7 @@ class CompacterConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         check_fields(self)
+        check_targeting(self)
         if not self.reduction_factor or self.reduction_factor <= 0:
             raise ConfigError(f"reduction_factor must be > 0, got {self.reduction_factor}.")
         if self.non_linearity.lower() not in ACTIVATIONS:

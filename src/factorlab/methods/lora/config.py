@@ -11,7 +11,7 @@ from factorlab.layers.lora import LORA_INITS
 from factorlab.layers.shapes import LAYER_PATTERNS
 from factorlab.methods.base import AdapterConfig
 from factorlab.peft_format import pattern_value
-from factorlab.validation import check_fields, check_lora_alpha
+from factorlab.validation import check_fields, check_lora_alpha, check_regex, check_targeting
 
 
 @dataclass
@@ -97,6 +97,7 @@ class LoraConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         check_fields(self)
+        check_targeting(self)
         for name, instead in self.NOT_SUPPORTED.items():
             value = getattr(self, name)
             if name == "layers_pattern" and set([value] if isinstance(value, str) else value or []) <= set(
@@ -105,6 +106,9 @@ class LoraConfig(AdapterConfig):
                 continue  # a block-list name factorlab finds by itself (PEFT folders often record it)
             if value not in (None, False, {}):
                 raise ConfigError(f"LoraConfig.{name}={getattr(self, name)!r}: {instead}.")
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(self, field_name):
+                check_regex(f"LoraConfig.{field_name} key", key)
         for where, r in [("r", self.r), *((f"rank_pattern[{k!r}]", v) for k, v in self.rank_pattern.items())]:
             if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
                 raise ConfigError(f"LoRA {where} must be a positive integer, got {r!r}; e.g. r=8.")
@@ -142,14 +146,26 @@ class LoraConfig(AdapterConfig):
                 out.pop(name)
         return out
 
-    def to_peft_dict(self, targets: list[str], task_type: str | None, fan_in_fan_out: bool) -> dict[str, Any]:
-        """adapter_config.json as PEFT writes it, for these resolved target modules."""
+    def to_peft_dict(
+        self,
+        targets: list[str],
+        task_type: str | None,
+        fan_in_fan_out: bool,
+        portable: tuple[list[str] | str, list[str] | str | None] | None = None,
+    ) -> dict[str, Any]:
+        """adapter_config.json as PEFT writes it, for these resolved target modules. ``portable``:
+        (target_modules, exclude_modules) that PEFT's matching resolves to exactly ``targets`` on this
+        model (the caller checked); written instead of the exact names, they survive a re-save by PEFT
+        and pick more modules in a deeper model, whose missing tensors then stop the load."""
         out = {"peft_type": "LORA", **self.to_dict()}
         out.pop("method")
         out.pop("target_roles")
-        # Exact names: PEFT matches name == target, so it adapts exactly the modules factorlab did,
-        # whatever roles, regexes or layer filters chose them.
-        out.update(target_modules=sorted(targets), exclude_modules=None, layers_to_transform=None)
+        if portable is not None:
+            out.update(target_modules=portable[0], exclude_modules=portable[1], layers_to_transform=None)
+        else:
+            # Exact names: PEFT matches name == target, so it adapts exactly the modules factorlab did,
+            # whatever roles, regexes or layer filters chose them.
+            out.update(target_modules=sorted(targets), exclude_modules=None, layers_to_transform=None)
         out.update(task_type=self.task_type or task_type, inference_mode=True, fan_in_fan_out=fan_in_fan_out)
         return out
 

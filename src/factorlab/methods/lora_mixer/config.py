@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 from factorlab.errors import ConfigError
 from factorlab.layers.mixer import ROUTINGS
 from factorlab.methods.base import AdapterConfig
-from factorlab.validation import check_fields, check_lora_alpha
+from factorlab.validation import check_fields, check_lora_alpha, check_targeting, short
 
 GRANULARITIES = ("projection", "layer", "shared")
 
@@ -60,6 +60,47 @@ class ExpertSpec:
     modules: dict[str, list[float]] | None = None
     """For a PEFT expert: {module: [rank, scaling]}, recorded when plugged, so a saved mixer (whose
     file holds the weights) loads even after the PEFT folder moved."""
+
+
+def _expert_spec(index: int, spec: object) -> ExpertSpec:
+    if isinstance(spec, ExpertSpec):
+        return spec
+    if not isinstance(spec, dict):
+        raise ConfigError(
+            f"experts[{index}] must be an ExpertSpec or a mapping like {{'name': 'math', 'r': 8}}, "
+            f"got {short(spec)}."
+        )
+    known = [f.name for f in dataclasses.fields(ExpertSpec)]
+    unknown = sorted(map(str, set(spec) - set(known)))
+    if unknown or "name" not in spec:
+        problem = f"has unknown field(s) {unknown}" if unknown else "has no 'name'"
+        raise ConfigError(f"experts[{index}] {problem}; an expert spec's fields are {known}.")
+    return ExpertSpec(**spec)
+
+
+def _refuse_duplicate_folders(folders: list[str | os.PathLike]) -> None:
+    """One folder (or one weights file under two names) given twice would hand a task another task's
+    expert without a word."""
+    import hashlib
+
+    seen: dict[str, str] = {}
+    for folder in folders:
+        path = Path(folder).resolve()
+        weights = path / "adapter_model.safetensors"
+        key = str(path)
+        if weights.is_file():
+            digest = hashlib.sha256()
+            with open(weights, "rb") as file:
+                while block := file.read(1 << 22):
+                    digest.update(block)
+            key = digest.hexdigest()
+        if key in seen:
+            same = "is given twice" if seen[key] == str(path) else f"holds the same weights as {seen[key]}"
+            raise ConfigError(
+                f"PEFT expert folder {folder} {same}; every expert must be its own adapter (one folder per "
+                "task)."
+            )
+        seen[key] = str(path)
 
 
 @dataclass
@@ -102,7 +143,9 @@ class LoraMixerConfig(AdapterConfig):
 
     def __post_init__(self) -> None:
         if self.experts is not None:
-            self.experts = [ExpertSpec(**e) if isinstance(e, dict) else e for e in self.experts]
+            if not isinstance(self.experts, (list, tuple)):
+                raise ConfigError(f"experts must be a list of expert specs, got {short(self.experts)}.")
+            self.experts = [_expert_spec(i, e) for i, e in enumerate(self.experts)]
             if not self.experts:
                 raise ConfigError("experts is empty; give at least one expert.")
             names = [e.name for e in self.experts]
@@ -110,6 +153,7 @@ class LoraMixerConfig(AdapterConfig):
                 raise ConfigError(f"expert names must be unique, got {names}.")
             self.num_experts = len(self.experts)
         check_fields(self)
+        check_targeting(self)
         for spec in self.experts or []:
             check_fields(spec)
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
@@ -167,6 +211,7 @@ class LoraMixerConfig(AdapterConfig):
             raise ConfigError("from_peft_adapters needs at least one PEFT LoRA folder.")
         if names is not None and len(names) != len(folders):
             raise ConfigError(f"{len(names)} names for {len(folders)} folders.")
+        _refuse_duplicate_folders(folders)
         experts, targets = [], set()
         for i, folder in enumerate(folders):
             lora = read_peft_lora(folder)  # validates: LoRA only, shapes, ranks

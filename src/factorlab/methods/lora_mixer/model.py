@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from factorlab.errors import ConfigError
+from factorlab.errors import ConfigError, TargetError
 from factorlab.layers.base import AdapterLayer
 from factorlab.layers.lora import adapter_dtype
 from factorlab.layers.mixer import (
@@ -26,6 +26,7 @@ from factorlab.layers.mixer import (
 from factorlab.layers.shapes import is_conv1d, layer_index, linear_dims
 from factorlab.methods.base import WEIGHTS_FOLLOW, Method
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
+from factorlab.validation import short
 
 STAGES = ("experts", "router", "all")
 
@@ -73,7 +74,17 @@ class MixerShared(nn.Module):
         self.routing.clear()
 
     def _check_ids(self, task_ids, what: str) -> torch.Tensor:
-        task_ids = torch.as_tensor(task_ids)
+        if not torch.is_tensor(task_ids):
+            items = list(task_ids) if isinstance(task_ids, (list, tuple)) else None
+            if items is None or not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+                raise ConfigError(
+                    f"{what} must be a 1-D integer tensor or a list of ints (one id per sample), got "
+                    f"{short(task_ids)}; e.g. torch.tensor([0, 2])."
+                )
+            try:
+                task_ids = torch.tensor(items, dtype=torch.long)
+            except (OverflowError, RuntimeError, ValueError):
+                raise ConfigError(f"{what}: {short(items)} holds ids too large for int64.") from None
         if task_ids.dtype not in (torch.int64, torch.int32) or task_ids.dim() != 1:
             raise ConfigError(
                 f"{what} must be a 1-D integer tensor (one id per sample), got "
@@ -166,6 +177,18 @@ def build_shared(base: nn.Module, config: LoraMixerConfig, names: list[str]) -> 
         router = nn.Linear(sizes.pop(), E, device=weight.device, dtype=adapter_dtype(weight))
         init_router(router)
         shared.routers[key] = router
+    # An expert that adapts nothing would still take routing weight: an expert in name only.
+    for spec in config.expert_specs():
+        if (
+            spec.source is None
+            and spec.target_modules is not None
+            and not any(_matches(n, spec.target_modules) for n in names)
+        ):
+            raise TargetError(
+                f"expert {spec.name!r}: its target_modules {short(spec.target_modules)} match none of "
+                f"this mixer's {len(names)} projections (e.g. {names[:3]}); name some of them (a name or "
+                "the end of one after a dot), or drop target_modules to adapt them all."
+            )
     # Check every PEFT expert against the model before anything is injected.
     for spec in config.expert_specs():
         if spec.source is not None:
@@ -340,7 +363,7 @@ def routing_weights_per_sample(adapted, batch: dict, adapter_name: str | None = 
     shared = adapted.shared_adapter_weights[name]
     shared.begin_forward(None, record=True)
     try:
-        adapted.base_model(**batch)
+        adapted.get_base_model()(**batch)
     finally:
         shared.end_forward()
     mask = batch.get("attention_mask")
@@ -385,4 +408,4 @@ def export_expert_as_peft(adapted, expert: int, path, adapter_name: str | None =
         )
     if not modules:
         raise ConfigError(f"expert {expert} adapts no projection.")
-    return write_peft_lora(path, modules, adapted.base_model)
+    return write_peft_lora(path, modules, adapted.get_base_model())
