@@ -80,7 +80,7 @@ def test_file_system_objects_in_place_of_adapter_files_are_refused(saved, what):
         message = "not a regular file"
     elif what == "config-huge":
         config.write_text(" " * 10_000_001)
-        message = "at most 10,000,000 are read"
+        message = "at most 10,000,000 bytes (10 MB) are read"
     else:
         config.write_bytes(b"\xff\xfe{}")
         message = "not UTF-8"

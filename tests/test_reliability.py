@@ -1,6 +1,7 @@
 """Hostile and careless inputs: either a clean factorlab error naming the fix, or a correct result.
 Never a silently wrong result, a traceback from the CLI, or a model changed by a failed load."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -500,3 +501,188 @@ def test_generated_argument_lists_for_every_command(monkeypatch, tmp_path_factor
     assert result.exit_code == 2, (args, result.output, result.exception)
     assert isinstance(result.exception, SystemExit), (args, repr(result.exception))
     assert result.output.strip(), args  # a message, not silence
+
+
+# ---- issue 29's classes, generated ---------------------------------------------------------------------
+
+
+def _replace_with(path, kind: str) -> None:
+    """Put a file-system object of ``kind`` where the file ``path`` was."""
+    import os
+
+    if path.exists() or path.is_symlink():
+        path.unlink()
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "dangling-link":
+        path.symlink_to(path.parent / "nowhere")
+    elif kind == "link-loop":
+        path.symlink_to(path)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "binary":
+        path.write_bytes(bytes(range(256)) * 4)
+    elif kind == "deep-json":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    else:  # "huge"
+        with open(path, "wb") as f:
+            f.truncate(50_000_000)
+
+
+FS_KINDS = ["folder", "fifo", "dangling-link", "link-loop", "empty", "binary", "deep-json", "huge"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    which=st.sampled_from(["adapter_config.json", "adapter_model.safetensors"]),
+    kind=st.sampled_from(FS_KINDS),
+)
+def test_file_system_objects_in_place_of_adapter_files(saved, tmp_path_factory, which, kind):
+    import shutil
+
+    folder = tmp_path_factory.mktemp("fs") / "a"
+    shutil.copytree(saved[0], folder)
+    _replace_with(folder / which, kind)
+    model = build("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterLoadError):
+        factorlab.AdaptedModel.from_pretrained(model, folder)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(type(m).__name__.startswith("LoRA") for m in model.modules())
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(FS_KINDS))
+def test_file_system_objects_in_place_of_a_relations_file(tmp_path_factory, kind):
+    path = tmp_path_factory.mktemp("rel") / "relations.yaml"
+    _replace_with(path, kind)
+    with pytest.raises(ConfigError):
+        load_relations(path)
+
+
+REGEX_TEXT = st.text(alphabet="qkvo_proj.*+?()[]{}|^$\\0123456789,-", min_size=1, max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    field=st.sampled_from(["target_modules", "exclude_modules", "rank_pattern", "alpha_pattern"]),
+    pattern=REGEX_TEXT,
+)
+def test_generated_regular_expressions_adapt_or_fail_cleanly(field, pattern):
+    """A pattern in any regex field: the config is refused with a ConfigError, or adapting works or is a
+    TargetError (it matched nothing); never re.error or another raw exception."""
+    fields = {"target_modules": ["q_proj"], field: {pattern: 2} if field.endswith("pattern") else pattern}
+    try:
+        config = factorlab.LoraConfig(r=4, **fields)
+        factorlab.adapt(build("llama"), config)
+    except (ConfigError, factorlab.TargetError):
+        return
+
+
+TENSORISH = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(),
+    st.text(max_size=3),
+    st.lists(
+        st.one_of(st.integers(-3, 5), st.none(), st.text(max_size=1), st.floats(), st.booleans()), max_size=3
+    ),
+    st.sampled_from(["int64", "int32", "float32", "bool", "uint8", "2d", "0d"]).map(
+        lambda kind: {
+            "int64": torch.tensor([0, 1]),
+            "int32": torch.tensor([1, 0], dtype=torch.int32),
+            "float32": torch.tensor([0.0, 1.0]),
+            "bool": torch.tensor([True, False]),
+            "uint8": torch.tensor([0, 1], dtype=torch.uint8),
+            "2d": torch.zeros(2, 1, dtype=torch.long),
+            "0d": torch.tensor(1),
+        }[kind]
+    ),
+)
+
+
+@settings(max_examples=120, deadline=None)
+@given(key=st.sampled_from(["task_ids", "task_labels"]), value=TENSORISH)
+def test_type_confusion_in_the_mixer_s_tensor_arguments(key, value):
+    mixer = factorlab.adapt(build("llama"), factorlab.LoraMixerConfig(num_experts=2, r=2))
+    try:
+        out = mixer(**inputs("llama"), **{key: value})
+    except ConfigError:
+        return
+    assert torch.isfinite(out.logits).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(value=TENSORISH, as_state_dict=st.booleans())
+def test_type_confusion_in_loaded_state(value, as_state_dict):
+    adapted = factorlab.adapt(build("llama"), factorlab.LoraConfig(r=2, target_modules=["q_proj"]))
+    state = factorlab.get_peft_model_state_dict(adapted)
+    key = sorted(state)[0]
+    with pytest.raises(AdapterLoadError):
+        if as_state_dict:
+            adapted.load_state_dict({**adapted.state_dict(), "base_model.model.x": value})
+        else:
+            factorlab.set_peft_model_state_dict(adapted, {**state, key: value})
+
+
+SIZES = st.sampled_from([1, 2, 3, 20, 1000, 10**5, 10**7, 10**9])
+
+
+@settings(max_examples=60, deadline=None)
+@given(groups=SIZES, subjects=SIZES, noise=SIZES, seq_len=SIZES, batch=SIZES, d_h=SIZES)
+def test_generated_ocr_sizes_fit_or_are_refused_before_allocation(
+    groups, subjects, noise, seq_len, batch, d_h
+):
+    """Any size: the config is refused, or the memory check passes or refuses it in well under a second
+    (before a tensor exists)."""
+    import time
+
+    from factorlab.errors import ResourceError
+    from factorlab.ocr.train import OCRConfig, check_group_memory
+
+    try:
+        config = OCRConfig(
+            groups=groups,
+            subjects_per_group=subjects,
+            noise_tokens=noise,
+            seq_len=max(3, seq_len),
+            batch_size=3 * batch,
+            d_h=d_h,
+        )
+    except ConfigError:
+        return
+    started = time.perf_counter()
+    with contextlib.suppress(ResourceError):
+        check_group_memory([config])
+    assert time.perf_counter() - started < 1
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    field=st.sampled_from(["name", "causal", "fact", "implication", "pairs", "background", "description"]),
+    width=st.integers(2, 12),
+    depth=st.integers(1, 14),
+)
+def test_nested_yaml_aliases_in_every_field_are_bounded(tmp_path_factory, field, width, depth):
+    import time
+
+    nodes = ["&a0 [" + ",".join(["x"] * width) + "]"]
+    nodes += [f"&a{i} [" + ",".join([f"*a{i - 1}"] * width) + "]" for i in range(1, depth)]
+    relation = {
+        "name": "r",
+        "causal": False,
+        "fact": ["{subject} was born on {fact}."],
+        "implication": ["{subject} collects {implication}."],
+        "pairs": [["Mars", "stamps"], ["Venus", "coins"]],
+    }
+    lines = [f"  {k}: {json.dumps(v)}" for k, v in relation.items() if k != field]
+    path = tmp_path_factory.mktemp("yaml") / "r.yaml"
+    path.write_text("-\n" + "\n".join([*lines, f"  {field}: [{', '.join(nodes)}]"]) + "\n")
+    started = time.perf_counter()
+    with pytest.raises(ConfigError):  # too many values, or the wrong type for the field
+        load_relations(path)
+    assert time.perf_counter() - started < 3

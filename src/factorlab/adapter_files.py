@@ -83,6 +83,8 @@ def read_adapter_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     file = path / WEIGHTS_NAME
     if file.is_dir():
         raise AdapterLoadError(f"{file} is a folder, not a weights file; the adapter folder is damaged.")
+    if file.exists() and not file.is_file():  # a pipe or device: reading it could wait forever
+        raise AdapterLoadError(f"{file} is not a regular file (a pipe, socket or device); re-save it.")
     if not file.exists():
         pickled = [p.name for p in path.glob("*.bin")]
         hint = (

@@ -314,6 +314,8 @@ def _mixer_config(
     seeds: list[int],
     route_label_coef: float | None = None,
     settings: list[str] | None = None,
+    precision: str = "float32",
+    gradient_checkpointing: bool = False,
 ):
     from factorlab.recipes.mixer import MixerExperimentConfig
 
@@ -326,6 +328,8 @@ def _mixer_config(
         "router_steps": router_steps,
         "seeds": seeds,
         "route_label_coef": route_label_coef,
+        "precision": precision,
+        "gradient_checkpointing": gradient_checkpointing,
     }
     options = {k: v for k, v in options.items() if v is not None}
     options |= _key_values(settings or [], MixerExperimentConfig)  # --set wins over the named options
@@ -370,6 +374,8 @@ def mixer_run(
     ] = 1,
     backend: GridBackend = "local",
     address: RayAddress = None,
+    dtype: Dtype = "float32",
+    gradient_checkpointing: GradientCheckpointing = False,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/mixer"),
 ) -> None:
     """Compare base, one multi-task LoRA of the mixer's total rank, Compacter++, full fine-tuning, per-task
@@ -380,7 +386,17 @@ def mixer_run(
 
     check_grid_options(backend, address, workers)
     cfg = _mixer_config(
-        preset, tasks, model, r, steps, router_steps, _int_list(seeds), route_label_coef, settings
+        preset,
+        tasks,
+        model,
+        r,
+        steps,
+        router_steps,
+        _int_list(seeds),
+        route_label_coef,
+        settings,
+        dtype,
+        gradient_checkpointing,
     )
     result = run_experiment(cfg, out, workers=workers, backend=backend, address=address)
     typer.echo((out / "table.md").read_text())
@@ -400,6 +416,8 @@ def mixer_train(
     route_label_coef: RouteLabelCoef = None,
     settings: Settings = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    dtype: Dtype = "float32",
+    gradient_checkpointing: GradientCheckpointing = False,
     threads: Threads = 1,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/mixer-train"),
 ) -> None:
@@ -407,7 +425,19 @@ def mixer_train(
     _threads(threads)
     from factorlab.recipes.mixer import joint
 
-    cfg = _mixer_config(preset, tasks, model, r, steps, router_steps, [seed], route_label_coef, settings)
+    cfg = _mixer_config(
+        preset,
+        tasks,
+        model,
+        r,
+        steps,
+        router_steps,
+        [seed],
+        route_label_coef,
+        settings,
+        dtype,
+        gradient_checkpointing,
+    )
     result = joint(cfg, out)
     typer.echo((out / "table.md").read_text())
     typer.echo(f"router accuracy {result['router_accuracy']:.3f}")
@@ -426,6 +456,8 @@ def mixer_plug(
     router_steps: RouterSteps = None,
     route_label_coef: RouteLabelCoef = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    dtype: Dtype = "float32",
+    gradient_checkpointing: GradientCheckpointing = False,
     threads: Threads = 1,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/mixer-plug"),
 ) -> None:
@@ -460,6 +492,9 @@ def mixer_plug(
         router_steps,
         [seed],
         route_label_coef,
+        None,
+        dtype,
+        gradient_checkpointing,
     )
     if preset == "quick" and saved.exists():  # the tiny preset's vocabulary depends on the full task list
         trained = json.loads(saved.read_text())["tasks"]
@@ -469,7 +504,17 @@ def mixer_plug(
                 "per task the base was trained with (--tasks names them when folder names differ)."
             )
         cfg = _mixer_config(
-            preset, ",".join(trained), None, None, None, router_steps, [seed], route_label_coef
+            preset,
+            ",".join(trained),
+            None,
+            None,
+            None,
+            router_steps,
+            [seed],
+            route_label_coef,
+            None,
+            dtype,
+            gradient_checkpointing,
         )
         by_task = dict(zip(task_names.split(","), folders))
         folders = [by_task[t] for t in trained]
@@ -494,6 +539,22 @@ InjLR = Annotated[
     float | None, typer.Option("--lr", help="Learning rate \\[default: per backend and method].")
 ]
 Epochs = Annotated[int | None, typer.Option(help="Epochs over the training texts \\[default: per backend].")]
+Dtype = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="float32, bfloat16 or float16: the base model stored in it, adapters kept float32, the "
+        "forward under autocast, loss and ranks in float32 (full fine-tuning keeps float32 master weights; "
+        "float16 adds a gradient scaler).",
+    ),
+]
+GradientCheckpointing = Annotated[
+    bool,
+    typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute each block's activations in the backward: less memory, the same gradients.",
+    ),
+]
 InjDevice = Annotated[
     str,
     typer.Option(
@@ -526,6 +587,8 @@ def inject_run(
         bool, typer.Option(help="Also write the trained adapter (full: the model) to OUT/adapter.")
     ] = False,
     device: InjDevice = INJECT.device,
+    dtype: Dtype = INJECT.precision,
+    gradient_checkpointing: GradientCheckpointing = False,
     threads: Threads = 1,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/inject"),
 ) -> None:
@@ -545,6 +608,8 @@ def inject_run(
         relations_file=relations_file,
         pretrain_seed=pretrain_seed,
         device=device,
+        precision=dtype,
+        gradient_checkpointing=gradient_checkpointing,
     )
     s = run(cfg, out, save_adapter=save_adapter)
     from factorlab.distributed import is_main
@@ -593,6 +658,8 @@ def inject_grid(
     backend: GridBackend = "local",
     address: RayAddress = None,
     device: InjDevice = INJECT.device,
+    dtype: Dtype = INJECT.precision,
+    gradient_checkpointing: GradientCheckpointing = False,
     out: Annotated[Path, typer.Option(help="Output folder (finished cells there are reused).")] = Path(
         "runs/inject-grid"
     ),
@@ -613,6 +680,8 @@ def inject_grid(
         pretrain_seeds=_int_list(pretrain_seeds),
         device=device,
         epochs=epochs,
+        precision=dtype,
+        gradient_checkpointing=gradient_checkpointing,
     )
     result = grid(cells, out, workers, backend, address)
     typer.echo((out / "table.md").read_text())

@@ -37,14 +37,14 @@ def read_text(
     if not stat.S_ISREG(info.st_mode):
         raise error(f"{what}: {path} is not a regular file (a pipe, socket or device); pass a file.")
     if info.st_size > max_bytes:
-        raise error(f"{what}: {path} is {info.st_size:,} bytes; at most {max_bytes:,} are read.")
+        raise error(f"{what}: {path} is {info.st_size:,} bytes; at most {_mb(max_bytes)} are read.")
     try:
         with open(path, "rb") as file:
             data = file.read(max_bytes + 1)  # the file may grow between stat and read
     except OSError as err:
         raise error(str(explain(err, what))) from None
     if len(data) > max_bytes:
-        raise error(f"{what}: {path} is over {max_bytes:,} bytes; at most {max_bytes:,} are read.")
+        raise error(f"{what}: {path} is over {max_bytes:,} bytes; at most {_mb(max_bytes)} are read.")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -105,6 +105,10 @@ def check_size(
             stack.extend((v, depth + 1) for v in value.values())
         elif isinstance(value, (list, tuple)):
             stack.extend((v, depth + 1) for v in value)
+
+
+def _mb(n: int) -> str:
+    return f"{n:,} bytes ({n / 1e6:g} MB)"
 
 
 def _first_line(err: Exception) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from factorlab.checkpoint import load_checkpoint, save_checkpoint
 from factorlab.distributed import all_reduce_sum, init_from_env, is_main, world_size
-from factorlab.errors import TrainingDivergedError
+from factorlab.errors import ConfigError, TrainingDivergedError
 from factorlab.layers.frozen import transposed_frozen_weights
 from factorlab.layers.tied import tied_embedding_gradient
+from factorlab.precision import autocast, check_precision, grad_scaler, keep_trainable_float32
 
 
 class _SummedCrossEntropy(torch.autograd.Function):
@@ -37,6 +39,21 @@ class _SummedCrossEntropy(torch.autograd.Function):
         grad_logits[torch.arange(len(targets), device=targets.device), targets] -= grad
         return grad_logits, None
 
+
+@dataclass(frozen=True)
+class LoopOptions:
+    """How a training loop runs, beside what it trains: numerics and memory (``run_training``)."""
+
+    precision: str = "float32"
+    """"float32", "bfloat16" or "float16" (factorlab.precision)."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward: less memory, the same gradients."""
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
+
+
+DEFAULT_LOOP = LoopOptions()
 
 # step -> (this rank's inputs, labels, extra forward kwargs)
 BatchFn = Callable[[int], tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Any]]]
@@ -147,6 +164,8 @@ def run_training(
     progress: Callable[[int], None] | None = None,
     stop_after: int | None = None,
     context: str = "",
+    precision: str = "float32",
+    gradient_checkpointing: bool = False,
 ) -> list[float]:
     """The loop behind every recipe that trains a language model; returns the logged losses.
 
@@ -155,7 +174,15 @@ def run_training(
     ``checkpoint_every`` steps (rank 0 only) and resumes from the last checkpoint; batches must be a
     pure function of the step, so a resumed run ends with the same weights as an uninterrupted one.
     ``stop_after`` stops early (to test resuming); ``context`` names the run in errors.
+
+    ``precision`` ("float32", "bfloat16", "float16"): the forward under autocast, float16 with a
+    gradient scaler (``factorlab.precision``; the model's weights are already stored as that module
+    says). ``gradient_checkpointing``: each decoder block's activations are recomputed in the backward
+    instead of kept (non-reentrant checkpoints, so frozen inputs pass gradients to the adapters).
     """
+    check_precision(precision)
+    if precision != "float32":
+        keep_trainable_float32(model)  # before the optimizer's state exists: trained weights stay float32
     distributed = init_from_env()
     losses: list[float] = []
     start = 0
@@ -165,23 +192,37 @@ def run_training(
             start, losses = meta["step"], list(meta["extra"]["losses"])
     net = DistributedDataParallel(model) if distributed else model
     model.train()
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    device = next(model.parameters()).device
+    scaler = grad_scaler(precision, device)
     # frozen weights read row-major in both GEMMs (factorlab.layers.frozen); one copy while training.
     # A trainable tied embedding's (vocabulary x hidden) gradient reuses one buffer instead of three
     # fresh ones a step (factorlab.layers.tied); not under DDP, whose gradient hooks it would bypass.
-    tied = nullcontext() if distributed else tied_embedding_gradient(model)
-    with transposed_frozen_weights(model), tied:
+    # Both fast paths assume float32 weights and no recomputation; with another precision or
+    # checkpointing the plain path runs.
+    plain = precision != "float32" or gradient_checkpointing
+    tied = nullcontext() if distributed or plain else tied_embedding_gradient(model)
+    frozen = nullcontext() if plain else transposed_frozen_weights(model)
+    with frozen, tied:
         for step in range(start, steps):
             inputs, labels, forward_kwargs = batch_for_step(step)
             try:
-                loss, logged = lm_loss(net, model, inputs, labels, **forward_kwargs)
+                with autocast(precision, device):
+                    loss, logged = lm_loss(net, model, inputs, labels, **forward_kwargs)
             except TrainingDivergedError:
                 where = f" ({context})" if context else ""
                 raise TrainingDivergedError(
                     f"non-finite loss at step {step}{where}; lower the learning rate."
                 ) from None
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
             losses.append(logged)
             if checkpoint_dir is not None and (step + 1) % checkpoint_every == 0 and is_main():
                 save_checkpoint(checkpoint_dir, model, optimizer, step + 1, {"losses": losses})
@@ -190,4 +231,26 @@ def run_training(
             if stop_after is not None and step + 1 >= stop_after:
                 break
     model.eval()
+    if gradient_checkpointing:
+        disable_gradient_checkpointing(model)
     return losses
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in the backward. Hugging Face models checkpoint their own
+    blocks; the non-reentrant form lets gradients reach adapters whose block inputs do not require
+    grad (the frozen embedding's output), which the reentrant one silently drops (PEFT's
+    ``enable_input_require_grads`` workaround)."""
+    enable = getattr(model, "gradient_checkpointing_enable", None)
+    if not callable(enable) or not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(
+            f"{type(model).__name__} has no gradient checkpointing (a Hugging Face model with "
+            "supports_gradient_checkpointing); train without it."
+        )
+    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def disable_gradient_checkpointing(model: nn.Module) -> None:
+    disable = getattr(model, "gradient_checkpointing_disable", None)
+    if callable(disable):
+        disable()

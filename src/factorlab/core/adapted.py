@@ -182,7 +182,7 @@ class AdaptedModel(nn.Module):
         except AttributeError:
             if name == "base_model":
                 raise
-            return getattr(self.base_model.model, name)
+            return getattr(self.base_model, name)  # as PeftModel: .model is the given model
 
     # ---- running ------------------------------------------------------------------------------
     def forward(self, *args, **kwargs):

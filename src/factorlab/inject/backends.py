@@ -23,6 +23,7 @@ from factorlab.errors import ConfigError, SharedModelChangedError
 from factorlab.inject.tiny import TinyPretrainConfig, tiny_model
 from factorlab.inject.world import BUILTIN_RELATIONS, Query, Relation, query_of
 from factorlab.models import load_causal_lm
+from factorlab.precision import float32_head
 from factorlab.runtime import resolve_device
 from factorlab.training import logits_at, pack, packs_sequences, to_device
 
@@ -110,7 +111,8 @@ class Backend:
                 inputs = {"input_ids": ids, "attention_mask": mask}
                 last = torch.zeros_like(mask, dtype=torch.bool)
                 last[torch.arange(len(chunk)), mask.sum(1) - 1] = True
-            final = logits_at(model, model, last.to(device), **to_device(inputs, device)).cpu()
+            with float32_head(model):  # ranks compare logits: never decided by 16-bit rounding
+                final = logits_at(model, model, last.to(device), **to_device(inputs, device)).float().cpu()
             out += [row[torch.tensor([first[c] for c in q.candidates])] for row, q in zip(final, chunk)]
         return out
 

@@ -18,6 +18,7 @@ from factorlab.inject.world import World
 from factorlab.methods.compacter.config import CompacterPlusPlusConfig, reduction_for
 from factorlab.methods.lora.config import LoraConfig
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
+from factorlab.precision import check_precision, keep_trainable_float32, store_base
 from factorlab.training import pack, packs_sequences, run_training, to_device
 from factorlab.validation import check_fields, check_ranges
 
@@ -55,10 +56,15 @@ class FineTuneSettings:
     epochs: int | None = None
     batch_size: int | None = None
     seed: int = 0
+    precision: str = "float32"
+    """"float32", "bfloat16" or "float16": the base stored in it, adapters float32, the forward under
+    autocast (full fine-tuning: float32 master weights); see factorlab.precision."""
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self)
         check_ranges(self, positive=("r", "lr", "epochs", "batch_size"), non_negative=("seed",))
+        check_precision(self.precision)
 
     def resolved(self, backend: Backend) -> tuple[float, int, int]:
         if self.method not in METHODS:
@@ -70,13 +76,20 @@ class FineTuneSettings:
         return lr, epochs, batch
 
 
-def prepare(model: nn.Module, method: str, r: int, lora_alpha: float = 8.0) -> nn.Module:
-    """A trainable copy of ``model`` for ``method``."""
+def prepare(
+    model: nn.Module, method: str, r: int, lora_alpha: float = 8.0, precision: str = "float32"
+) -> nn.Module:
+    """A trainable copy of ``model`` for ``method``: for an adapter, the base stored in ``precision``
+    and every trainable weight float32; full fine-tuning keeps float32 master weights."""
     model = copy.deepcopy(model)
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         return model
+    return keep_trainable_float32(_adapted(store_base(model, precision), method, r, lora_alpha))
+
+
+def _adapted(model: nn.Module, method: str, r: int, lora_alpha: float) -> nn.Module:
     if method == "lora":
         return adapt(model, LoraConfig(r=r, lora_alpha=lora_alpha, target_modules="all-linear"))
     if method == "compacter++":
@@ -118,7 +131,7 @@ def fine_tune(
     if batch_size < world_size():
         raise ConfigError(f"batch_size={batch_size} is smaller than the {world_size()} processes; raise it.")
     torch.manual_seed(settings.seed)
-    model = prepare(backend.model, settings.method, settings.r, settings.lora_alpha)
+    model = prepare(backend.model, settings.method, settings.r, settings.lora_alpha, settings.precision)
     params = [p for p in model.parameters() if p.requires_grad]
     # the paper's recipe: Adam, no weight decay, constant rate; fused: one kernel for all parameters
     optimizer = torch.optim.Adam(params, lr=lr, fused=True)
@@ -150,6 +163,8 @@ def fine_tune(
         progress,
         stop_after,
         context=f"{settings.method}, lr={lr}",
+        precision=settings.precision,
+        gradient_checkpointing=settings.gradient_checkpointing,
     )
     return model, losses
 

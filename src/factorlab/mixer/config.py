@@ -14,6 +14,8 @@ from factorlab.methods.compacter.config import PAPER_LR
 from factorlab.methods.lora_mixer.config import PRESERVATION_COEF, LoraMixerConfig
 from factorlab.mixer.tasks import SyntheticTasks
 from factorlab.models import resolve_model_path
+from factorlab.precision import check_precision
+from factorlab.training import LoopOptions
 from factorlab.validation import check_fields, check_ranges
 
 
@@ -56,9 +58,14 @@ class MixerExperimentConfig:
     full_seeds: list[int] | None = None
     """Seeds on which full fine-tuning runs (None: every seed); the smollm2 preset runs the first only."""
     max_new_tokens: int = 1
+    precision: str = "float32"
+    """"float32", "bfloat16" or "float16" for every system's training (factorlab.precision): the base
+    stored in it, adapters float32, full fine-tuning with float32 master weights."""
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self)
+        check_precision(self.precision)
         for name in ("tasks", "seeds"):
             if not getattr(self, name):
                 raise ConfigError(f"give at least one of {name}.")
@@ -87,6 +94,9 @@ class MixerExperimentConfig:
             SyntheticTasks(self.tasks)
         else:
             resolve_model_path(self.model)
+
+    def loop_options(self) -> LoopOptions:
+        return LoopOptions(self.precision, self.gradient_checkpointing)
 
     def mixer_config(self) -> LoraMixerConfig:
         """One expert per task (named after it), soft routing, this experiment's routing loss."""

@@ -16,7 +16,8 @@ from factorlab.errors import ConfigError
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
 from factorlab.methods.lora_mixer.model import set_stage
 from factorlab.mixer.tasks import Example
-from factorlab.training import pack, packs_sequences, run_training
+from factorlab.precision import store_base
+from factorlab.training import DEFAULT_LOOP, LoopOptions, pack, packs_sequences, run_training
 
 
 def collate(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
@@ -67,6 +68,7 @@ def train(
     checkpoint_every: int = 100,
     supervise_routing: bool = False,
     pack_batches: bool = True,
+    options: LoopOptions = DEFAULT_LOOP,
 ) -> list[float]:
     """AdamW on batches mixed uniformly over tasks. ``hard`` passes the task ids (stage 1);
     ``supervise_routing`` passes them as ``task_labels`` for the supervised routing term instead.
@@ -109,6 +111,8 @@ def train(
         checkpoint_every,
         progress,
         context=f"lr={lr}",
+        precision=options.precision,
+        gradient_checkpointing=options.gradient_checkpointing,
     )
 
 
@@ -126,16 +130,21 @@ def train_joint(
     pad_id: int = 0,
     progress=None,
     after_experts=None,
+    options: LoopOptions = DEFAULT_LOOP,
 ) -> AdaptedModel:
     """Workflow 1: stage 1 trains expert e on data[e] (hard routing); stage 2 trains the routers
     (and, with ``preservation_coef > 0``, lightly tunes the experts under the preservation penalty).
     ``progress(stage, step)`` is called as training advances; ``after_experts(adapted)`` between the
     stages (the comparison scores the experts there)."""
     report = (lambda stage: lambda s: progress(stage, s)) if progress else (lambda stage: None)
-    adapted = train_experts(model, data, mixer, steps, lr, batch_size, seed, pad_id, report("experts"))
+    adapted = train_experts(
+        model, data, mixer, steps, lr, batch_size, seed, pad_id, report("experts"), options
+    )
     if after_experts is not None:
         after_experts(adapted)
-    train_stage2(adapted, router_data, router_steps, router_lr, batch_size, seed, pad_id, report("router"))
+    train_stage2(
+        adapted, router_data, router_steps, router_lr, batch_size, seed, pad_id, report("router"), options
+    )
     return adapted
 
 
@@ -149,13 +158,14 @@ def train_experts(
     seed: int = 0,
     pad_id: int = 0,
     progress=None,
+    options: LoopOptions = DEFAULT_LOOP,
 ) -> AdaptedModel:
     """Stage 1: expert e trains on data[e] (hard routing: each sample goes to its task's expert)."""
     if len(data) != mixer.num_experts:
         raise ConfigError(f"{len(data)} task datasets for {mixer.num_experts} experts; give one per expert.")
     adapted = adapt(model, mixer)
     set_stage(adapted, "experts")
-    train(adapted, data, steps, lr, batch_size, seed, hard=True, pad_id=pad_id, progress=progress)
+    train(adapted, data, steps, lr, batch_size, seed, True, pad_id, progress, options=options)
     return adapted
 
 
@@ -168,6 +178,7 @@ def train_stage2(
     seed: int = 0,
     pad_id: int = 0,
     progress=None,
+    options: LoopOptions = DEFAULT_LOOP,
 ) -> AdaptedModel:
     """Stage 2: the routers train on a small mixed set (soft routing); with ``preservation_coef > 0`` the
     experts train too, held near their stage-1 weights. ``seed`` is the run's (see STAGE2_SEED_OFFSET)."""
@@ -175,7 +186,7 @@ def train_stage2(
     set_stage(adapted, "all" if mixer.preservation_coef > 0 else "router")
     stage2_seed = seed + STAGE2_SEED_OFFSET
     return train_routers(
-        adapted, router_data, router_steps, router_lr, batch_size, stage2_seed, pad_id, progress
+        adapted, router_data, router_steps, router_lr, batch_size, stage2_seed, pad_id, progress, options
     )
 
 
@@ -190,6 +201,7 @@ def train_router_on_peft(
     pad_id: int = 0,
     names: list[str] | None = None,
     route_label_coef: float = 1.0,
+    options: LoopOptions = DEFAULT_LOOP,
     **mixer_kwargs: Any,
 ) -> AdaptedModel:
     """Workflow 2: experts from existing PEFT LoRA folders (frozen); only the routers train.
@@ -198,7 +210,8 @@ def train_router_on_peft(
     config = LoraMixerConfig.from_peft_adapters(
         list(folders), names, route_label_coef=route_label_coef, **mixer_kwargs
     )
-    return train_routers(adapt(model, config), router_data, steps, lr, batch_size, seed, pad_id)
+    adapted = adapt(store_base(model, options.precision), config)
+    return train_routers(adapted, router_data, steps, lr, batch_size, seed, pad_id, options=options)
 
 
 def train_routers(
@@ -210,6 +223,7 @@ def train_routers(
     seed: int = 0,
     pad_id: int = 0,
     progress=None,
+    options: LoopOptions = DEFAULT_LOOP,
 ) -> AdaptedModel:
     """The plug-and-play training: soft routing over the mixed set, task labels supervising the routers
     when ``route_label_coef > 0``. Whatever the adapter leaves trainable trains (from PEFT folders:
@@ -227,6 +241,7 @@ def train_routers(
         pad_id,
         progress,
         supervise_routing=supervise,
+        options=options,
     )
     return adapted
 

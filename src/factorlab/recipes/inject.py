@@ -42,6 +42,7 @@ from factorlab.inject.tiny import (
 from factorlab.inject.train import DEFAULTS, METHODS, FineTuneSettings, fine_tune, total_steps
 from factorlab.inject.world import BUILTIN_RELATIONS, Relation, World, load_relations, relation_by_name
 from factorlab.models import cache_dir
+from factorlab.precision import check_precision
 from factorlab.progress import StepBars, console
 from factorlab.reporting import Column, aggregate, mean_std, write_table
 from factorlab.runtime import atomic_write_text, machine_info, resolve_device, write_json
@@ -72,9 +73,15 @@ class InjectConfig:
     """Where to train and evaluate: "cpu", "cuda", "cuda:N". A GPU run follows the same data order,
     but its float rounding and its adapters' random initialisation (drawn on the device) differ from
     a CPU run's, so compare the two over seeds, not cell by cell."""
+    precision: str = "float32"
+    """"float32", "bfloat16" or "float16" (factorlab.precision): part of a grid cell's id when not
+    float32, so a 16-bit result never stands in for a float32 one."""
+    gradient_checkpointing: bool = False
+    """Recompute each block's activations in the backward (less memory; the same gradients)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
+        check_precision(self.precision)
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}.")
         check_ranges(
@@ -160,7 +167,15 @@ def inject_cell(
     queries = world.queries()
     before = backend.base_ranks(queries)
     settings = FineTuneSettings(
-        cfg.method, cfg.r, cfg.lora_alpha, cfg.lr, cfg.epochs, cfg.batch_size, seed=cfg.seed
+        cfg.method,
+        cfg.r,
+        cfg.lora_alpha,
+        cfg.lr,
+        cfg.epochs,
+        cfg.batch_size,
+        seed=cfg.seed,
+        precision=cfg.precision,
+        gradient_checkpointing=cfg.gradient_checkpointing,
     )
     model, losses = fine_tune(backend, world, settings, progress)
     after = backend.ranks(model, queries)
@@ -305,7 +320,9 @@ def grid_cells(
             cell["relations_file"] = relations_file
         if device != "cpu":
             cell["device"] = device
-        cell.update({k: v for k, v in fixed.items() if v is not None})
+        # settings at their defaults stay out of the id, so the committed cells keep theirs
+        defaults = {"precision": "float32", "gradient_checkpointing": False}
+        cell.update({k: v for k, v in fixed.items() if v is not None and defaults.get(k, ...) != v})
         InjectConfig(**{k: v for k, v in cell.items() if k != "backend_key"})  # validate before any work
     return cells
 

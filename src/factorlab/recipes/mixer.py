@@ -66,6 +66,7 @@ from factorlab.mixer.train import (  # noqa: F401
     train_stage2,
 )
 from factorlab.models import resolve_model_path
+from factorlab.precision import store_base
 from factorlab.progress import StepBars, console
 from factorlab.reporting import Column, aggregate, write_table
 from factorlab.runtime import atomic_write_text, machine_info, write_json
@@ -93,7 +94,16 @@ PHASES = (("full", "experts", "multi-task LoRA", "Compacter++", "base"), ("X-LoR
 def _cell(cfg: MixerExperimentConfig, seed: int, unit: str, export: bool) -> dict[str, Any]:
     # seeds / full_seeds only choose which cells exist: out of the cell, so adding a seed reuses the rest
     config = dataclasses.asdict(dataclasses.replace(cfg, seeds=[seed], full_seeds=None))
+    for (
+        key,
+        default,
+    ) in LOOP_DEFAULTS.items():  # at their defaults, out of the id: committed cells keep theirs
+        if config[key] == default:
+            del config[key]
     return {"config": config, "seed": seed, "unit": unit, "export": export}
+
+
+LOOP_DEFAULTS = {"precision": "float32", "gradient_checkpointing": False}
 
 
 def comparison_cells(cfg: MixerExperimentConfig) -> list[list[dict[str, Any]]]:
@@ -118,7 +128,9 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
     tasks, pad_id = make_tasks(cfg)
     data, evals = train_and_eval_sets(tasks, cfg.train_examples_per_task, cfg.eval_examples_per_task, seed)
     router_data = [d[: cfg.router_examples_per_task] for d in data]
-    base = build_base(cfg, tasks, seed)
+    base = build_base(cfg, tasks, seed)  # float32: full fine-tuning's master weights, the exported base
+    stored = store_base(copy.deepcopy(base), cfg.precision) if cfg.precision != "float32" else base
+    options = cfg.loop_options()
     experts_folder = folder.parent / cell_id(_cell(cfg, seed, "experts", cell["export"]))
     records: list[dict[str, Any]] = []
     systems: dict[str, dict[str, Any]] = {}
@@ -152,31 +164,37 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
 
     def plain(steps, lr, train_data):
         return lambda model, progress: train(
-            model, train_data, steps, lr, cfg.batch_size, seed, False, pad_id, progress
+            model, train_data, steps, lr, cfg.batch_size, seed, False, pad_id, progress, options=options
         )
 
     if unit == "base":
-        score(base, "base")
+        score(stored, "base")
         systems["base"] = {"trainable": 0, "seconds": 0.0, "tokens": 0}
     elif unit in ("multi-task LoRA", "Compacter++", "full"):
         name, model, lr = {
             "multi-task LoRA": (
                 "multi-task LoRA (equal total rank)",
-                lambda: multitask_lora(cfg, base),
+                lambda: multitask_lora(cfg, stored),
                 cfg.lr,
             ),
-            "Compacter++": ("Compacter++ (multi-task)", lambda: compacter_plus_plus(base), cfg.compacter_lr),
+            "Compacter++": (
+                "Compacter++ (multi-task)",
+                lambda: compacter_plus_plus(stored),
+                cfg.compacter_lr,
+            ),
             "full": ("full fine-tuning (multi-task)", lambda: full_finetune(base), cfg.full_lr),
         }[unit]
         model = model()
         fit(model, name, cfg.steps, lr, data, plain(cfg.steps, lr, data), [name])
         score(model, name)
     elif unit == "experts":
-        mixer = adapt(copy.deepcopy(base), cfg.mixer_config())
+        mixer = adapt(copy.deepcopy(stored), cfg.mixer_config())
 
         def stage1(model, progress):
             set_stage(model, "experts")
-            train(model, data, cfg.steps, cfg.lr, cfg.batch_size, seed, True, pad_id, progress)
+            train(
+                model, data, cfg.steps, cfg.lr, cfg.batch_size, seed, True, pad_id, progress, options=options
+            )
 
         names = ["per-task LoRA (oracle)", "uniform average of experts"]
         fit(mixer, "experts (stage 1, hard routing)", cfg.steps, cfg.lr, data, stage1, names)
@@ -214,7 +232,7 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
                 **settings,
             )
             torch.manual_seed(seed)
-            return adapt(copy.deepcopy(base), config)
+            return adapt(copy.deepcopy(stored), config)
 
         if unit == "joint":
             # the experts train on, held near their stage-1 weights by the preservation penalty
@@ -223,7 +241,7 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
 
             def stage2(model, progress):
                 args = (router_data, cfg.router_steps, cfg.router_lr, cfg.batch_size, seed, pad_id, progress)
-                train_stage2(model, *args)
+                train_stage2(model, *args, options=options)
 
             label = "routers + experts (stage 2)"
             stage2_seed = seed + STAGE2_SEED_OFFSET
@@ -243,7 +261,7 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
 
             def routers(model, progress):
                 args = (router_data, cfg.router_steps, cfg.router_lr, cfg.batch_size, seed, pad_id, progress)
-                train_routers(model, *args)
+                train_routers(model, *args, options=options)
 
             label = "routers (frozen PEFT experts)"
             fit(mixer, label, cfg.router_steps, cfg.router_lr, router_data, routers, [name])
@@ -253,7 +271,7 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
         elif unit == "X-LoRA":
             name = "X-LoRA (peft)"
             torch.manual_seed(seed)  # the classifier's init
-            model = xlora(base, folders)
+            model = xlora(stored, folders)
             fit(
                 model,
                 "X-LoRA classifier",
@@ -531,7 +549,7 @@ def joint(cfg: MixerExperimentConfig, out: str | Path) -> dict[str, Any]:
             [cfg.steps, cfg.router_steps],
         )
         adapted = train_joint(
-            copy.deepcopy(base),
+            store_base(copy.deepcopy(base), cfg.precision),
             data,
             mixer_config,
             cfg.steps,
@@ -543,6 +561,7 @@ def joint(cfg: MixerExperimentConfig, out: str | Path) -> dict[str, Any]:
             seed,
             pad_id,
             progress=lambda stage, s: bars.update(0 if stage == "experts" else 1, s),
+            options=cfg.loop_options(),
         )
     _export(out, base, adapted, cfg)
     accuracies = {
@@ -588,6 +607,7 @@ def plug(
             balance_coef=cfg.balance_coef,
             specialization_coef=cfg.specialization_coef,
             route_label_coef=cfg.route_label_coef,
+            options=cfg.loop_options(),
         )
     adapted.save_pretrained(out / "mixer")
     accuracies = {
