@@ -589,14 +589,27 @@ def inject_run(
     device: InjDevice = INJECT.device,
     dtype: Dtype = INJECT.precision,
     gradient_checkpointing: GradientCheckpointing = False,
+    fsdp: Annotated[
+        bool,
+        typer.Option(
+            help="Under torchrun / accelerate launch: shard weights, gradients and optimizer state over "
+            "the processes (FSDP2, one unit per decoder block) instead of replicating them (DDP)."
+        ),
+    ] = False,
     threads: Threads = 1,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/inject"),
 ) -> None:
     """One relation x method x seed: ranks before and after fine-tuning -> OUT/summary.json, and every
     query with its candidates and ranks -> OUT/ranks.json."""
     _threads(threads)
+    import os
+
     from factorlab.recipes.inject import InjectConfig, run
 
+    if fsdp and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        raise ConfigError(
+            "--fsdp shards over processes: launch with torchrun --nproc-per-node N (or accelerate launch)."
+        )
     cfg = InjectConfig(
         model=model,
         relation=relation,
@@ -610,6 +623,7 @@ def inject_run(
         device=device,
         precision=dtype,
         gradient_checkpointing=gradient_checkpointing,
+        fsdp=fsdp,
     )
     s = run(cfg, out, save_adapter=save_adapter)
     from factorlab.distributed import is_main

@@ -154,9 +154,12 @@ def packs_sequences(model: nn.Module, vocab_size: int) -> bool:
     return bool(torch.allclose(packed, expected, rtol=1e-3, atol=1e-3 * float(expected.abs().max())))
 
 
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+
+
 def run_training(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | OptimizerFactory,
     steps: int,
     batch_for_step: BatchFn,
     checkpoint_dir: str | Path | None = None,
@@ -166,6 +169,7 @@ def run_training(
     context: str = "",
     precision: str = "float32",
     gradient_checkpointing: bool = False,
+    fsdp: bool = False,
 ) -> list[float]:
     """The loop behind every recipe that trains a language model; returns the logged losses.
 
@@ -179,11 +183,26 @@ def run_training(
     gradient scaler (``factorlab.precision``; the model's weights are already stored as that module
     says). ``gradient_checkpointing``: each decoder block's activations are recomputed in the backward
     instead of kept (non-reentrant checkpoints, so frozen inputs pass gradients to the adapters).
+
+    ``fsdp`` (under torchrun / accelerate launch): the model is sharded with FSDP2 in place
+    (``factorlab.fsdp``: float32 master weights, ``precision`` as FSDP's mixed precision), the optimizer
+    is built afterwards from ``optimizer`` (then a function of the trainable parameters), checkpoints
+    are sharded and every rank writes its own; ``factorlab.fsdp.write_sharded`` writes the result.
     """
     check_precision(precision)
-    if precision != "float32":
+    if precision != "float32" and not fsdp:
         keep_trainable_float32(model)  # before the optimizer's state exists: trained weights stay float32
     distributed = init_from_env()
+    model.train()
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    if fsdp:
+        return _run_sharded(
+            model, optimizer, steps, batch_for_step, checkpoint_dir, checkpoint_every, progress,
+            stop_after, context, precision, distributed,
+        )  # fmt: skip
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer([p for p in model.parameters() if p.requires_grad])
     losses: list[float] = []
     start = 0
     if checkpoint_dir is not None:
@@ -191,9 +210,6 @@ def run_training(
         if meta is not None:
             start, losses = meta["step"], list(meta["extra"]["losses"])
     net = DistributedDataParallel(model) if distributed else model
-    model.train()
-    if gradient_checkpointing:
-        enable_gradient_checkpointing(model)
     device = next(model.parameters()).device
     scaler = grad_scaler(precision, device)
     # frozen weights read row-major in both GEMMs (factorlab.layers.frozen); one copy while training.
@@ -233,6 +249,54 @@ def run_training(
     model.eval()
     if gradient_checkpointing:
         disable_gradient_checkpointing(model)
+    return losses
+
+
+def _run_sharded(
+    model, make_optimizer, steps, batch_for_step, checkpoint_dir, checkpoint_every, progress, stop_after,
+    context, precision, distributed,
+) -> list[float]:  # fmt: skip
+    """``run_training`` under FSDP2 (see there)."""
+    from factorlab import fsdp
+
+    if not distributed:
+        raise ConfigError("--fsdp shards over processes: launch with torchrun or accelerate launch.")
+    if precision == "float16":
+        raise ConfigError("--fsdp trains in float32 or bfloat16 (float16 needs a sharded gradient scaler).")
+    if isinstance(make_optimizer, torch.optim.Optimizer):
+        raise ConfigError(
+            "under FSDP the optimizer is built after sharding: pass a function of the parameters, e.g. "
+            "lambda params: torch.optim.Adam(params, lr=1e-4)."
+        )
+    fsdp.remember_adapter_keys(model)
+    fsdp.shard(model, precision)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+    losses: list[float] = []
+    start = 0
+    if checkpoint_dir is not None:
+        meta = fsdp.load_sharded(checkpoint_dir, model, optimizer)
+        if meta is not None:
+            start, losses = meta["step"], list(meta["losses"])
+    for step in range(start, steps):
+        inputs, labels, forward_kwargs = batch_for_step(step)
+        try:
+            loss, logged = lm_loss(model, model, inputs, labels, **forward_kwargs)
+        except TrainingDivergedError:
+            where = f" ({context})" if context else ""
+            raise TrainingDivergedError(
+                f"non-finite loss at step {step}{where}; lower the learning rate."
+            ) from None
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(logged)
+        if checkpoint_dir is not None and (step + 1) % checkpoint_every == 0:
+            fsdp.save_sharded(checkpoint_dir, model, optimizer, step + 1, losses)
+        if progress is not None:
+            progress(step + 1)
+        if stop_after is not None and step + 1 >= stop_after:
+            break
+    model.eval()
     return losses
 
 

@@ -142,6 +142,7 @@ class AdaptedModel(nn.Module):
         self._active: list[str] = []  # all active adapters; several only for methods that combine
         self.shared_adapter_weights = nn.ModuleDict()  # per adapter: weights all its layers share
         self._original_requires_grad = {n: p.requires_grad for n, p in base_model.named_parameters()}
+        self._whole_state_dict = False  # True inside factorlab.fsdp.whole_state_dict
 
         self._install_forward()
 
@@ -639,6 +640,8 @@ class AdaptedModel(nn.Module):
         The last entry, ``factorlab_adapter_configs`` (the adapters' configs as UTF-8 JSON bytes), makes
         a Trainer checkpoint (which holds only this state dict) a folder ``from_pretrained`` can open.
         """
+        if self.__dict__.get("_whole_state_dict", False):  # factorlab.fsdp.whole_state_dict
+            return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
         full = super().state_dict(*args, prefix="", keep_vars=keep_vars)
         layers = tuple(f"{MODEL_PREFIX}{name}." for name, _ in self.adapter_layers())
 
@@ -674,6 +677,8 @@ class AdaptedModel(nn.Module):
         and keys this model does not have are refused (``strict``) instead of loaded."""
         from torch.nn.modules.module import _IncompatibleKeys
 
+        if self.__dict__.get("_whole_state_dict", False):  # factorlab.fsdp.whole_state_dict
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
         if not isinstance(state_dict, Mapping) or not all(torch.is_tensor(v) for v in state_dict.values()):
             raise AdapterLoadError("load_state_dict takes a mapping of parameter names to tensors.")
         current = super().state_dict()  # the whole model's tensors, read once
@@ -754,7 +759,19 @@ class AdaptedModel(nn.Module):
                 raise ConfigError(f"no adapter named {name!r}; adapters: {sorted(self.adapter_configs)}.")
             self.write_adapter(name, Path(path) if name == "default" else Path(path) / name)
 
-    def write_adapter(self, name: str, folder: str | os.PathLike) -> Path:
+    def adapter_key_map(self, name: str) -> dict[str, str]:
+        """Each key of adapter ``name``'s saved file -> the key of the same tensor in torch's state dict
+        of this module tree (``factorlab.fsdp`` writes a sharded model's adapter from gathered tensors)."""
+        self._whole_state_dict = True
+        try:
+            where = {(v.data_ptr(), tuple(v.shape)): k for k, v in self.state_dict().items()}
+        finally:
+            self._whole_state_dict = False
+        return {k: where[(v.data_ptr(), tuple(v.shape))] for k, v in self.adapter_state_dict(name).items()}
+
+    def write_adapter(
+        self, name: str, folder: str | os.PathLike, tensors: dict[str, torch.Tensor] | None = None
+    ) -> Path:
         """Write adapter ``name`` into ``folder`` itself: PEFT's format for methods PEFT has (LoRA,
         DoRA), factorlab's own for the others."""
         self._require("save_pretrained")
@@ -790,7 +807,8 @@ class AdaptedModel(nn.Module):
             data.pop("inference_mode", None)
             data |= facts | {"format": "factorlab: this method has no PEFT equivalent; load with factorlab"}
             metadata = {"factorlab_method": config.method}
-        return write_adapter_folder(folder, data, self.adapter_state_dict(name), metadata)
+        tensors = self.adapter_state_dict(name) if tensors is None else tensors
+        return write_adapter_folder(folder, data, tensors, metadata)
 
     def _portable_targeting(self, config, method, targets: list[str]) -> tuple | None:
         """Targeting in PEFT's terms (names or a regex, and exclusions; no roles, no layer filter, whose

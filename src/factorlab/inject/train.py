@@ -60,6 +60,8 @@ class FineTuneSettings:
     """"float32", "bfloat16" or "float16": the base stored in it, adapters float32, the forward under
     autocast (full fine-tuning: float32 master weights); see factorlab.precision."""
     gradient_checkpointing: bool = False
+    fsdp: bool = False
+    """Shard model, gradients and optimizer state over the torchrun processes (factorlab.fsdp)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -131,10 +133,15 @@ def fine_tune(
     if batch_size < world_size():
         raise ConfigError(f"batch_size={batch_size} is smaller than the {world_size()} processes; raise it.")
     torch.manual_seed(settings.seed)
-    model = prepare(backend.model, settings.method, settings.r, settings.lora_alpha, settings.precision)
-    params = [p for p in model.parameters() if p.requires_grad]
-    # the paper's recipe: Adam, no weight decay, constant rate; fused: one kernel for all parameters
-    optimizer = torch.optim.Adam(params, lr=lr, fused=True)
+    # under FSDP the weights stay float32 (the sharded master copy) and FSDP computes in the precision
+    stored = "float32" if settings.fsdp else settings.precision
+    model = prepare(backend.model, settings.method, settings.r, settings.lora_alpha, stored)
+
+    def optimizer(params):
+        # the paper's recipe: Adam, no weight decay, constant rate; fused: one kernel for all parameters
+        # (sharded DTensor parameters take the per-tensor loop)
+        return torch.optim.Adam(params, lr=lr, fused=not settings.fsdp)
+
     texts = world.training_texts()
     # One row without padding when the model keeps packed texts apart (the same loss, fewer tokens)
     packed = packs_sequences(model, model.get_input_embeddings().num_embeddings)
@@ -165,6 +172,7 @@ def fine_tune(
         context=f"{settings.method}, lr={lr}",
         precision=settings.precision,
         gradient_checkpointing=settings.gradient_checkpointing,
+        fsdp=settings.fsdp,
     )
     return model, losses
 

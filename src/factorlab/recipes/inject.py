@@ -78,6 +78,8 @@ class InjectConfig:
     float32, so a 16-bit result never stands in for a float32 one."""
     gradient_checkpointing: bool = False
     """Recompute each block's activations in the backward (less memory; the same gradients)."""
+    fsdp: bool = False
+    """Under torchrun / accelerate launch: shard with FSDP2 instead of replicating with DDP."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -91,6 +93,8 @@ class InjectConfig:
         )
         if self.pretrain_seed and self.model != "tiny":
             raise ConfigError("pretrain_seed applies to the tiny backend only; drop it for other models.")
+        if self.fsdp and self.precision == "float16":
+            raise ConfigError("fsdp trains in float32 or bfloat16 (float16 needs a sharded gradient scaler).")
         relation_by_name(self.relation, self.known_relations())  # fails fast on an unknown relation
         resolve_device(self.device)  # and on a GPU this machine does not have
 
@@ -176,6 +180,7 @@ def inject_cell(
         seed=cfg.seed,
         precision=cfg.precision,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        fsdp=cfg.fsdp,
     )
     model, losses = fine_tune(backend, world, settings, progress)
     after = backend.ranks(model, queries)
@@ -184,7 +189,11 @@ def inject_cell(
     except SharedModelChangedError:
         _cached_backend.cache_clear()
         raise
-    if save_adapter is not None and is_main():
+    if save_adapter is not None and cfg.fsdp:
+        from factorlab.fsdp import write_sharded
+
+        write_sharded(model, save_adapter)  # gathered on rank 0, which writes (every rank takes part)
+    elif save_adapter is not None and is_main():
         model.save_pretrained(save_adapter)  # an AdaptedModel writes its adapter; full: the whole model
     summary: dict[str, Any] = {}
     for kind in KINDS:
@@ -321,7 +330,7 @@ def grid_cells(
         if device != "cpu":
             cell["device"] = device
         # settings at their defaults stay out of the id, so the committed cells keep theirs
-        defaults = {"precision": "float32", "gradient_checkpointing": False}
+        defaults = {"precision": "float32", "gradient_checkpointing": False, "fsdp": False}
         cell.update({k: v for k, v in fixed.items() if v is not None and defaults.get(k, ...) != v})
         InjectConfig(**{k: v for k, v in cell.items() if k != "backend_key"})  # validate before any work
     return cells
