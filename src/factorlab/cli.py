@@ -749,6 +749,50 @@ def report(
     typer.echo(f"{len(result['records'])} cells; wrote {folder}/report.md, table.*, results.json, ranks.png")
 
 
+@app.command("plan")
+@friendly_errors
+def plan(
+    model: Annotated[
+        str,
+        typer.Option(
+            help="A model folder, its config.json, or one of the OCR paper's LLMs: llama-3-8b, mistral-7b, "
+            "qwen2-7b, gemma-2-9b, olmo-7b."
+        ),
+    ],
+    method: Annotated[str, typer.Option(help="full, lora, compacter++ or lora-mixer.")] = "full",
+    dtype: Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")] = "bfloat16",
+    gpus: Annotated[int, typer.Option(help="GPUs (FSDP shards over them; DDP replicates).")] = 8,
+    gpu_memory: Annotated[str, typer.Option(help="Memory of one GPU, e.g. 80GB, 141GB.")] = "80GB",
+    batch: Annotated[int, typer.Option(help="Sequences per GPU per step.")] = 8,
+    seq: Annotated[int, typer.Option(help="Tokens per sequence.")] = 128,
+    gradient_checkpointing: GradientCheckpointing = False,
+    r: Annotated[int, typer.Option("--r", help="LoRA / LoRA-Mixer rank.")] = 16,
+    device: Annotated[str, typer.Option(help="cuda (fused attention) or cpu.")] = "cuda",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the plan as JSON here.")] = None,
+) -> None:
+    """Per-GPU memory of a training run before launch (weights, gradients, optimizer, activations) under
+    DDP and FSDP, whether it fits, and the smallest change that would. Nothing is allocated: the model is
+    built on the meta device and its activations are measured there."""
+    from factorlab.plan import PlanConfig, format_plan, make_plan, parse_size, write_plan
+
+    cfg = PlanConfig(
+        model=model,
+        method=method,
+        precision=dtype,
+        gpus=gpus,
+        gpu_memory=parse_size(gpu_memory),
+        batch=batch,
+        seq=seq,
+        gradient_checkpointing=gradient_checkpointing,
+        r=r,
+        device=device,
+    )
+    result = make_plan(cfg)
+    typer.echo(format_plan(result))
+    if json_out is not None:
+        write_plan(result, json_out)
+
+
 @app.command("demo")
 @friendly_errors
 def demo(
