@@ -15,6 +15,14 @@ bandwidth (a large tensor copy timed in the same run); it matters only for full 
 steps are also split into forward (with the batch and the loss), backward and the optimizer's step.
 
     python bench/inject_cell_speed.py --model smollm2 --method lora --steps 10    # ~1 minute
+
+On a GPU (``--device cuda``) it times the steps with the device synchronised at both ends, reports the
+achieved TFLOP/s against the card's measured GEMM throughput in the training's dtype (a large matmul
+timed in the same run; float32 with TF32 off, or bfloat16), and with ``--cells N`` starts N copies at
+once on the card (as a grid's workers share it) and reports their combined throughput:
+
+    python bench/inject_cell_speed.py --device cuda --dtype bfloat16 --cells 1 --steps 30
+    python bench/inject_cell_speed.py --device cuda --dtype bfloat16 --cells 8 --steps 30
 """
 
 from __future__ import annotations
@@ -98,6 +106,95 @@ def phase_seconds() -> Iterator[dict[str, float]]:
         torch.Tensor.backward, torch.optim.Adam.step = backward, step
 
 
+def cuda_gemm_tflops(dtype: torch.dtype, size: int = 8192, repeats: int = 20) -> float:
+    """The card's GEMM rate in ``dtype`` (float32: TF32 off, as factorlab trains), best of a few runs."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a = torch.randn(size, size, device="cuda", dtype=dtype)
+    b = torch.randn(size, size, device="cuda", dtype=dtype)
+    a @ b
+    torch.cuda.synchronize()
+    best = 0.0
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(repeats):
+            a @ b
+        end.record()
+        torch.cuda.synchronize()
+        best = max(best, 2 * size**3 * repeats / (start.elapsed_time(end) / 1e3) / 1e12)
+    return best
+
+
+def cuda_main(args) -> dict:
+    """One cell's training steps on the GPU: seconds, tokens, floor FLOPs and the share of the card."""
+    import json
+
+    dtype = getattr(torch, args.dtype)
+    peak = cuda_gemm_tflops(dtype)
+    cfg = InjectConfig(
+        model=args.model, relation=args.relation, method=args.method, device="cuda", precision=args.dtype
+    )
+    backend = cached_backend(cfg.model, None, 0, "cuda")
+    world = World.generate(relation_by_name(cfg.relation, cfg.known_relations()), 0, cfg.num_subjects)
+    settings = FineTuneSettings(cfg.method, cfg.r, cfg.lora_alpha, seed=0, precision=args.dtype)
+    stamps: list[float] = []
+    step_tokens: list[int] = []
+    encode = backend.encode
+
+    def counting_encode(texts):
+        enc = encode(texts)
+        step_tokens.append(int(enc["attention_mask"].sum()))
+        return enc
+
+    def stamp(_) -> None:
+        if len(stamps) in (0, args.steps):  # the ends of the timed steps: wait for the GPU there only
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    backend.encode = counting_encode
+    fine_tune(backend, world, settings, stamp, stop_after=args.steps + 1)
+    torch.cuda.synchronize()
+    train = stamps[args.steps] - stamps[0]
+    tokens = sum(step_tokens[1 : args.steps + 1])
+    params = sum(p.numel() for p in backend.model.parameters())
+    flops = (6 if cfg.method == "full" else 4) * params * tokens
+    result = {
+        "gpu": torch.cuda.get_device_name(),
+        "dtype": args.dtype,
+        "method": cfg.method,
+        "steps": args.steps,
+        "seconds": train,
+        "step_s": train / args.steps,
+        "tokens_per_step": tokens / args.steps,
+        "tflops": flops / train / 1e12,
+        "gemm_tflops": peak,
+        "share": flops / train / 1e12 / peak,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9,
+    }
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def cuda_shared(args) -> None:
+    """N copies of one cell at once on the card: their combined throughput."""
+    import json
+    import subprocess
+    import sys
+
+    command = [sys.executable, __file__, "--device", "cuda", "--cells", "1", "--dtype", args.dtype,
+               "--method", args.method, "--model", args.model, "--steps", str(args.steps)]  # fmt: skip
+    started = time.perf_counter()
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True) for _ in range(args.cells)]
+    outputs = [p.communicate()[0] for p in procs]
+    wall = time.perf_counter() - started
+    results = [json.loads(line) for out in outputs for line in out.splitlines() if line.startswith("{")]
+    combined = sum(r["tflops"] * r["seconds"] for r in results) / max(r["seconds"] for r in results)
+    peak = results[0]["gemm_tflops"]
+    print(f"{args.cells} cells sharing one {results[0]['gpu']} ({args.dtype}, {args.method}): step "
+          f"{statistics.median(r['step_s'] for r in results):.3f} s median, combined {combined:.1f} TFLOP/s "
+          f"= {combined / peak:.1%} of the card's {peak:.0f} TFLOP/s GEMM; wall {wall:.0f} s")  # fmt: skip
+
+
 def copy_gbytes_per_s(megabytes: int = 512, seconds: float = 1.0) -> float:
     src = torch.ones(megabytes * 2**20 // 4)
     dst = torch.empty_like(src)
@@ -118,8 +215,21 @@ def main() -> None:
     parser.add_argument("--relation", default="city-language")
     parser.add_argument("--steps", type=int, default=10, help="training steps timed")
     parser.add_argument("--threads", type=int, default=1, help="as a grid worker runs")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (GPU)")
+    parser.add_argument("--cells", type=int, default=1, help="GPU: copies sharing the card")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.device == "cuda":
+        if args.cells > 1:
+            cuda_shared(args)
+        else:
+            result = cuda_main(args)
+            print(f"one cell on {result['gpu']} ({args.dtype}, {args.method}): "
+                  f"{result['step_s']:.3f} s/step, "
+                  f"{result['tflops']:.2f} TFLOP/s = {result['share']:.1%} of {result['gemm_tflops']:.0f} "
+                  f"TFLOP/s GEMM, peak memory {result['peak_memory_gb']:.1f} GB")  # fmt: skip
+        return
     rates = gemm_gflops()
     bandwidth = copy_gbytes_per_s()
     cfg = InjectConfig(model=args.model, relation=args.relation, method=args.method)

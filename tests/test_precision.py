@@ -143,3 +143,51 @@ def test_run_training_with_checkpointing_trains_like_without(tmp_path):
 def test_checkpointing_a_model_that_cannot_is_a_clean_error():
     with pytest.raises(ConfigError, match="has no gradient checkpointing"):
         enable_gradient_checkpointing(torch.nn.Linear(2, 2))
+
+
+def test_the_gpu_loss_path_equals_the_cpu_one():
+    """``lm_loss(defer=True)`` (GPUs: no mask indexing, no read-back) computes the CPU path's loss."""
+    model = adapted("lora").train()
+    labels = DATA[0].clone()
+    labels[:, :3] = -100
+    results = []
+    for defer in (False, True):
+        model.zero_grad()
+        loss, logged = lm_loss(model, model, {"input_ids": DATA[0]}, labels, defer=defer)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        results.append((float(loss), float(logged), grads))
+    (a, la, ga), (b, lb, gb) = results
+    assert b == pytest.approx(a, rel=1e-6) and lb == pytest.approx(la, rel=1e-6)
+    assert all(torch.allclose(x, y, rtol=1e-5, atol=1e-7) for x, y in zip(ga, gb))
+
+
+def test_deferred_losses_are_read_back_in_one_go_and_a_nan_is_named_by_its_step():
+    from factorlab.errors import TrainingDivergedError
+    from factorlab.training import LossLog
+
+    losses = []
+    log = LossLog(losses, defer=True, every=4)
+    for step in range(3):
+        log.add(step, torch.tensor(float(step)))
+    assert losses == [] and len(log.pending) == 3  # nothing read back yet
+    log.add(3, torch.tensor(3.0))
+    assert losses == [0.0, 1.0, 2.0, 3.0] and not log.pending
+    log.add(4, torch.tensor(float("nan")))
+    with pytest.raises(TrainingDivergedError, match="step 4"):
+        log.flush()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_factorlab_s_own_loop_code_never_waits_for_the_gpu():
+    from factorlab.training import LossLog, to_device
+
+    log = LossLog([], defer=True, every=1000)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(5):
+            batch = to_device({"input_ids": DATA[step]}, torch.device("cuda"))
+            log.add(step, batch["input_ids"].float().mean())
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(log.flush()) == 5

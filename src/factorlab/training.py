@@ -3,6 +3,7 @@ checkpointed resumption. Used by the knowledge-injection and LoRA-Mixer recipes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -59,7 +60,14 @@ DEFAULT_LOOP = LoopOptions()
 BatchFn = Callable[[int], tuple[dict[str, torch.Tensor], torch.Tensor, dict[str, Any]]]
 
 
-def lm_loss(net: nn.Module, model: nn.Module, inputs: dict, labels: torch.Tensor, **forward_kwargs):
+def lm_loss(
+    net: nn.Module,
+    model: nn.Module,
+    inputs: dict,
+    labels: torch.Tensor,
+    defer: bool = False,
+    **forward_kwargs,
+):
     """(loss to backpropagate, loss to log) for next-token prediction on ``labels`` (-100 = ignore).
 
     The loss is the sum over this rank's predicted tokens divided by the token count of the whole
@@ -68,21 +76,35 @@ def lm_loss(net: nn.Module, model: nn.Module, inputs: dict, labels: torch.Tensor
     loss curve as one process with the same global batch. Auxiliary losses the model exposes
     (LoRA-Mixer's routing loss) are added to the first. The output head runs only where a label is
     predicted (``logits_at``).
+
+    ``defer`` (GPUs): nothing waits for the device. The head runs on every position with -100 left to
+    the cross-entropy (selecting positions by a mask would read its count back to the host), the loss
+    to log is returned as a device scalar, and its finiteness is checked by the caller later
+    (``run_training`` checks every few steps).
     """
     targets = labels[:, 1:]
     predicts = targets != -100  # (B, L - 1): positions whose next token is a label
-    keep = torch.zeros_like(labels, dtype=torch.bool)
-    keep[:, :-1] = predicts
-    logits = logits_at(net, model, keep, **inputs, **forward_kwargs)
-    loss_sum = _SummedCrossEntropy.apply(logits.float(), targets[predicts])
+    if defer:
+        logits = net(**inputs, **forward_kwargs).logits[:, :-1]
+        loss_sum = nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum"
+        )
+    else:
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = predicts
+        logits = logits_at(net, model, keep, **inputs, **forward_kwargs)
+        loss_sum = _SummedCrossEntropy.apply(logits.float(), targets[predicts])
     tokens = all_reduce_sum(predicts.sum()).clamp_min(1)
     loss = loss_sum * world_size() / tokens
     aux = getattr(model, "last_aux_loss", None)
     if torch.is_tensor(aux) and aux.requires_grad:
         loss = loss + aux
+    logged = all_reduce_sum(loss_sum.detach()) / tokens
+    if defer:
+        return loss, logged
     if not torch.isfinite(loss):
         raise TrainingDivergedError("non-finite training loss; lower the learning rate.")
-    return loss, (all_reduce_sum(loss_sum.detach()) / tokens).item()
+    return loss, logged.item()
 
 
 def logits_at(net: nn.Module, model: nn.Module, keep: torch.Tensor, **inputs) -> torch.Tensor:
@@ -130,8 +152,15 @@ def pack(
 
 
 def to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """``inputs`` with every tensor on ``device`` (other values as they are)."""
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    """``inputs`` with every tensor on ``device`` (other values as they are). To a GPU through pinned
+    memory without waiting: a copy from pageable memory would first wait for the device's queue."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    return {
+        k: v.pin_memory().to(device, non_blocking=True) if torch.is_tensor(v) else v
+        for k, v in inputs.items()
+    }
 
 
 def packs_sequences(model: nn.Module, vocab_size: int) -> bool:
@@ -212,6 +241,7 @@ def run_training(
     net = DistributedDataParallel(model) if distributed else model
     device = next(model.parameters()).device
     scaler = grad_scaler(precision, device)
+    log = LossLog(losses, defer=device.type == "cuda", context=context)
     # frozen weights read row-major in both GEMMs (factorlab.layers.frozen); one copy while training.
     # A trainable tied embedding's (vocabulary x hidden) gradient reuses one buffer instead of three
     # fresh ones a step (factorlab.layers.tied); not under DDP, whose gradient hooks it would bypass.
@@ -225,12 +255,10 @@ def run_training(
             inputs, labels, forward_kwargs = batch_for_step(step)
             try:
                 with autocast(precision, device):
-                    loss, logged = lm_loss(net, model, inputs, labels, **forward_kwargs)
+                    loss, logged = lm_loss(net, model, inputs, labels, defer=log.defer, **forward_kwargs)
             except TrainingDivergedError:
-                where = f" ({context})" if context else ""
-                raise TrainingDivergedError(
-                    f"non-finite loss at step {step}{where}; lower the learning rate."
-                ) from None
+                log.add(step, float("nan"))  # raises, naming the step
+            log.add(step, logged)
             optimizer.zero_grad(set_to_none=True)
             if scaler is None:
                 loss.backward()
@@ -239,17 +267,51 @@ def run_training(
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-            losses.append(logged)
             if checkpoint_dir is not None and (step + 1) % checkpoint_every == 0 and is_main():
-                save_checkpoint(checkpoint_dir, model, optimizer, step + 1, {"losses": losses})
+                save_checkpoint(checkpoint_dir, model, optimizer, step + 1, {"losses": log.flush()})
             if progress is not None:
                 progress(step + 1)
             if stop_after is not None and step + 1 >= stop_after:
                 break
+    log.flush()
     model.eval()
     if gradient_checkpointing:
         disable_gradient_checkpointing(model)
     return losses
+
+
+class LossLog:
+    """The logged losses. On a GPU (``defer``) each step's loss stays on the device and is read back
+    every ``every`` steps in one transfer, so no step waits for the device; a non-finite loss is then
+    found at that read, at most ``every`` steps late, before any checkpoint or result is written
+    (``flush`` runs first). On the CPU each loss is checked as it comes."""
+
+    def __init__(self, losses: list[float], defer: bool, context: str = "", every: int = 16):
+        self.losses, self.defer, self.context, self.every = losses, defer, context, every
+        self.pending: list[tuple[int, torch.Tensor]] = []
+
+    def add(self, step: int, logged: float | torch.Tensor) -> None:
+        if not self.defer:
+            self._check(step, float(logged))
+            self.losses.append(float(logged))
+            return
+        self.pending.append((step, logged))
+        if len(self.pending) >= self.every:
+            self.flush()
+
+    def flush(self) -> list[float]:
+        if self.pending:
+            values = torch.stack([v for _, v in self.pending]).tolist()  # one read-back for all of them
+            for (step, _), value in zip(self.pending, values):
+                self._check(step, value)
+            self.losses += values
+            self.pending.clear()
+        return self.losses
+
+    def _check(self, step: int, value: float) -> None:
+        if not math.isfinite(value):
+            where = f" ({self.context})" if self.context else ""
+            raise TrainingDivergedError(f"non-finite loss at step {step}{where}; lower the learning rate.")
 
 
 def _run_sharded(

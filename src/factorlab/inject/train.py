@@ -158,7 +158,7 @@ def fine_tune(
             inputs, labels = pack(enc["input_ids"], enc["attention_mask"])
         else:
             inputs, labels = enc, enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        return to_device(inputs, device), labels.to(device), {}
+        return to_device(inputs, device), to_device({"labels": labels}, device)["labels"], {}
 
     losses = run_training(
         model,
