@@ -207,3 +207,30 @@ def test_a_bfloat16_tiny_injection_cell_memorises_and_generalizes(tmp_path, meth
     assert summary["config"]["precision"] == "bfloat16"
     assert summary["train_fact_rank"] <= 0.5
     assert summary["test_implication_rank"] <= 0.5 * summary["test_implication_rank_before"]
+
+
+def test_mixer_recipes_train_in_16_bits_and_keep_float32_cell_ids():
+    from factorlab.mixer.config import MixerExperimentConfig
+    from factorlab.mixer.tasks import Example
+    from factorlab.mixer.train import train
+    from factorlab.recipes.mixer import _cell
+
+    model = store_base(build("llama"), "bfloat16")
+    mixer = factorlab.adapt(model, factorlab.LoraMixerConfig(num_experts=2, r=2))
+    data = [[Example([5, 6, 7, 8], [9, 10], task) for _ in range(8)] for task in range(2)]
+    losses = train(
+        mixer,
+        data,
+        2,
+        1e-3,
+        4,
+        0,
+        True,
+        0,
+        options=MixerExperimentConfig(precision="bfloat16").loop_options(),
+    )
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert {p.dtype for p in mixer.parameters() if p.requires_grad} == {torch.float32}
+    default, bf16 = MixerExperimentConfig(), MixerExperimentConfig(precision="bfloat16")
+    assert "precision" not in _cell(default, 0, "base", False)["config"]  # committed cells keep their ids
+    assert _cell(bf16, 0, "base", False)["config"]["precision"] == "bfloat16"

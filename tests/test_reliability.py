@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 import factorlab
 from factorlab.errors import AdapterLoadError, ConfigError, FactorlabError
 from factorlab.inject.world import load_relations
-from factorlab.methods.base import config_from_dict
+from factorlab.core.method import config_from_dict
 from tiny_models import build, inputs, logits
 
 # ---- configs ---------------------------------------------------------------------------------------

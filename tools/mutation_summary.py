@@ -19,7 +19,7 @@ from mutmut.stats import status_by_exit_code
 
 # functions that run only while factorlab is imported (building the registered Method objects): mutmut
 # switches a mutant on per call after the modules are loaded, so their mutants survive whatever the tests
-IMPORT_TIME = ("factorlab.methods.compacter.model.x__method__", "factorlab.methods.base.x_register_method__")
+IMPORT_TIME = ("factorlab.methods.compacter.model.x__method__", "factorlab.core.method.x_register_method__")
 
 
 def main(mutants: Path = Path("mutants"), out: Path = Path("results/mutation")) -> None:

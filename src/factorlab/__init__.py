@@ -17,21 +17,28 @@ from factorlab.errors import (
     TrainingDivergedError,
 )
 from factorlab.interop.peft import get_peft_model_state_dict, set_peft_model_state_dict
+from factorlab.layers.base import AdapterLayer
 from factorlab.methods import (
+    BUILT_IN,
     AdapterConfig,
     CompacterConfig,
     CompacterPlusPlusConfig,
     ExpertSpec,
     LoraConfig,
     LoraMixerConfig,
+    Method,
     PHMAdapterConfig,
     register_method,
 )
 from factorlab.version import __version__
 
+for _method in BUILT_IN:  # the built-in methods; others register themselves the same way
+    register_method(_method)
+
 __all__ = [
     "AdaptedModel",
     "AdapterConfig",
+    "AdapterLayer",
     "AdapterLoadError",
     "AdapterSaveError",
     "CompacterConfig",
@@ -41,6 +48,7 @@ __all__ = [
     "FactorlabError",
     "LoraConfig",
     "LoraMixerConfig",
+    "Method",
     "PHMAdapterConfig",
     "ResourceError",
     "TargetError",

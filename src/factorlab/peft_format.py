@@ -26,6 +26,24 @@ HEAD_CLASSES = {"ForSequenceClassification": "SEQ_CLS", "ForTokenClassification"
                 "ForQuestionAnswering": "QUESTION_ANS"}  # fmt: skip
 
 
+def check_save_keywords(save_embedding_layers, path_initial_conversion, kwargs: dict) -> None:
+    """PEFT's ``save_pretrained`` keywords that factorlab takes differently or not at all."""
+    unknown = sorted(set(kwargs) - {"state_dict", "convert_pissa_to_lora", "push_to_hub"})
+    if unknown:
+        raise ConfigError(
+            f"save_pretrained() got unknown keyword(s) {unknown}; it takes PEFT's save_pretrained keywords."
+        )
+    if save_embedding_layers not in ("auto", False):
+        raise ConfigError(
+            f"save_embedding_layers={save_embedding_layers!r}: factorlab saves the embeddings an adapter "
+            "trains; to train and save them, add modules_to_save=['embed_tokens', 'lm_head'] to the config."
+        )
+    if path_initial_conversion is not None or kwargs.get("convert_pissa_to_lora"):
+        raise ConfigError("PiSSA/OLoRA weight conversion on save is not supported (nor those inits).")
+    if kwargs.get("push_to_hub"):
+        raise ConfigError("factorlab does not upload; save locally and push with huggingface_hub.")
+
+
 def task_type_of(base: nn.Module) -> str | None:
     """PEFT's task type for this model class, written to PEFT-format folders when the config has none."""
     cls = type(base).__name__

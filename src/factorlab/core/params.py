@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from factorlab.core.method import METHODS
 from factorlab.layers.base import AdapterLayer
 
 
 def parameter_kind(name: str) -> str:
     """What a trainable parameter is, by the labels each method registers (``Method.param_kinds``)."""
-    from factorlab.methods.base import METHODS, get_method
-
-    get_method("lora")  # registers the built-in methods
     kinds = [kind for method in METHODS.values() for kind in method.param_kinds]
     kinds.append((".modules_to_save.", "trained copies of whole modules (e.g. LayerNorms)"))
     for needle, kind in kinds:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from factorlab.errors import TargetError
+from factorlab.layers.base import AdapterLayer
 from factorlab.layers.shapes import LAYER_PATTERNS, is_conv1d, is_linear, layer_index  # noqa: F401
 from factorlab.validation import check_regex
 
@@ -121,6 +122,12 @@ def _matches(name: str, spec: str | Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in spec)
 
 
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The module an adapter layer wraps (``base_layer``), or the module itself: methods judge and
+    adapt the original, whatever adapter already sits on it."""
+    return module.base_layer if isinstance(module, AdapterLayer) else module
+
+
 def output_head_names(model: nn.Module) -> set[str]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return {n for n, m in model.named_modules() if head is not None and m is head} | {"lm_head"}
@@ -173,9 +180,8 @@ def resolve_targets(
         raise TargetError(
             _nothing_matched(model, target_modules, target_roles, exclude_modules, layers_to_transform)
         )
-    unsupported = [
-        (n, type(model.get_submodule(n)).__name__) for n in names if not accepts(model.get_submodule(n))
-    ]
+    originals = {n: unwrapped(model.get_submodule(n)) for n in names}
+    unsupported = [(n, type(m).__name__) for n, m in originals.items() if not accepts(m)]
     if unsupported:
         shown = ", ".join(f"{n} ({t})" for n, t in unsupported[:5])
         raise TargetError(

@@ -1,6 +1,7 @@
-"""Adaptation methods, one folder each (config.py, model.py); layers live in factorlab.layers."""
+"""Adaptation methods, one folder each (config.py, model.py); layers live in factorlab.layers. The
+package's root (factorlab/__init__.py) registers them."""
 
-from factorlab.methods.base import METHODS, AdapterConfig, Method, get_method, register_method
+from factorlab.core.method import METHODS, AdapterConfig, Method, get_method, register_method
 from factorlab.methods.compacter import (
     COMPACTER,
     COMPACTER_PLUS_PLUS,
@@ -12,10 +13,10 @@ from factorlab.methods.compacter import (
 from factorlab.methods.lora import LORA, LoraConfig
 from factorlab.methods.lora_mixer import LORA_MIXER, ExpertSpec, LoraMixerConfig
 
-for _method in (LORA, COMPACTER, COMPACTER_PLUS_PLUS, PHM_ADAPTER, LORA_MIXER):
-    register_method(_method)
+BUILT_IN = (LORA, COMPACTER, COMPACTER_PLUS_PLUS, PHM_ADAPTER, LORA_MIXER)
 
 __all__ = [
+    "BUILT_IN",
     "METHODS",
     "AdapterConfig",
     "CompacterConfig",

@@ -18,10 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from factorlab.core.method import AdapterConfig
 from factorlab.errors import ConfigError
 from factorlab.layers.bottleneck import ACTIVATIONS
 from factorlab.layers.phm import FAST_INITS, RULE_INITS
-from factorlab.methods.base import AdapterConfig
 from factorlab.validation import check_fields, check_targeting
 
 UNSHARED_RULE_STD = 0.01

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from factorlab.core.method import Method
 from factorlab.errors import ConfigError
 from factorlab.layers.base import AdapterLayer
 from factorlab.layers.bottleneck import BottleneckAdapterLayer, output_features
 from factorlab.layers.lora import adapter_dtype
 from factorlab.layers.modules_to_save import ModulesToSave
 from factorlab.layers.phm import PHMFastWeights, PHMLinear, PHMRule, check_phm_dim
-from factorlab.methods.base import Method
 from factorlab.methods.compacter.config import (
     UNSHARED_RULE_STD,
     CompacterConfig,
@@ -40,12 +40,12 @@ def _check_dims(hidden: int, config: CompacterConfig, module_name: str) -> int:
     return bottleneck
 
 
-def build_shared(base: nn.Module, config: CompacterConfig, names: list[str]) -> nn.ModuleDict | None:
+def build_shared(
+    base: nn.Module, config: CompacterConfig, targets: dict[str, nn.Module], loading: bool
+) -> nn.ModuleDict | None:
     """Validate every target's sizes before anything is injected; build the shared rule / weights."""
     sizes = {}
-    for name in names:
-        module = base.get_submodule(name)
-        module = module.base_layer if isinstance(module, AdapterLayer) else module
+    for name, module in targets.items():
         sizes[name] = (
             output_features(module),
             _check_dims(output_features(module), config, name),

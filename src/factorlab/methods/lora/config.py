@@ -6,10 +6,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from factorlab.core.method import AdapterConfig
 from factorlab.errors import ConfigError
 from factorlab.layers.lora import LORA_INITS
 from factorlab.layers.shapes import LAYER_PATTERNS
-from factorlab.methods.base import AdapterConfig
 from factorlab.peft_format import pattern_value
 from factorlab.validation import check_fields, check_lora_alpha, check_regex, check_targeting
 

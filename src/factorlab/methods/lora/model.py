@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from torch import nn
 
+from factorlab.core.method import Method
 from factorlab.errors import ConfigError
 from factorlab.layers.base import AdapterLayer
 from factorlab.layers.lora import LoRAConv, LoRAEmbedding, LoRALayer, LoRALinear
 from factorlab.layers.shapes import is_conv1d, is_linear
-from factorlab.methods.base import Method
 from factorlab.methods.lora.combine import combine_lora_adapters
 from factorlab.methods.lora.config import LoraConfig
 
@@ -78,8 +78,7 @@ def default_lora_roles(family: str | None) -> tuple[str, ...]:
 
 
 def lora_accepts(module: nn.Module) -> bool:
-    base = module.base_layer if isinstance(module, AdapterLayer) else module
-    return is_linear(base) or isinstance(base, (nn.Embedding, nn.Conv1d, nn.Conv2d))
+    return is_linear(module) or isinstance(module, (nn.Embedding, nn.Conv1d, nn.Conv2d))
 
 
 LORA = Method(
@@ -90,6 +89,7 @@ LORA = Method(
     default_lora_roles,
     in_place_parameters=lora_bias_parameters,
     peft_type="LORA",
+    label="LoRA",
     combinable=True,
     combine=combine_lora_adapters,
     param_kinds=(

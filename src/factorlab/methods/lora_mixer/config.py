@@ -29,9 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+from factorlab.core.method import AdapterConfig
 from factorlab.errors import ConfigError
 from factorlab.layers.mixer import ROUTINGS
-from factorlab.methods.base import AdapterConfig
 from factorlab.validation import check_fields, check_lora_alpha, check_targeting, short
 
 GRANULARITIES = ("projection", "layer", "shared")

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from factorlab.core.method import Method
 from factorlab.errors import ConfigError, TargetError
-from factorlab.layers.base import AdapterLayer
 from factorlab.layers.lora import adapter_dtype
 from factorlab.layers.mixer import (
     ROUTINGS,
@@ -24,7 +24,6 @@ from factorlab.layers.mixer import (
     routing_label_loss,
 )
 from factorlab.layers.shapes import is_conv1d, layer_index, linear_dims
-from factorlab.methods.base import WEIGHTS_FOLLOW, Method
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
 from factorlab.validation import short
 
@@ -52,6 +51,7 @@ class MixerShared(nn.Module):
         self.plugged: dict[str, object] = {}
 
     def trainable_parameters(self):
+        """The shared routers, while the routers train (the method's ``shared_trainable_parameters``)."""
         return self.routers.parameters() if self.train_router else iter(())
 
     # -- called by AdaptedModel around every forward / generate ---------------------------------
@@ -131,12 +131,12 @@ class _RecordedExpert:
         return self.scalings[module]
 
 
-def _expert_source(spec):
+def _expert_source(spec, loading: bool):
     """The PEFT expert's weights and shapes: from its folder, or (while an adapter file is being
     loaded) from the table recorded when it was plugged."""
     if Path(spec.source, "adapter_model.safetensors").exists():
         return _peft(spec.source)
-    if spec.modules is not None and WEIGHTS_FOLLOW.get():
+    if spec.modules is not None and loading:
         return _RecordedExpert(
             {m: int(r) for m, (r, _) in spec.modules.items()},
             {m: float(c) for m, (_, c) in spec.modules.items()},
@@ -151,14 +151,13 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
-def build_shared(base: nn.Module, config: LoraMixerConfig, names: list[str]) -> MixerShared:
+def build_shared(
+    base: nn.Module, config: LoraMixerConfig, targets: dict[str, nn.Module], loading: bool
+) -> MixerShared:
     shared = MixerShared(config)
     E = config.num_experts
-    widths = {}
-    for name in names:
-        module = base.get_submodule(name)
-        module = module.base_layer if isinstance(module, AdapterLayer) else module
-        widths[name] = (linear_dims(module)[0], module.weight)
+    names = list(targets)
+    widths = {name: (linear_dims(module)[0], module.weight) for name, module in targets.items()}
     groups: dict[str, list[str]] = {}
     if config.router_granularity == "layer":
         for name in names:
@@ -192,7 +191,7 @@ def build_shared(base: nn.Module, config: LoraMixerConfig, names: list[str]) -> 
     # Check every PEFT expert against the model before anything is injected.
     for spec in config.expert_specs():
         if spec.source is not None:
-            lora = shared.plugged[spec.name] = _expert_source(spec)
+            lora = shared.plugged[spec.name] = _expert_source(spec, loading)
             modules = lora.ranks
             outside = sorted(set(modules) - set(widths))
             if outside:
@@ -202,9 +201,7 @@ def build_shared(base: nn.Module, config: LoraMixerConfig, names: list[str]) -> 
                     "from a model with other modules (another depth), or target_modules must include them."
                 )
             for module, (a, b) in lora.weights.items():
-                target = base.get_submodule(module)
-                target = target.base_layer if isinstance(target, AdapterLayer) else target
-                in_f, out_f = linear_dims(target)
+                in_f, out_f = linear_dims(targets[module])
                 if a.shape[1] != in_f or b.shape[0] != out_f:
                     raise ConfigError(
                         f"expert {spec.name!r} ({spec.source}) has LoRA shapes A {tuple(a.shape)}, B "
@@ -286,7 +283,11 @@ LORA_MIXER = Method(
     LoRAMixerLinear,
     build_mixer_layer,
     default_mixer_roles,
+    label="LoRA-Mixer",
     build_shared=build_shared,
+    shared_trainable_parameters=MixerShared.trainable_parameters,
+    not_combinable_hint="a LoRA-Mixer routes between its own experts: put them in one LoraMixerConfig "
+    "(from_peft_adapters() plugs existing LoRA folders in)",
     forward_keywords=("task_ids", "task_labels"),
     forward_context=mixer_forward,
     param_kinds=((".experts.", "LoRA-Mixer experts (A, B)"), ("router", "LoRA-Mixer routers")),

@@ -1,16 +1,22 @@
-"""What every adaptation method provides, and the open registry of methods.
+"""The Method contract: everything an adaptation method provides to the core, in one place, and the
+open registry of methods.
 
-Unlike PEFT's closed enum, any package can register a method: a config dataclass (subclass of
-``AdapterConfig`` with a ``method`` name) and a ``Method`` that builds or updates the adapter
-layer for one target module.
+Unlike PEFT's closed enum, any package can register a method: a config dataclass (a subclass of
+``AdapterConfig`` with a ``method`` name), an ``AdapterLayer`` subclass (factorlab.layers.base) and a
+``Method`` naming the hooks below. The core (``factorlab.core.adapted``) calls only these hooks; it never
+branches on a method's name, and every message that names a method comes from the method.
+
+Required: ``name``, ``config_cls``, ``layer_cls``, ``build_layer``, ``default_roles``. Every other hook
+is optional, with the default stated beside it. Targets reach ``accepts`` and ``build_layer`` unwrapped:
+when another adapter already wraps a module, the core passes the original module (``base_layer``).
+A complete method in about 60 lines is in the README ("Write your own method") and runs as a test.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -100,15 +106,21 @@ class Method:
     """(target, config, adapter name, module name, existing layer or None, shared or None) -> layer."""
     default_roles: Callable[[str | None], Sequence[str]]
     """Roles adapted when the config names no targets, given the model family."""
-    build_shared: Callable[[nn.Module, AdapterConfig, list[str]], nn.Module | None] | None = None
-    """(base model, config, target names) -> weights shared by all of the adapter's layers, or None."""
+    build_shared: Callable[[nn.Module, AdapterConfig, list[str], bool], nn.Module | None] | None = None
+    """(base model, config, target names, loading) -> weights shared by all of the adapter's layers, or
+    None. ``loading`` is True when the adapter is being loaded from a file whose weights are copied in
+    right after: a method may then build from recorded shapes alone (e.g. LoRA-Mixer's plugged experts
+    whose PEFT folders have moved)."""
+    shared_trainable_parameters: Callable[[nn.Module], Iterable[nn.Parameter]] | None = None
+    """(the shared module) -> those of its parameters that train (None: all of them)."""
     extra_modules_to_save: Callable[[nn.Module, AdapterConfig], list[str]] | None = None
     """(base model, config) -> names of further modules trained as copies (e.g. LayerNorms)."""
     in_place_parameters: Callable[[nn.Module, AdapterConfig, list[str]], list[str]] | None = None
     """(base model, config, target names) -> base-model parameters that train in place and are saved
     with the adapter (PEFT's LoRA ``bias``); they are not restored when the adapter goes."""
     accepts: Callable[[nn.Module], bool] | None = None
-    """Which modules the method can adapt (None: linear layers and GPT-2's Conv1D)."""
+    """Which modules the method can adapt (None: linear layers and GPT-2's Conv1D). It sees the original
+    module, never another adapter's wrapper."""
     accepted_kinds: str = "nn.Linear or Conv1D layers"
     """Those modules in words, for the error when a target is something else."""
     forward_keywords: tuple[str, ...] = ()
@@ -121,30 +133,45 @@ class Method:
     """(substring of a parameter name, what it is) for print_trainable_parameters; first match wins."""
     combinable: bool = False
     """Whether several adapters of the method can be active at once (their updates add up)."""
+    label: str = ""
+    """How messages name the method (e.g. "LoRA"); empty: its ``name``."""
+    not_combinable_hint: str = ""
+    """For a method that is not ``combinable``: what to use instead, in the refusal of ``set_adapter``
+    with several of its adapters."""
     combine: Callable[..., None] | None = None
     """(adapted, adapters, weights, new name, combination_type, svd_rank) -> None: add_weighted_adapter."""
     peft_type: str | None = None
     """PEFT's name for the method, if PEFT has it: its folders are then written in PEFT's format (the
-    config provides ``to_peft_dict`` and reads PEFT's keys in ``from_dict``) and PEFT folders load."""
+    config provides ``to_peft_dict(targets, task_type, fan_in_fan_out, portable)`` and reads PEFT's keys
+    in ``from_dict``) and PEFT folders load."""
 
-
-# True while AdaptedModel.load_adapter builds an adapter whose weights it loads right after: a method
-# may then build layers from recorded shapes alone (e.g. a plugged expert whose PEFT folder moved).
-WEIGHTS_FOLLOW: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "factorlab_weights_follow", default=False
-)
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(method: Method) -> Method:
+def register_method(method: Method, replace: bool = False) -> Method:
+    """Add ``method`` to the registry. A name already taken is refused unless ``replace=True``."""
+    if not isinstance(method, Method):
+        raise ConfigError(f"register_method takes a factorlab.Method, got {type(method).__name__}.")
+    existing = METHODS.get(method.name)
+    if existing is not None and existing is not method and not replace:
+        raise ConfigError(
+            f"adaptation method {method.name!r} is already registered (by {_owner(existing)}); pick another "
+            "name, or pass replace=True to replace it."
+        )
     METHODS[method.name] = method
     return method
 
 
-def get_method(name: str) -> Method:
-    import factorlab.methods  # noqa: F401  (registers the built-in methods)
+def label(method: Method) -> str:
+    return method.label or method.name
 
+
+def _owner(method: Method) -> str:
+    return method.config_cls.__module__
+
+
+def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ConfigError(f"unknown adaptation method {name!r}; registered: {sorted(METHODS)}.")
     return METHODS[name]
@@ -152,8 +179,6 @@ def get_method(name: str) -> Method:
 
 def forward_keywords() -> dict[str, list[str]]:
     """Every per-call keyword a registered method takes -> the methods that take it."""
-    import factorlab.methods  # noqa: F401  (registers the built-in methods)
-
     out: dict[str, list[str]] = {}
     for method in METHODS.values():
         for key in method.forward_keywords:
@@ -176,8 +201,6 @@ def no_forward_state(
 
 
 def method_for_peft_type(peft_type: object) -> Method | None:
-    import factorlab.methods  # noqa: F401  (registers the built-in methods)
-
     return next((m for m in METHODS.values() if m.peft_type is not None and m.peft_type == peft_type), None)
 
 
