@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import factorlab
+from factorlab.core.method import config_from_dict
 from factorlab.errors import AdapterLoadError, ConfigError, FactorlabError
 from factorlab.inject.world import load_relations
-from factorlab.core.method import config_from_dict
 from tiny_models import build, inputs, logits
 
 # ---- configs ---------------------------------------------------------------------------------------
