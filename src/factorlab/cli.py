@@ -810,7 +810,7 @@ def demo(
 @app.command("version")
 def version() -> None:
     """Print factorlab's version."""
-    from factorlab import __version__
+    from factorlab.version import __version__
 
     typer.echo(__version__)
 

@@ -166,7 +166,8 @@ def meta_model(config, cfg: PlanConfig, layers: int | None = None) -> nn.Module:
 
 
 def adapt_for_plan(model: nn.Module, cfg: PlanConfig) -> nn.Module:
-    import factorlab
+    from factorlab.core.adapted import adapt
+    from factorlab.methods import CompacterPlusPlusConfig, LoraConfig, LoraMixerConfig
     from factorlab.methods.compacter.config import reduction_for
 
     if cfg.method == "full":
@@ -174,17 +175,15 @@ def adapt_for_plan(model: nn.Module, cfg: PlanConfig) -> nn.Module:
             p.requires_grad_(True)
         return model
     if cfg.method == "lora":
-        config = factorlab.LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, target_modules="all-linear")
+        config = LoraConfig(r=cfg.r, lora_alpha=2 * cfg.r, target_modules="all-linear")
     elif cfg.method == "compacter++":
         hidden = model.config.hidden_size
-        config = factorlab.CompacterPlusPlusConfig(
-            reduction_factor=reduction_for(hidden), train_layer_norms=True
-        )
+        config = CompacterPlusPlusConfig(reduction_factor=reduction_for(hidden), train_layer_norms=True)
     else:
-        config = factorlab.LoraMixerConfig(
+        config = LoraMixerConfig(
             num_experts=cfg.experts, r=cfg.r, lora_alpha=2 * cfg.r, target_modules="all-linear"
         )
-    return factorlab.adapt(model, config)
+    return adapt(model, config)
 
 
 def saved_activation_bytes(model: nn.Module, cfg: PlanConfig, dtype: torch.dtype) -> tuple[int, int]:

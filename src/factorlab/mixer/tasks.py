@@ -5,14 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from factorlab.errors import ConfigError
-
-if TYPE_CHECKING:
-    from factorlab.mixer.config import MixerExperimentConfig
 
 
 @dataclass
@@ -145,7 +142,9 @@ def train_and_eval_sets(tasks, n_train: int, n_eval: int, seed: int) -> tuple[li
     return data, evals
 
 
-def make_tasks(cfg: MixerExperimentConfig):
+def make_tasks(cfg: Any):
+    """(tasks, pad id) for an experiment config (factorlab.mixer.config.MixerExperimentConfig: its
+    ``model`` and ``tasks``); typed loosely because the config module builds on this one."""
     if cfg.model == "tiny":
         return SyntheticTasks(cfg.tasks), 0
     from factorlab.models import load_causal_lm
