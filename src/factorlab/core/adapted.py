@@ -16,8 +16,6 @@ import enum
 import functools
 import inspect
 import os
-import re
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,9 +23,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from factorlab.core.merging import Merging
 from factorlab.core.method import (
     METHODS,
-    TASK_HEADS,
     AdapterConfig,
     forward_keywords,
     get_method,
@@ -35,11 +33,17 @@ from factorlab.core.method import (
     no_forward_state,
 )
 from factorlab.core.persistence import AdapterFiles, is_trainer_checkpoint
+from factorlab.core.surgery import (
+    check_adapter_name,
+    modules_to_save,
+    refuse_adapted,
+    replace_submodule,
+    warn_untrained_head,
+)
 from factorlab.core.targeting import check_called_as_modules, model_family, resolve_targets, unwrapped
-from factorlab.errors import ConfigError, FactorlabError, TargetError
+from factorlab.errors import ConfigError, TargetError
 from factorlab.layers.base import AdapterLayer
 from factorlab.layers.modules_to_save import ModulesToSave
-from factorlab.peft_format import HEAD_CLASSES
 
 
 class AdapterState(str, enum.Enum):
@@ -99,13 +103,7 @@ class TunerModel(nn.Module):
             return getattr(self.model, name)
 
 
-def _replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
-class AdaptedModel(AdapterFiles, nn.Module):
+class AdaptedModel(AdapterFiles, Merging, nn.Module):
     """A base model with named adapters injected. Create it with ``factorlab.adapt``."""
 
     def __init__(self, base_model: nn.Module):
@@ -250,9 +248,9 @@ class AdaptedModel(AdapterFiles, nn.Module):
             accepted_kinds=method.accepted_kinds,
         )
         check_called_as_modules(base, names)
-        saved = self._modules_to_save(method, config, names)
+        saved = modules_to_save(base, method, config, names)
         if not config.inference_mode:
-            _warn_untrained_head(base, config, names + saved)
+            warn_untrained_head(base, config, names + saved)
         targets = {n: unwrapped(base.get_submodule(n)) for n in names}
         shared = method.build_shared(base, config, targets, loading) if method.build_shared else None
         swapped: list[tuple[str, nn.Module]] = []
@@ -274,7 +272,7 @@ class AdaptedModel(AdapterFiles, nn.Module):
                     layer = existing if existing is not None else ModulesToSave(target)
                     layer.update_layer(adapter_name)
                 if existing is None:
-                    _replace_submodule(base, name, layer)
+                    replace_submodule(base, name, layer)
                     swapped.append((name, module))
                 else:
                     updated.append(existing)
@@ -284,7 +282,7 @@ class AdaptedModel(AdapterFiles, nn.Module):
             for layer in updated:
                 layer.delete_adapter(adapter_name)
             for name, original in swapped:
-                _replace_submodule(base, name, original)
+                replace_submodule(base, name, original)
             raise
         if shared is not None:
             self.shared_adapter_weights[adapter_name] = shared
@@ -295,41 +293,6 @@ class AdaptedModel(AdapterFiles, nn.Module):
             self.set_adapter(adapter_name)
         else:
             self.refresh_trainable()
-
-    def _modules_to_save(self, method, config: AdapterConfig, targets: list[str]) -> list[str]:
-        names: list[str] = []
-
-        def matching(wanted) -> list[str]:
-            return [
-                n
-                for n, _ in self.get_base_model().named_modules()
-                if n and any(n == w or n.endswith("." + w) for w in wanted)
-            ]
-
-        if config.modules_to_save:
-            names = matching(config.modules_to_save)
-            if not names:
-                raise TargetError(
-                    f"modules_to_save={config.modules_to_save!r} matched no module of this model."
-                )
-        heads = TASK_HEADS.get(config.task_type or "", ())
-        if heads:
-            found = [n for n in matching(heads) if n not in names]
-            if not found and not names:
-                raise TargetError(
-                    f"task_type={config.task_type!r} trains the head {' or '.join(heads)}, but this "
-                    f"{type(self.get_base_model()).__name__} has none; name it in modules_to_save "
-                    "or drop task_type."
-                )
-            names += found
-        if method.extra_modules_to_save is not None:
-            names += [
-                n for n in method.extra_modules_to_save(self.get_base_model(), config) if n not in names
-            ]
-        clash = sorted(set(names) & set(targets))
-        if clash:
-            raise TargetError(f"{clash[:3]} are both adapter targets and modules_to_save; choose one.")
-        return names
 
     @property
     def peft_config(self) -> dict[str, AdapterConfig]:
@@ -412,7 +375,7 @@ class AdaptedModel(AdapterFiles, nn.Module):
             if adapter_name in layer.adapter_names:
                 layer.delete_adapter(adapter_name)
                 if not layer.adapter_names:
-                    _replace_submodule(self.get_base_model(), name, layer.base_layer)
+                    replace_submodule(self.get_base_model(), name, layer.base_layer)
         del self.adapter_configs[adapter_name]
         del self.adapter_targets[adapter_name]
         self.adapter_in_place.pop(adapter_name, None)
@@ -471,100 +434,6 @@ class AdaptedModel(AdapterFiles, nn.Module):
 
     disable_adapter = disable_adapters  # PEFT's name
 
-    # ---- merging ------------------------------------------------------------------------------
-    def _check_mergeable(self, unloading: bool = False) -> list[tuple[str, AdapterLayer]]:
-        """The layers to merge. A trained copy (modules_to_save) of a module whose weight is tied to
-        another's (a tied embedding and head) would change both when written into the shared tensor:
-        ``merge_and_unload`` unties them first, with a warning, as PEFT does; ``merge_adapter`` (which
-        must be undone exactly) refuses."""
-        layers = list(self.adapter_layers())
-        cannot = sorted({type(layer).__name__ for _, layer in layers if not layer.can_merge})
-        if cannot:
-            raise FactorlabError(
-                f"{', '.join(cannot)} adapters cannot be merged into the base weights (they are not a linear "
-                "update of one weight); keep the AdaptedModel, or call unload() to drop the adapters."
-            )
-        aliases: dict[int, list[str]] = {}
-        for n, p in self.get_base_model().named_parameters(remove_duplicate=False):
-            aliases.setdefault(id(p), []).append(n)
-        for name, layer in layers:
-            weight = getattr(layer.base_layer, "weight", None)
-            if not isinstance(layer, ModulesToSave) and weight is not None and len(aliases[id(weight)]) > 1:
-                tied = [n for n in aliases[id(weight)] if not n.startswith(name)]
-                raise ConfigError(
-                    f"the weight of {name} is tied to {tied}; merging its adapter would change those too "
-                    "(e.g. the output head). Keep the AdaptedModel, or untie the weights before adapting."
-                )
-        copies = [
-            (name, layer)
-            for name, layer in layers
-            if isinstance(layer, ModulesToSave) and layer.active_adapters
-        ]
-        for name, layer in copies:
-            tied = {
-                own: [n for n in aliases[id(p)] if not n.startswith(name + ".")]
-                for own, p in layer.base_layer.named_parameters(recurse=False)
-                if len(aliases[id(p)]) > 1
-            }
-            tied = {own: others for own, others in tied.items() if others}
-            if tied and not unloading:
-                raise ConfigError(
-                    f"{name} is trained as a copy (modules_to_save) and its weights are tied to "
-                    f"{sorted(n for others in tied.values() for n in others)}; merging would change those "
-                    "too. Use merge_and_unload(), which unties them first (as PEFT does), or do not merge."
-                )
-            for own, others in tied.items():
-                shared = getattr(layer.base_layer, own)
-                setattr(
-                    layer.base_layer,
-                    own,
-                    nn.Parameter(shared.detach().clone(), requires_grad=shared.requires_grad),
-                )
-                _untie_in_config(self.get_base_model())
-                warnings.warn(
-                    f"merge_and_unload: {name}.{own} was tied to {others}; it is untied (its own copy, "
-                    "config.tie_word_embeddings = False) so the trained copy merged into it leaves those as "
-                    "they were, as PEFT does.",
-                    stacklevel=3,
-                )
-        return layers
-
-    def merge_adapter(self) -> None:
-        self._require("merge_adapter")
-        try:
-            for _, layer in self._check_mergeable():
-                layer.merge()
-        finally:
-            self._merged = any(layer.merged_adapters for _, layer in self.adapter_layers())
-
-    def unmerge_adapter(self) -> None:
-        self._require("unmerge_adapter")
-        for _, layer in self.adapter_layers():
-            if layer.merged_adapters:
-                layer.unmerge()
-        self._merged = False
-
-    def merge_and_unload(self) -> nn.Module:
-        """Fold the active adapter into the base weights and return the plain base model."""
-        self._require("merge_and_unload")
-        for _, layer in self._check_mergeable(unloading=True):
-            layer.merge()
-        return self.unload()
-
-    def unload(self) -> nn.Module:
-        """Remove every adapter layer (merged updates stay in the weights) and return the base model."""
-        self._require("unload")
-        for name, layer in list(self.adapter_layers()):
-            _replace_submodule(self.get_base_model(), name, layer.base_layer)
-        self._restore_requires_grad()
-        self.shared_adapter_weights = nn.ModuleDict()
-        self.adapter_configs.clear()
-        self.adapter_targets.clear()
-        self.adapter_in_place.clear()
-        self.active_adapter, self._active = None, []
-        self._unloaded = True
-        return self.get_base_model()
-
     @classmethod
     def from_pretrained(
         cls,
@@ -605,67 +474,14 @@ class AdaptedModel(AdapterFiles, nn.Module):
         print(parameter_report(self))
 
 
-def _untie_in_config(model: nn.Module) -> None:
-    """After untying, a save/load round trip must not tie the weights again."""
-    config = getattr(model, "config", None)
-    for cfg in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)())}.values():
-        if cfg is not None and getattr(cfg, "tie_word_embeddings", False):
-            cfg.tie_word_embeddings = False
-
-
 def _combinable_methods() -> set[str]:
     return {m.name for m in METHODS.values() if m.combinable}
-
-
-def _warn_untrained_head(base: nn.Module, config: AdapterConfig, trained: list[str]) -> None:
-    """A task head is freshly initialised by from_pretrained; left frozen it stays random (PEFT's
-    task_type exists for this). Say so instead of training a model that cannot learn its task."""
-    cls = type(base).__name__
-    task = next((t for suffix, t in HEAD_CLASSES.items() if cls.endswith(suffix)), None)
-    if task is None or config.task_type == task:
-        return
-    heads = [n for n, _ in base.named_modules() if n.split(".")[-1] in TASK_HEADS[task]]
-    if heads and not any(h == t or h.startswith(t + ".") for h in heads for t in trained):
-        warnings.warn(
-            f"{cls}: its head {heads[0]!r} is not trained by this adapter and stays as initialised; pass "
-            f"task_type={task!r} (or modules_to_save={[heads[0].split('.')[-1]]!r}) to train it.",
-            stacklevel=3,
-        )
-
-
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-
-
-def check_adapter_name(name: object) -> None:
-    """Adapter names become keys of module dicts and folder names: letters, digits, '_' and '-', not
-    a path, not a dunder, not an attribute that a module already has (``forward``, ``training``)."""
-    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name):
-        raise ConfigError(
-            f"adapter name {name!r} is not allowed: use 1-64 letters, digits, '_' or '-', starting with a "
-            "letter or digit (no '/', '.', spaces), e.g. 'math' or 'task_1'."
-        )
-    if hasattr(nn.ModuleDict(), name):
-        raise ConfigError(
-            f"adapter name {name!r} is a torch module attribute; pick another, e.g. '{name}_1'."
-        )
 
 
 def _refuse_adapted(model: nn.Module) -> None:
     if isinstance(model, AdaptedModel):
         raise ConfigError("this model is already an AdaptedModel; use its add_adapter(name, config) instead.")
-    peft_layers = [type(m).__name__ for m in model.modules() if type(m).__module__.startswith("peft.")]
-    if peft_layers:
-        raise ConfigError(
-            f"this model is wrapped by PEFT (it holds {sorted(set(peft_layers))[:3]}); adapting it would "
-            "wrap "
-            "PEFT's own layers. Pass the plain base model, or load the PEFT adapter folder with "
-            "factorlab.AdaptedModel.from_pretrained(base, folder)."
-        )
-    if any(isinstance(m, AdapterLayer) for m in model.modules()):
-        raise ConfigError(
-            "this model already holds factorlab adapter layers (from another AdaptedModel); use that "
-            "AdaptedModel's add_adapter(), or unload() it first."
-        )
+    refuse_adapted(model)
 
 
 def adapt(model: nn.Module, config: AdapterConfig, adapter_name: str = "default") -> AdaptedModel:
