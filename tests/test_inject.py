@@ -133,7 +133,7 @@ def test_a_summary_written_for_another_cell_or_corrupt_is_recomputed(tmp_path):
 
 def test_grid_report_names_unmemorised_cells_and_quotes_the_paper_for_real_models(tmp_path):
     from factorlab.grid import GridReport
-    from factorlab.recipes.inject import write_grid_report
+    from factorlab.inject.report import write_grid_report
 
     def summary(method, r, seed, train_fact):
         ranks = {f"{k}_rank": 0.2 for k in ("train_implication", "test_fact", "test_implication")}

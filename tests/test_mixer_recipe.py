@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from factorlab.errors import ConfigError
-from factorlab.recipes.mixer import MixerExperimentConfig, SyntheticTasks, plug, run_experiment
+from factorlab.mixer.config import MixerExperimentConfig
+from factorlab.mixer.tasks import SyntheticTasks
+from factorlab.recipes.mixer import plug, run_experiment
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +21,7 @@ def quick(tmp_path_factory):
 
 
 def test_quick_preset_runs_every_system_and_the_router_separates_tasks(quick):
-    from factorlab.recipes.mixer import SYSTEMS
+    from factorlab.mixer.report import SYSTEMS
 
     cfg, out, result = quick
     assert result["router_accuracy"] > 0.95  # chance: 0.25; the supervised routing term is on by default

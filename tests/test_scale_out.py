@@ -101,7 +101,9 @@ def test_mixer_training_resumes_to_the_same_weights(tmp_path):
 
     from factorlab import LoraMixerConfig, adapt
     from factorlab.methods.lora_mixer import set_stage
-    from factorlab.recipes.mixer import MixerExperimentConfig, SyntheticTasks, build_base, train
+    from factorlab.mixer.config import MixerExperimentConfig, build_base
+    from factorlab.mixer.tasks import SyntheticTasks
+    from factorlab.mixer.train import train
 
     cfg = MixerExperimentConfig()
     tasks = SyntheticTasks(cfg.tasks)

@@ -27,12 +27,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -45,7 +43,8 @@ from factorlab.grid import cell_id, load_summary, run_grid
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
 from factorlab.methods.lora_mixer.model import export_expert_as_peft, set_routing, set_stage
 from factorlab.mixer.config import MixerExperimentConfig, build_base
-from factorlab.mixer.evaluate import accuracy, predict, routing_report  # noqa: F401
+from factorlab.mixer.evaluate import accuracy, routing_report
+from factorlab.mixer.report import workflow_report, write_comparison
 from factorlab.mixer.systems import (
     compacter_plus_plus,
     full_finetune,
@@ -54,10 +53,9 @@ from factorlab.mixer.systems import (
     xlora,
     xlora_routing_report,
 )
-from factorlab.mixer.tasks import Example, GymTasks, SyntheticTasks, make_tasks, train_and_eval_sets  # noqa: F401
-from factorlab.mixer.train import (  # noqa: F401
+from factorlab.mixer.tasks import make_tasks, train_and_eval_sets
+from factorlab.mixer.train import (
     STAGE2_SEED_OFFSET,
-    collate,
     tokens_trained,
     train,
     train_joint,
@@ -68,23 +66,10 @@ from factorlab.mixer.train import (  # noqa: F401
 from factorlab.models import resolve_model_path
 from factorlab.precision import store_base
 from factorlab.progress import StepBars, console
-from factorlab.reporting import Column, aggregate, write_table
-from factorlab.runtime import atomic_write_text, machine_info, write_json
+from factorlab.runtime import machine_info, write_json
 
 # ---- the comparison -------------------------------------------------------------------------------------
 
-SYSTEMS = (
-    "base",
-    "multi-task LoRA (equal total rank)",
-    "Compacter++ (multi-task)",
-    "full fine-tuning (multi-task)",
-    "per-task LoRA (oracle)",
-    "uniform average of experts",
-    "LoRA-Mixer joint (soft)",
-    "LoRA-Mixer joint (top-k)",
-    "LoRA-Mixer plug-and-play (top-k)",
-    "X-LoRA (peft)",
-)
 # A grid cell is one unit of work for one seed. Phase 2 units start from the same seed's "experts" cell
 # (its experts, exported as PEFT folders), so they run after phase 1. Within a phase the slowest units
 # come first, so the last cells to start are short ones and no worker idles long at the end.
@@ -120,41 +105,52 @@ def comparison_cells(cfg: MixerExperimentConfig) -> list[list[dict[str, Any]]]:
     ]
 
 
-def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
-    """Grid cell: one unit of the comparison for one seed (see factorlab.grid). Returns its accuracy
-    records, and per system the trainable parameters, training seconds and tokens, and routing."""
-    cfg = MixerExperimentConfig(**cell["config"])
-    seed, unit = cell["seed"], cell["unit"]
-    tasks, pad_id = make_tasks(cfg)
-    data, evals = train_and_eval_sets(tasks, cfg.train_examples_per_task, cfg.eval_examples_per_task, seed)
-    router_data = [d[: cfg.router_examples_per_task] for d in data]
-    base = build_base(cfg, tasks, seed)  # float32: full fine-tuning's master weights, the exported base
-    stored = store_base(copy.deepcopy(base), cfg.precision) if cfg.precision != "float32" else base
-    options = cfg.loop_options()
-    experts_folder = folder.parent / cell_id(_cell(cfg, seed, "experts", cell["export"]))
-    records: list[dict[str, Any]] = []
-    systems: dict[str, dict[str, Any]] = {}
-    routing: dict[str, dict[str, Any]] = {}
-    evaluating = 0.0
+@dataclasses.dataclass
+class _Cell:
+    """What one comparison cell's systems share: its data, base model and the records it writes."""
 
-    def score(model, system, hard=False):
-        nonlocal evaluating
+    cfg: MixerExperimentConfig
+    seed: int
+    unit: str
+    export: bool
+    folder: Path
+    records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    systems: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    routing: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    evaluating: float = 0.0
+
+    def __post_init__(self) -> None:
+        cfg, seed = self.cfg, self.seed
+        self.tasks, self.pad_id = make_tasks(cfg)
+        self.data, self.evals = train_and_eval_sets(
+            self.tasks, cfg.train_examples_per_task, cfg.eval_examples_per_task, seed
+        )
+        self.router_data = [d[: cfg.router_examples_per_task] for d in self.data]
+        self.base = build_base(cfg, self.tasks, seed)  # float32: full fine-tuning's master weights
+        self.stored = (
+            store_base(copy.deepcopy(self.base), cfg.precision) if cfg.precision != "float32" else self.base
+        )
+        self.options = cfg.loop_options()
+        self.experts_folder = self.folder.parent / cell_id(_cell(cfg, seed, "experts", self.export))
+
+    def score(self, model, system: str, hard: bool = False) -> None:
         began = time.perf_counter()
-        for k, name in enumerate(cfg.tasks):
-            acc = accuracy(model, tasks, evals[k], pad_id, hard, cfg.max_new_tokens)
-            records.append({"seed": seed, "system": system, "task": name, "accuracy": acc})
-        evaluating += time.perf_counter() - began
+        for k, name in enumerate(self.cfg.tasks):
+            acc = accuracy(model, self.tasks, self.evals[k], self.pad_id, hard, self.cfg.max_new_tokens)
+            self.records.append({"seed": self.seed, "system": system, "task": name, "accuracy": acc})
+        self.evaluating += time.perf_counter() - began
 
-    def fit(model, label, steps, lr, train_data, run, names, batch_seed=seed):
+    def fit(self, model, label, steps, lr, train_data, run, names, batch_seed=None) -> None:
         """Train with ``run`` (a bar per run), time it, and note the trained model under ``names``."""
-        with StepBars(f"{unit}, seed {seed}") as bars:
+        with StepBars(f"{self.unit}, seed {self.seed}") as bars:
             bars.start([label], [steps])
             began = time.perf_counter()
             run(model, lambda s: bars.update(0, s))
             seconds = time.perf_counter() - began
-        tokens = tokens_trained(train_data, steps, cfg.batch_size, batch_seed)
+        seed = self.seed if batch_seed is None else batch_seed
+        tokens = tokens_trained(train_data, steps, self.cfg.batch_size, seed)
         for name in names:
-            systems[name] = {
+            self.systems[name] = {
                 "trainable": trainable_parameters(model),
                 "seconds": seconds,
                 "tokens": tokens,
@@ -162,134 +158,181 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
                 "steps": steps,
             }
 
-    def plain(steps, lr, train_data):
+    def plain(self, steps: int, lr: float, train_data, hard: bool = False):
+        cfg = self.cfg
         return lambda model, progress: train(
-            model, train_data, steps, lr, cfg.batch_size, seed, False, pad_id, progress, options=options
+            model,
+            train_data,
+            steps,
+            lr,
+            cfg.batch_size,
+            self.seed,
+            hard,
+            self.pad_id,
+            progress,
+            options=self.options,
         )
 
-    if unit == "base":
-        score(stored, "base")
-        systems["base"] = {"trainable": 0, "seconds": 0.0, "tokens": 0}
-    elif unit in ("multi-task LoRA", "Compacter++", "full"):
-        name, model, lr = {
-            "multi-task LoRA": (
-                "multi-task LoRA (equal total rank)",
-                lambda: multitask_lora(cfg, stored),
-                cfg.lr,
-            ),
-            "Compacter++": (
-                "Compacter++ (multi-task)",
-                lambda: compacter_plus_plus(stored),
-                cfg.compacter_lr,
-            ),
-            "full": ("full fine-tuning (multi-task)", lambda: full_finetune(base), cfg.full_lr),
-        }[unit]
-        model = model()
-        fit(model, name, cfg.steps, lr, data, plain(cfg.steps, lr, data), [name])
-        score(model, name)
-    elif unit == "experts":
-        mixer = adapt(copy.deepcopy(stored), cfg.mixer_config())
-
-        def stage1(model, progress):
-            set_stage(model, "experts")
-            train(
-                model, data, cfg.steps, cfg.lr, cfg.batch_size, seed, True, pad_id, progress, options=options
+    def expert_folders(self) -> list[Path]:
+        """The same seed's experts cell's PEFT folders, which phase 2 units start from."""
+        if load_summary(self.experts_folder) is None:
+            raise ConfigError(
+                f"{self.unit} needs the same seed's experts cell first ({self.experts_folder})."
             )
-
-        names = ["per-task LoRA (oracle)", "uniform average of experts"]
-        fit(mixer, "experts (stage 1, hard routing)", cfg.steps, cfg.lr, data, stage1, names)
-        for e, task in enumerate(cfg.tasks):
-            export_expert_as_peft(mixer, e, folder / "experts" / task)
-        if cell["export"] and cfg.model == "tiny":
-            base.save_pretrained(folder / "base")
-            write_json(folder / "base" / "factorlab_tasks.json", {"tasks": cfg.tasks})
-        score(mixer, names[0], hard=True)
-        set_routing(mixer, "uniform")
-        score(mixer, names[1])
-    else:
-        stage1 = load_summary(experts_folder)
-        if stage1 is None:
-            raise ConfigError(f"{unit} needs the same seed's experts cell first ({experts_folder}).")
-        folders = [experts_folder / "experts" / t for t in cfg.tasks]
+        folders = [self.experts_folder / "experts" / t for t in self.cfg.tasks]
         needed = ("adapter_config.json", "adapter_model.safetensors")
         missing = [f / n for f in folders for n in needed if not (f / n).exists()]
         if missing:  # e.g. a clean clone: results/ commits summaries, not weights
             raise ConfigError(
-                f"{unit} starts from the experts cell's PEFT folders, and {missing[0]} is missing: "
-                f"delete {experts_folder} and rerun to retrain them."
+                f"{self.unit} starts from the experts cell's PEFT folders, and {missing[0]} is missing: "
+                f"delete {self.experts_folder} and rerun to retrain them."
             )
+        return folders
 
-        def mixer_from_experts(**settings):
-            """The stage-1 experts exactly (from their PEFT folders) with fresh routers seeded by seed."""
-            config = LoraMixerConfig.from_peft_adapters(
-                folders,
-                list(cfg.tasks),
-                routing="soft",
-                top_k=min(cfg.top_k, len(cfg.tasks)),
-                balance_coef=cfg.balance_coef,
-                specialization_coef=cfg.specialization_coef,
-                route_label_coef=cfg.route_label_coef,
-                **settings,
-            )
-            torch.manual_seed(seed)
-            return adapt(copy.deepcopy(stored), config)
+    def mixer_from_experts(self, **settings) -> AdaptedModel:
+        """The stage-1 experts exactly (from their PEFT folders) with fresh routers seeded by the seed."""
+        cfg = self.cfg
+        config = LoraMixerConfig.from_peft_adapters(
+            self.expert_folders(),
+            list(cfg.tasks),
+            routing="soft",
+            top_k=min(cfg.top_k, len(cfg.tasks)),
+            balance_coef=cfg.balance_coef,
+            specialization_coef=cfg.specialization_coef,
+            route_label_coef=cfg.route_label_coef,
+            **settings,
+        )
+        torch.manual_seed(self.seed)
+        return adapt(copy.deepcopy(self.stored), config)
 
-        if unit == "joint":
-            # the experts train on, held near their stage-1 weights by the preservation penalty
-            mixer = mixer_from_experts(preservation_coef=cfg.preservation_coef, freeze_experts=False)
-            names = ["LoRA-Mixer joint (soft)", "LoRA-Mixer joint (top-k)"]
 
-            def stage2(model, progress):
-                args = (router_data, cfg.router_steps, cfg.router_lr, cfg.batch_size, seed, pad_id, progress)
-                train_stage2(model, *args, options=options)
+def _base(c: _Cell) -> None:
+    c.score(c.stored, "base")
+    c.systems["base"] = {"trainable": 0, "seconds": 0.0, "tokens": 0}
 
-            label = "routers + experts (stage 2)"
-            stage2_seed = seed + STAGE2_SEED_OFFSET
-            fit(mixer, label, cfg.router_steps, cfg.router_lr, router_data, stage2, names, stage2_seed)
-            first = stage1["systems"]["per-task LoRA (oracle)"]
-            for name in names:  # the joint system's training is both stages
-                systems[name].update(stage1_seconds=first["seconds"], stage1_tokens=first["tokens"])
-            score(mixer, names[0])
-            routing[names[0]] = _routing(*routing_report(mixer, evals, pad_id))
-            set_routing(mixer, "topk")
-            score(mixer, names[1])
-            if cell["export"]:
-                mixer.save_pretrained(folder / "mixer")
-        elif unit == "plug":
-            name = "LoRA-Mixer plug-and-play (top-k)"
-            mixer = mixer_from_experts()
 
-            def routers(model, progress):
-                args = (router_data, cfg.router_steps, cfg.router_lr, cfg.batch_size, seed, pad_id, progress)
-                train_routers(model, *args, options=options)
+def _multitask_lora(c: _Cell) -> None:
+    _single(c, "multi-task LoRA (equal total rank)", multitask_lora(c.cfg, c.stored), c.cfg.lr)
 
-            label = "routers (frozen PEFT experts)"
-            fit(mixer, label, cfg.router_steps, cfg.router_lr, router_data, routers, [name])
-            routing[name] = _routing(*routing_report(mixer, evals, pad_id))
-            set_routing(mixer, "topk")
-            score(mixer, name)
-        elif unit == "X-LoRA":
-            name = "X-LoRA (peft)"
-            torch.manual_seed(seed)  # the classifier's init
-            model = xlora(stored, folders)
-            fit(
-                model,
-                "X-LoRA classifier",
-                cfg.router_steps,
-                cfg.router_lr,
-                router_data,
-                plain(cfg.router_steps, cfg.router_lr, router_data),
-                [name],
-            )
-            routing[name] = _routing(*xlora_routing_report(model, evals, pad_id))
-            score(model, name)
-        else:
-            raise ConfigError(f"unknown comparison unit {unit!r}; units: {[u for p in PHASES for u in p]}.")
+
+def _compacter(c: _Cell) -> None:
+    _single(c, "Compacter++ (multi-task)", compacter_plus_plus(c.stored), c.cfg.compacter_lr)
+
+
+def _full(c: _Cell) -> None:
+    _single(c, "full fine-tuning (multi-task)", full_finetune(c.base), c.cfg.full_lr)
+
+
+def _single(c: _Cell, name: str, model, lr: float) -> None:
+    """One model on the mixed data, scored per task."""
+    c.fit(model, name, c.cfg.steps, lr, c.data, c.plain(c.cfg.steps, lr, c.data), [name])
+    c.score(model, name)
+
+
+def _experts(c: _Cell) -> None:
+    """Stage 1: an expert per task (hard routing), scored with its task's id (the oracle) and averaged."""
+    cfg = c.cfg
+    mixer = adapt(copy.deepcopy(c.stored), cfg.mixer_config())
+    hard = c.plain(cfg.steps, cfg.lr, c.data, hard=True)
+
+    def stage1(model, progress):
+        set_stage(model, "experts")
+        hard(model, progress)
+
+    names = ["per-task LoRA (oracle)", "uniform average of experts"]
+    c.fit(mixer, "experts (stage 1, hard routing)", cfg.steps, cfg.lr, c.data, stage1, names)
+    for e, task in enumerate(cfg.tasks):
+        export_expert_as_peft(mixer, e, c.folder / "experts" / task)
+    if c.export and cfg.model == "tiny":
+        c.base.save_pretrained(c.folder / "base")
+        write_json(c.folder / "base" / "factorlab_tasks.json", {"tasks": cfg.tasks})
+    c.score(mixer, names[0], hard=True)
+    set_routing(mixer, "uniform")
+    c.score(mixer, names[1])
+
+
+def _joint(c: _Cell) -> None:
+    """Stage 2 from the stage-1 experts: routers plus experts held near their stage-1 weights."""
+    cfg = c.cfg
+    stage1 = load_summary(c.experts_folder)
+    mixer = c.mixer_from_experts(preservation_coef=cfg.preservation_coef, freeze_experts=False)
+    names = ["LoRA-Mixer joint (soft)", "LoRA-Mixer joint (top-k)"]
+
+    def stage2(model, progress):
+        args = (c.router_data, cfg.router_steps, cfg.router_lr, cfg.batch_size, c.seed, c.pad_id, progress)
+        train_stage2(model, *args, options=c.options)
+
+    stage2_seed = c.seed + STAGE2_SEED_OFFSET
+    label = "routers + experts (stage 2)"
+    c.fit(mixer, label, cfg.router_steps, cfg.router_lr, c.router_data, stage2, names, stage2_seed)
+    first = stage1["systems"]["per-task LoRA (oracle)"]
+    for name in names:  # the joint system's training is both stages
+        c.systems[name].update(stage1_seconds=first["seconds"], stage1_tokens=first["tokens"])
+    c.score(mixer, names[0])
+    c.routing[names[0]] = _routing(*routing_report(mixer, c.evals, c.pad_id))
+    set_routing(mixer, "topk")
+    c.score(mixer, names[1])
+    if c.export:
+        mixer.save_pretrained(c.folder / "mixer")
+
+
+def _plug(c: _Cell) -> None:
+    """Routers only, over the experts as frozen PEFT folders."""
+    cfg = c.cfg
+    name = "LoRA-Mixer plug-and-play (top-k)"
+    mixer = c.mixer_from_experts()
+
+    def routers(model, progress):
+        args = (c.router_data, cfg.router_steps, cfg.router_lr, cfg.batch_size, c.seed, c.pad_id, progress)
+        train_routers(model, *args, options=c.options)
+
+    label = "routers (frozen PEFT experts)"
+    c.fit(mixer, label, cfg.router_steps, cfg.router_lr, c.router_data, routers, [name])
+    c.routing[name] = _routing(*routing_report(mixer, c.evals, c.pad_id))
+    set_routing(mixer, "topk")
+    c.score(mixer, name)
+
+
+def _xlora(c: _Cell) -> None:
+    """peft's X-LoRA over the same PEFT folders, its classifier trained on the same mixed set."""
+    cfg = c.cfg
+    name = "X-LoRA (peft)"
+    folders = c.expert_folders()
+    torch.manual_seed(c.seed)  # the classifier's init
+    model = xlora(c.stored, folders)
+    run = c.plain(cfg.router_steps, cfg.router_lr, c.router_data)
+    c.fit(model, "X-LoRA classifier", cfg.router_steps, cfg.router_lr, c.router_data, run, [name])
+    c.routing[name] = _routing(*xlora_routing_report(model, c.evals, c.pad_id))
+    c.score(model, name)
+
+
+UNITS = {
+    "base": _base,
+    "multi-task LoRA": _multitask_lora,
+    "Compacter++": _compacter,
+    "full": _full,
+    "experts": _experts,
+    "joint": _joint,
+    "plug": _plug,
+    "X-LoRA": _xlora,
+}
+
+
+def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Grid cell: one unit of the comparison for one seed (see factorlab.grid): one small function per
+    system above. Returns its accuracy records, and per system the trainable parameters, training
+    seconds and tokens, and routing."""
+    if cell["unit"] not in UNITS:
+        raise ConfigError(
+            f"unknown comparison unit {cell['unit']!r}; units: {[u for p in PHASES for u in p]}."
+        )
+    c = _Cell(MixerExperimentConfig(**cell["config"]), cell["seed"], cell["unit"], cell["export"], folder)
+    UNITS[c.unit](c)
     return {
-        "records": records,
-        "systems": systems,
-        "routing": routing,
-        "eval_seconds": evaluating,
+        "records": c.records,
+        "systems": c.systems,
+        "routing": c.routing,
+        "eval_seconds": c.evaluating,
         "machine": machine_info(),
     }
 
@@ -347,180 +390,6 @@ def report_from_cells(out: str | Path) -> dict[str, Any]:
     return write_comparison(out, cells, None)
 
 
-def write_comparison(out: Path, cells: list[dict[str, Any]], seconds: float | None) -> dict[str, Any]:
-    """results.json, the tables, the plots and report.md from the cells' summaries (cells still missing
-    are listed, never filled in)."""
-    from factorlab.mixer import plots as mixer_plots
-
-    summaries = [load_summary(out / "cells" / cell_id(c), c) for c in cells]
-    done = [s for s in summaries if s is not None]
-    missing = [c for c, s in zip(cells, summaries) if s is None]
-    # The settings as recorded, not re-validated: a report must build where the model is not installed
-    settings = {**done[0]["cell"]["config"], "seeds": sorted({s["cell"]["seed"] for s in done})}
-    cfg = SimpleNamespace(**settings)
-    records = [r for s in done for r in s["records"]]
-    systems = [s for s in SYSTEMS if any(r["system"] == s for r in records)]
-    by_task = aggregate(records, ["system", "task"], ["accuracy"])
-    costs: dict[str, list[dict[str, Any]]] = {}
-    routes: dict[str, list[dict[str, Any]]] = {}
-    for s in done:
-        for name, cost in s["systems"].items():
-            train_s = cost["seconds"] + cost.get("stage1_seconds", 0.0)
-            costs.setdefault(name, []).append(
-                {
-                    "trainable": cost["trainable"],
-                    "train_s": train_s,
-                    # the last stage's throughput: stage 1 has its own row (the oracle experts)
-                    "tok_s": cost["tokens"] / cost["seconds"] if cost["seconds"] else None,
-                }
-            )
-        for name, route in s.get("routing", {}).items():
-            routes.setdefault(name, []).append(route)
-    rows = []
-    for system in systems:
-        row: dict[str, Any] = {"system": system}
-        for r in by_task:
-            if r["system"] == system:
-                row[r["task"]] = r["accuracy"]
-        per_seed: dict[int, list[float]] = {}
-        for rec in records:
-            if rec["system"] == system:
-                per_seed.setdefault(rec["seed"], []).append(rec["accuracy"])
-        row["mean"] = aggregate([{"m": sum(v) / len(v)} for v in per_seed.values()], [], ["m"])[0]["m"]
-        row["seeds"] = len(per_seed)
-        if system in costs:
-            cost = aggregate(costs[system], [], ["trainable", "train_s", "tok_s"])[0]
-            row["trainable"], row["train_s"] = cost["trainable"].mean, cost["train_s"]
-            row["tok_s"] = cost["tok_s"] if system != "base" else None
-        if system in routes:
-            row["routed"] = aggregate([{"a": r["accuracy"]} for r in routes[system]], [], ["a"])[0]["a"]
-        rows.append(row)
-    columns = [
-        Column("system", "system"),
-        *(Column(t, t, "{:.3f}") for t in cfg.tasks),
-        Column("mean", "mean", "{:.3f}"),
-        Column("routed", "routed to own expert", "{:.3f}"),
-        Column("trainable", "trainable params", "{:,.0f}"),
-        Column("train_s", "train s", "{:.0f}"),
-        Column("tok_s", "train tokens/s", "{:.0f}"),
-        Column("seeds", "seeds"),
-    ]
-    table = write_table(rows, columns, out / "table")
-    machine = sorted({json.dumps(s["machine"], sort_keys=True) for s in done})
-    write_json(
-        out / "results.json",
-        {
-            "config": settings,
-            "records": records,
-            "systems": {s: costs[s] for s in costs},
-            "routing": routes,
-            "machines": [json.loads(m) for m in machine],
-            "seconds": seconds,
-            "missing": missing,
-        },
-    )
-    mixer_plots.accuracy_bars(rows, cfg.tasks, out / "accuracy.png")
-    usage = None
-    joint = routes.get("LoRA-Mixer joint (soft)")
-    if joint:
-        usage = torch.tensor([r["usage"] for r in joint]).mean(0)
-        mixer_plots.usage_heatmap(usage, cfg.tasks, out / "routing.png")
-    router_acc = sum(r["accuracy"] for r in joint) / len(joint) if joint else float("nan")
-    verdict = mixer_verdict(rows, cfg.tasks)
-    cpus = ", ".join(
-        f"{m['cpu_capability']} torch {m['torch']} {m['threads']} thread(s)" for m in map(json.loads, machine)
-    )
-    report = [
-        f"# LoRA-Mixer multi-task comparison ({cfg.preset} preset)",
-        "",
-        f"Model {cfg.model}; tasks {', '.join(cfg.tasks)}; seeds {cfg.seeds}; expert rank {cfg.r}; "
-        f"{cfg.steps} training steps for every multi-task system and for stage 1, {cfg.router_steps} router "
-        f"steps on {cfg.router_examples_per_task} examples per task; {cfg.eval_examples_per_task} test "
-        f"examples per task, greedy generation. Machine: {cpus}."
-        + (f" {seconds:.0f} s." if seconds is not None else ""),
-        "",
-        "Accuracy (mean ± std over seeds); *routed*: share of test samples whose strongest expert is their "
-        "task's; *train s*: training time of one seed (joint mixer: both stages); *train tokens/s*: "
-        "real tokens of the last training stage per second.",
-        "",
-        table,
-        f"Verdict: {verdict}",
-        "",
-        "![accuracy](accuracy.png)",
-        "",
-    ]
-    if missing:
-        report += [
-            f"**Not yet run** ({len(missing)} cells): "
-            + ", ".join(f"{c['unit']} seed {c['seed']}" for c in missing),
-            "",
-        ]
-    # routed.md always exists (header only until a routed system has run): README pastes it
-    routed_rows = []
-    for system in (s for s in SYSTEMS if s in routes):
-        per_task = [{t: r["per_task"][k] for k, t in enumerate(cfg.tasks)} for r in routes[system]]
-        row = aggregate(per_task, [], list(cfg.tasks))[0]
-        routed_rows.append({"system": system, **{t: row[t] for t in cfg.tasks}, "seeds": len(per_task)})
-    routed_table = write_table(
-        routed_rows,
-        [
-            Column("system", "system"),
-            *(Column(t, t, "{:.3f}") for t in cfg.tasks),
-            Column("seeds", "seeds"),
-        ],
-        out / "routed",
-    )
-    report += [
-        "## Routing accuracy per task",
-        "",
-        "Share of each task's test samples whose strongest expert (mean weight over real tokens and "
-        "projections) is the task's own:",
-        "",
-        routed_table,
-    ]
-    if usage is not None:
-        usage_rows = [
-            {"task": t, **{f"→ {e}": float(usage[k, j]) for j, e in enumerate(cfg.tasks)}}
-            for k, t in enumerate(cfg.tasks)
-        ]
-        usage_table = write_table(
-            usage_rows,
-            [Column("task", "task"), *(Column(f"→ {e}", f"→ {e}", "{:.2f}") for e in cfg.tasks)],
-            out / "routing",
-        )
-        report += [
-            "## Routing (LoRA-Mixer joint, soft)",
-            "",
-            "Mean routing weight of each task's samples (rows) on each expert (columns):",
-            "",
-            usage_table,
-            "![routing](routing.png)",
-            "",
-        ]
-    atomic_write_text(out / "report.md", "\n".join(report))
-    return {
-        "rows": rows,
-        "router_accuracy": router_acc,
-        "usage": usage,
-        "records": records,
-        "verdict": verdict,
-        "missing": missing,
-    }
-
-
-def mixer_verdict(rows: list[dict[str, Any]], tasks: Sequence[str]) -> str:
-    by_name = {r["system"]: r for r in rows}
-    single, mixer = by_name.get("multi-task LoRA (equal total rank)"), by_name.get("LoRA-Mixer joint (top-k)")
-    if single is None or mixer is None:
-        return "not yet comparable (multi-task LoRA or the joint mixer still missing)."
-    better = [t for t in tasks if mixer[t].mean > single[t].mean]
-    worse = [t for t in tasks if mixer[t].mean < single[t].mean]
-    return (
-        f"LoRA-Mixer joint (top-k) beats the multi-task LoRA of equal total rank on {better or 'no task'} "
-        f"and is behind it on {worse or 'no task'}."
-    )
-
-
 def _export(out: Path, base: nn.Module, mixer: AdaptedModel, cfg: MixerExperimentConfig) -> None:
     """The base (tiny preset), the trained mixer, and each expert as a standalone PEFT LoRA folder."""
     if cfg.model == "tiny":
@@ -569,7 +438,7 @@ def joint(cfg: MixerExperimentConfig, out: str | Path) -> dict[str, Any]:
         for k, t in enumerate(cfg.tasks)
     }
     usage, router_acc, router_per_task = routing_report(adapted, evals, pad_id)
-    return _workflow_report(out, "joint training", cfg, accuracies, usage, router_acc, router_per_task)
+    return workflow_report(out, "joint training", cfg, accuracies, usage, router_acc, router_per_task)
 
 
 def plug(
@@ -619,7 +488,7 @@ def plug(
         for k, t in enumerate(cfg.tasks)
     }
     usage, router_acc, router_per_task = routing_report(adapted, evals, pad_id)
-    return _workflow_report(
+    return workflow_report(
         out,
         "plug-and-play (frozen PEFT experts)",
         cfg,
@@ -629,53 +498,3 @@ def plug(
         router_per_task,
         oracle,
     )
-
-
-def _workflow_report(
-    out: Path, title: str, cfg, accuracies, usage, router_acc, router_per_task, oracle=None
-) -> dict[str, Any]:
-    from factorlab.mixer import plots as mixer_plots
-
-    rows = [
-        {
-            "task": t,
-            "accuracy": accuracies[t],
-            "routed": router_per_task[k],
-            **({"oracle": oracle[t]} if oracle else {}),
-        }
-        for k, t in enumerate(cfg.tasks)
-    ]
-    columns = [
-        Column("task", "task"),
-        Column("accuracy", "LoRA-Mixer accuracy", "{:.3f}"),
-        Column("routed", "routed to its expert", "{:.3f}"),
-    ]
-    if oracle:
-        columns.append(Column("oracle", "expert alone (task id given)", "{:.3f}"))
-    table = write_table(rows, columns, out / "table")
-    mixer_plots.usage_heatmap(usage, cfg.tasks, out / "routing.png")
-    result = {
-        "accuracy": accuracies,
-        "oracle": oracle,
-        "router_accuracy": router_acc,
-        "router_accuracy_per_task": dict(zip(cfg.tasks, router_per_task)),
-        "usage": usage.tolist(),
-        "config": dataclasses.asdict(cfg),
-    }
-    write_json(out / "results.json", result)
-    atomic_write_text(
-        out / "report.md",
-        "\n".join(
-            [
-                f"# LoRA-Mixer: {title}",
-                "",
-                table,
-                f"Router accuracy against task labels: **{router_acc:.3f}** "
-                f"(chance {1 / len(cfg.tasks):.3f}).",
-                "",
-                "![routing](routing.png)",
-                "",
-            ]
-        ),
-    )
-    return result

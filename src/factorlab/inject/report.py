@@ -1,0 +1,242 @@
+"""The fact-injection grid's report: results.json, the tables (mean and 95% interval over runs), the
+plots and report.md, from the cells' summaries (a running grid's, or ``factorlab report``'s)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from factorlab.inject.tiny import PROBE_THRESHOLD
+from factorlab.inject.train import METHODS
+from factorlab.reporting import Column, aggregate, mean_std, write_table
+from factorlab.runtime import atomic_write_text, write_json
+
+KINDS = ("train_fact", "test_fact", "train_implication", "test_implication")
+PAPER_LLM_RANKS = {
+    "Gemma-2-9B": (0.00, 0.19, 0.19, 1.64, 0.56),
+    "OLMo-7B": (0.07, 1.33, 0.15, 1.84, 0.17),
+    "Qwen-2-7B": (0.13, 4.55, 3.63, 0.82, 0.40),
+    "Mistral-7B-v0.3": (0.00, 2.10, 1.48, 1.15, 1.28),
+    "Llama-3-8B": (0.00, 1.18, 0.77, 0.93, 0.63),
+}
+PAPER_RELATIONS = ("city-language", "city-language-cf", "country-code", "profession-color", "sport-music")
+MEMORISED = 0.5  # a cell memorised its training facts when their mean rank is at most this
+
+
+def method_label(cfg: dict[str, Any]) -> str:
+    return (
+        f"lora r={cfg['r']}"
+        if cfg["method"] == "lora"
+        else (f"lora-mixer r={cfg['r']}" if cfg["method"] == "lora-mixer" else cfg["method"])
+    )
+
+
+# The paper's LLM table (Huang et al., 2025): mean rank of test implications after full fine-tuning,
+# 3 seeds, 7-9B models; quoted beside real-model grids for shape, not comparable in absolute terms.
+def memorised(record: dict[str, Any]) -> bool:
+    fact = record["train_fact_rank"]
+    return fact is not None and fact <= MEMORISED
+
+
+def _record(summary: dict[str, Any]) -> dict[str, Any]:
+    cfg = summary["config"]
+    return {
+        "model": cfg["model"],
+        "relation": cfg["relation"],
+        "method": method_label(cfg),
+        "pretrain_seed": cfg.get("pretrain_seed", 0),
+        "seed": cfg["seed"],
+        "r": cfg["r"],
+        "causal": summary["causal"],
+        **{k: summary.get(k) for k in summary if k.endswith("rank") or k.endswith("rank_before")},
+        "probe_accuracy": (summary.get("probe") or {}).get("accuracy"),
+        "verdict": summary["verdict"],
+        "seconds": summary["seconds"],
+        "cpu_capability": (summary.get("machine") or {}).get("cpu_capability"),
+        "gpu": (summary.get("machine") or {}).get("gpu"),
+    }
+
+
+def write_grid_report(out: Path, report, seconds: float, cell_seconds: bool = False) -> dict[str, Any]:
+    """results.json, table.{md,csv,json} (mean ± 95% CI over every run), plots and report.md."""
+    from factorlab.inject import plots as inject_plots
+
+    records = [_record(s) for s in report.results]
+    machines = sorted(
+        {json.dumps(s.get("machine", {}), sort_keys=True) for s in report.results if s.get("machine")}
+    )
+    write_json(
+        out / "results.json",
+        {
+            "records": records,
+            "ran": report.ran,
+            "reused": report.reused,
+            "retried": report.retried,
+            "failed": [c for c, _ in report.failed],
+            "seconds": seconds,
+            "machines": [json.loads(m) for m in machines],
+        },
+    )
+    relations = list(dict.fromkeys(r["relation"] for r in records))
+    # one row order however the records were gathered (a running grid, or `factorlab report`)
+    order = {m: i for i, m in enumerate(METHODS)}
+    kinds = {r["method"]: (order[r["method"].split(" r=")[0]], r["r"]) for r in records}
+    methods = sorted(kinds, key=kinds.get)
+    causal = {r["relation"]: r["causal"] for r in records}
+    agg = aggregate(
+        records, ["method", "relation"], [f"{k}_rank" for k in KINDS] + [f"{k}_rank_before" for k in KINDS]
+    )
+    # the before-rank does not depend on the method: count each (pretraining seed, seed) once
+    before = {}
+    for r in records:
+        before.setdefault((r["relation"], r["pretrain_seed"], r["seed"]), r["test_implication_rank_before"])
+    rows = [
+        {
+            "method": "before fine-tuning",
+            **{rel: mean_std([v for (x, _, _), v in before.items() if x == rel]) for rel in relations},
+        }
+    ]
+    for method in methods:
+        row: dict[str, Any] = {"method": method}
+        for a in agg:
+            if a["method"] == method:
+                row[a["relation"]] = a["test_implication_rank"]
+        rows.append(row)
+    probe_row = {
+        "method": "background probe (accuracy)",
+        **{
+            rel: mean_std([r["probe_accuracy"] for r in records if r["relation"] == rel]) for rel in relations
+        },
+    }
+    headers = {rel: f"{rel} ({'generalization' if causal[rel] else 'hallucination'})" for rel in relations}
+    columns = [
+        Column("method", "method"),
+        *(Column(rel, headers[rel], "{:.2f}", ci=True) for rel in relations),
+    ]
+    table = write_table(rows, columns, out / "table")
+    fact_rows = []
+    for method in methods:
+        row = {"method": method}
+        for a in agg:
+            if a["method"] == method:
+                row[a["relation"]] = a["train_fact_rank"]
+        fact_rows.append(row)
+    fact_table = write_table(
+        [*fact_rows, probe_row],
+        [Column("method", "method"), *(Column(rel, rel, "{:.2f}", ci=True) for rel in relations)],
+        out / "train_fact_table",
+    )
+    inject_plots.ranks_by_relation(rows, relations, causal, out / "ranks.png")
+    sweep = [r for r in records if r["method"].startswith("lora r=")]
+    has_sweep = len({r["r"] for r in sweep}) > 1
+    if has_sweep:
+        inject_plots.rank_sweep(records, relations, causal, out / "rank_sweep.png")
+    pretrain_seeds = sorted({r["pretrain_seed"] for r in records})
+    seeds = sorted({r["seed"] for r in records})
+    runs = max((a["seeds"] for a in agg), default=0)
+    chance = (_num_candidates(report) - 1) / 2
+    low_probe = sorted(
+        {
+            r["relation"]
+            for r in records
+            if r["probe_accuracy"] is not None and r["probe_accuracy"] < PROBE_THRESHOLD
+        }
+    )
+    timing = "summed over cells" if cell_seconds else "wall time"
+    lines = [
+        "# Knowledge injection: generalization or hallucination?",
+        "",
+        f"{report.line()}; {seconds:.0f} s ({timing}). Mean rank (0 = best) of the correct answer's "
+        f"first-token logit among the {_num_candidates(report)} candidate answers; guessing gives "
+        f"{chance:.1f}. Each entry: mean ± half-width of the 95% confidence interval (Student's t) over "
+        f"{runs} runs = {len(pretrain_seeds)} pretraining seed(s) {pretrain_seeds} x {len(seeds)} "
+        f"fine-tuning seed(s) {seeds}.",
+        "",
+        "## Test implications (never shown in training)",
+        "",
+        "For the causal relation a low rank is **generalization**; for the others, whose association "
+        "exists only among the bridge subjects, the same low rank is **hallucination**.",
+        "",
+        table,
+        "![ranks](ranks.png)",
+        "",
+        "## Training facts (memorisation) and background knowledge",
+        "",
+        "Mean rank of the trained facts after fine-tuning, and the background-knowledge probe before it: "
+        'the share of the world\'s known pairs ("People in Paris speak" -> French) the base model '
+        "ranks first. Relations without background knowledge have no probe (–).",
+        "",
+        fact_table,
+    ]
+    if low_probe:
+        lines += [
+            f"**Warning:** the base model fails the background probe (< {PROBE_THRESHOLD}) on "
+            f"{', '.join(low_probe)}; read those columns with care.",
+            "",
+        ]
+    unlearned = [r for r in records if not memorised(r)]
+    lines += [
+        f"Every cell memorised its training facts (train-fact rank <= {MEMORISED}), {len(records)} of "
+        f"{len(records)}."
+        if not unlearned
+        else f"**{len(unlearned)} of {len(records)} cells did not memorise their training facts** "
+        f"(train-fact rank > {MEMORISED}): "
+        + "; ".join(
+            f"{r['relation']} {r['method']} pretraining seed {r['pretrain_seed']} seed {r['seed']} "
+            f"({r['train_fact_rank']:.2f})"
+            for r in unlearned
+        ),
+        "",
+    ]
+    if has_sweep:
+        lines += ["## LoRA rank sweep against full fine-tuning", "", "![rank sweep](rank_sweep.png)", ""]
+    if any(r["model"] != "tiny" for r in records):
+        shown = [rel for rel in PAPER_RELATIONS if rel in relations]
+        lines += [
+            "## The paper's LLMs, for shape",
+            "",
+            "Huang et al. (2025), full fine-tuning of 7-9B models, 3 seeds, mean test-implication rank "
+            "(their setup, not comparable in absolute terms):",
+            "",
+            "| model | " + " | ".join(shown) + " |",
+            "|---|" + "---|" * len(shown),
+            *(
+                f"| {name} | "
+                + " | ".join(f"{ranks[PAPER_RELATIONS.index(rel)]:.2f}" for rel in shown)
+                + " |"
+                for name, ranks in PAPER_LLM_RANKS.items()
+            ),
+            "",
+        ]
+    lines += ["## Machines", "", *(f"- `{m}`" for m in machines), ""]
+    lines += ["## Every cell", "", *_cell_lines(records), ""]
+    atomic_write_text(out / "report.md", "\n".join(lines))
+    return {"records": records, "rows": rows, "report": report}
+
+
+def _cell_lines(records: list[dict[str, Any]]) -> list[str]:
+    """One row per cell: whether it memorised its training facts, and its test implications."""
+
+    def rank(value: float | None) -> str:
+        return "–" if value is None else f"{value:.2f}"
+
+    lines = [
+        "| relation | method | pretraining seed | seed | train-fact rank | memorised | "
+        "test implication before -> after | seconds | CPU kernels or GPU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = sorted(records, key=lambda r: (r["relation"], r["method"], r["pretrain_seed"], r["seed"]))
+    for r in order:
+        before, after = rank(r["test_implication_rank_before"]), rank(r["test_implication_rank"])
+        lines.append(
+            f"| {r['relation']} | {r['method']} | {r['pretrain_seed']} | {r['seed']} | "
+            f"{rank(r['train_fact_rank'])} | {'yes' if memorised(r) else '**no**'} | {before} -> {after} | "
+            f"{r['seconds']:.0f} | "
+            f"{r.get('gpu') or r['cpu_capability']} |"
+        )
+    return lines
+
+
+def _num_candidates(report) -> int:
+    return report.results[0]["num_candidates"] if report.results else 0

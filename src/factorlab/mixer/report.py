@@ -1,0 +1,254 @@
+"""The LoRA-Mixer lab's reports: the comparison's tables, plots and report.md rebuilt from its cells
+(``write_comparison``, also behind ``factorlab report``), and the two workflows' short reports."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from factorlab.cells import cell_id, load_summary
+from factorlab.reporting import Column, aggregate, write_table
+from factorlab.runtime import atomic_write_text, write_json
+
+SYSTEMS = (
+    "base",
+    "multi-task LoRA (equal total rank)",
+    "Compacter++ (multi-task)",
+    "full fine-tuning (multi-task)",
+    "per-task LoRA (oracle)",
+    "uniform average of experts",
+    "LoRA-Mixer joint (soft)",
+    "LoRA-Mixer joint (top-k)",
+    "LoRA-Mixer plug-and-play (top-k)",
+    "X-LoRA (peft)",
+)
+
+
+def write_comparison(out: Path, cells: list[dict[str, Any]], seconds: float | None) -> dict[str, Any]:
+    """results.json, the tables, the plots and report.md from the cells' summaries (cells still missing
+    are listed, never filled in)."""
+    from factorlab.mixer import plots as mixer_plots
+
+    summaries = [load_summary(out / "cells" / cell_id(c), c) for c in cells]
+    done = [s for s in summaries if s is not None]
+    missing = [c for c, s in zip(cells, summaries) if s is None]
+    # The settings as recorded, not re-validated: a report must build where the model is not installed
+    settings = {**done[0]["cell"]["config"], "seeds": sorted({s["cell"]["seed"] for s in done})}
+    cfg = SimpleNamespace(**settings)
+    records = [r for s in done for r in s["records"]]
+    systems = [s for s in SYSTEMS if any(r["system"] == s for r in records)]
+    by_task = aggregate(records, ["system", "task"], ["accuracy"])
+    costs: dict[str, list[dict[str, Any]]] = {}
+    routes: dict[str, list[dict[str, Any]]] = {}
+    for s in done:
+        for name, cost in s["systems"].items():
+            train_s = cost["seconds"] + cost.get("stage1_seconds", 0.0)
+            costs.setdefault(name, []).append(
+                {
+                    "trainable": cost["trainable"],
+                    "train_s": train_s,
+                    # the last stage's throughput: stage 1 has its own row (the oracle experts)
+                    "tok_s": cost["tokens"] / cost["seconds"] if cost["seconds"] else None,
+                }
+            )
+        for name, route in s.get("routing", {}).items():
+            routes.setdefault(name, []).append(route)
+    rows = []
+    for system in systems:
+        row: dict[str, Any] = {"system": system}
+        for r in by_task:
+            if r["system"] == system:
+                row[r["task"]] = r["accuracy"]
+        per_seed: dict[int, list[float]] = {}
+        for rec in records:
+            if rec["system"] == system:
+                per_seed.setdefault(rec["seed"], []).append(rec["accuracy"])
+        row["mean"] = aggregate([{"m": sum(v) / len(v)} for v in per_seed.values()], [], ["m"])[0]["m"]
+        row["seeds"] = len(per_seed)
+        if system in costs:
+            cost = aggregate(costs[system], [], ["trainable", "train_s", "tok_s"])[0]
+            row["trainable"], row["train_s"] = cost["trainable"].mean, cost["train_s"]
+            row["tok_s"] = cost["tok_s"] if system != "base" else None
+        if system in routes:
+            row["routed"] = aggregate([{"a": r["accuracy"]} for r in routes[system]], [], ["a"])[0]["a"]
+        rows.append(row)
+    columns = [
+        Column("system", "system"),
+        *(Column(t, t, "{:.3f}") for t in cfg.tasks),
+        Column("mean", "mean", "{:.3f}"),
+        Column("routed", "routed to own expert", "{:.3f}"),
+        Column("trainable", "trainable params", "{:,.0f}"),
+        Column("train_s", "train s", "{:.0f}"),
+        Column("tok_s", "train tokens/s", "{:.0f}"),
+        Column("seeds", "seeds"),
+    ]
+    table = write_table(rows, columns, out / "table")
+    machine = sorted({json.dumps(s["machine"], sort_keys=True) for s in done})
+    write_json(
+        out / "results.json",
+        {
+            "config": settings,
+            "records": records,
+            "systems": {s: costs[s] for s in costs},
+            "routing": routes,
+            "machines": [json.loads(m) for m in machine],
+            "seconds": seconds,
+            "missing": missing,
+        },
+    )
+    mixer_plots.accuracy_bars(rows, cfg.tasks, out / "accuracy.png")
+    usage = None
+    joint = routes.get("LoRA-Mixer joint (soft)")
+    if joint:
+        usage = torch.tensor([r["usage"] for r in joint]).mean(0)
+        mixer_plots.usage_heatmap(usage, cfg.tasks, out / "routing.png")
+    router_acc = sum(r["accuracy"] for r in joint) / len(joint) if joint else float("nan")
+    verdict = mixer_verdict(rows, cfg.tasks)
+    cpus = ", ".join(
+        f"{m['cpu_capability']} torch {m['torch']} {m['threads']} thread(s)" for m in map(json.loads, machine)
+    )
+    report = [
+        f"# LoRA-Mixer multi-task comparison ({cfg.preset} preset)",
+        "",
+        f"Model {cfg.model}; tasks {', '.join(cfg.tasks)}; seeds {cfg.seeds}; expert rank {cfg.r}; "
+        f"{cfg.steps} training steps for every multi-task system and for stage 1, {cfg.router_steps} router "
+        f"steps on {cfg.router_examples_per_task} examples per task; {cfg.eval_examples_per_task} test "
+        f"examples per task, greedy generation. Machine: {cpus}."
+        + (f" {seconds:.0f} s." if seconds is not None else ""),
+        "",
+        "Accuracy (mean ± std over seeds); *routed*: share of test samples whose strongest expert is their "
+        "task's; *train s*: training time of one seed (joint mixer: both stages); *train tokens/s*: "
+        "real tokens of the last training stage per second.",
+        "",
+        table,
+        f"Verdict: {verdict}",
+        "",
+        "![accuracy](accuracy.png)",
+        "",
+    ]
+    if missing:
+        report += [
+            f"**Not yet run** ({len(missing)} cells): "
+            + ", ".join(f"{c['unit']} seed {c['seed']}" for c in missing),
+            "",
+        ]
+    # routed.md always exists (header only until a routed system has run): README pastes it
+    routed_rows = []
+    for system in (s for s in SYSTEMS if s in routes):
+        per_task = [{t: r["per_task"][k] for k, t in enumerate(cfg.tasks)} for r in routes[system]]
+        row = aggregate(per_task, [], list(cfg.tasks))[0]
+        routed_rows.append({"system": system, **{t: row[t] for t in cfg.tasks}, "seeds": len(per_task)})
+    routed_table = write_table(
+        routed_rows,
+        [
+            Column("system", "system"),
+            *(Column(t, t, "{:.3f}") for t in cfg.tasks),
+            Column("seeds", "seeds"),
+        ],
+        out / "routed",
+    )
+    report += [
+        "## Routing accuracy per task",
+        "",
+        "Share of each task's test samples whose strongest expert (mean weight over real tokens and "
+        "projections) is the task's own:",
+        "",
+        routed_table,
+    ]
+    if usage is not None:
+        usage_rows = [
+            {"task": t, **{f"→ {e}": float(usage[k, j]) for j, e in enumerate(cfg.tasks)}}
+            for k, t in enumerate(cfg.tasks)
+        ]
+        usage_table = write_table(
+            usage_rows,
+            [Column("task", "task"), *(Column(f"→ {e}", f"→ {e}", "{:.2f}") for e in cfg.tasks)],
+            out / "routing",
+        )
+        report += [
+            "## Routing (LoRA-Mixer joint, soft)",
+            "",
+            "Mean routing weight of each task's samples (rows) on each expert (columns):",
+            "",
+            usage_table,
+            "![routing](routing.png)",
+            "",
+        ]
+    atomic_write_text(out / "report.md", "\n".join(report))
+    return {
+        "rows": rows,
+        "router_accuracy": router_acc,
+        "usage": usage,
+        "records": records,
+        "verdict": verdict,
+        "missing": missing,
+    }
+
+
+def mixer_verdict(rows: list[dict[str, Any]], tasks: Sequence[str]) -> str:
+    by_name = {r["system"]: r for r in rows}
+    single, mixer = by_name.get("multi-task LoRA (equal total rank)"), by_name.get("LoRA-Mixer joint (top-k)")
+    if single is None or mixer is None:
+        return "not yet comparable (multi-task LoRA or the joint mixer still missing)."
+    better = [t for t in tasks if mixer[t].mean > single[t].mean]
+    worse = [t for t in tasks if mixer[t].mean < single[t].mean]
+    return (
+        f"LoRA-Mixer joint (top-k) beats the multi-task LoRA of equal total rank on {better or 'no task'} "
+        f"and is behind it on {worse or 'no task'}."
+    )
+
+
+def workflow_report(
+    out: Path, title: str, cfg, accuracies, usage, router_acc, router_per_task, oracle=None
+) -> dict[str, Any]:
+    from factorlab.mixer import plots as mixer_plots
+
+    rows = [
+        {
+            "task": t,
+            "accuracy": accuracies[t],
+            "routed": router_per_task[k],
+            **({"oracle": oracle[t]} if oracle else {}),
+        }
+        for k, t in enumerate(cfg.tasks)
+    ]
+    columns = [
+        Column("task", "task"),
+        Column("accuracy", "LoRA-Mixer accuracy", "{:.3f}"),
+        Column("routed", "routed to its expert", "{:.3f}"),
+    ]
+    if oracle:
+        columns.append(Column("oracle", "expert alone (task id given)", "{:.3f}"))
+    table = write_table(rows, columns, out / "table")
+    mixer_plots.usage_heatmap(usage, cfg.tasks, out / "routing.png")
+    result = {
+        "accuracy": accuracies,
+        "oracle": oracle,
+        "router_accuracy": router_acc,
+        "router_accuracy_per_task": dict(zip(cfg.tasks, router_per_task)),
+        "usage": usage.tolist(),
+        "config": dataclasses.asdict(cfg),
+    }
+    write_json(out / "results.json", result)
+    atomic_write_text(
+        out / "report.md",
+        "\n".join(
+            [
+                f"# LoRA-Mixer: {title}",
+                "",
+                table,
+                f"Router accuracy against task labels: **{router_acc:.3f}** "
+                f"(chance {1 / len(cfg.tasks):.3f}).",
+                "",
+                "![routing](routing.png)",
+                "",
+            ]
+        ),
+    )
+    return result
