@@ -23,6 +23,7 @@ from factorlab.errors import (
     TargetError,
     explain,
 )
+from hostile import RELATION, alias_bomb
 from tiny_models import build, inputs
 
 CLI = [sys.executable, "-m", "factorlab"]
@@ -230,14 +231,6 @@ def test_os_errors_become_one_line_naming_the_path(code, needle):
 
 # ---- relations files ---------------------------------------------------------------------------------
 
-RELATION = {
-    "name": "planet",
-    "causal": False,
-    "fact": ["{subject} was born on {fact}."],
-    "implication": ["{subject} collects {implication}."],
-    "pairs": [["Mars", "stamps"], ["Venus", "coins"]],
-}
-
 
 @pytest.mark.parametrize(
     "field, phrasing, needle",
@@ -258,14 +251,6 @@ def test_a_relation_template_with_an_unknown_placeholder_is_refused(tmp_path, fi
     path.write_text(json.dumps([relation]))
     with pytest.raises(ConfigError, match=re.escape(needle)):
         load_relations(path)
-
-
-def alias_bomb(levels: int = 10) -> str:
-    """A YAML flow list whose anchors expand to 9**levels strings in a few hundred bytes."""
-    nodes = ["&a0 [x,x,x,x,x,x,x,x,x]"] + [
-        f"&a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, levels)
-    ]
-    return "[" + ", ".join(nodes) + "]"
 
 
 @pytest.mark.parametrize("field", ["fact", "implication", "pairs", "background", "description", "name"])

@@ -670,18 +670,11 @@ def test_generated_ocr_sizes_fit_or_are_refused_before_allocation(
 def test_nested_yaml_aliases_in_every_field_are_bounded(tmp_path_factory, field, width, depth):
     import time
 
-    nodes = ["&a0 [" + ",".join(["x"] * width) + "]"]
-    nodes += [f"&a{i} [" + ",".join([f"*a{i - 1}"] * width) + "]" for i in range(1, depth)]
-    relation = {
-        "name": "r",
-        "causal": False,
-        "fact": ["{subject} was born on {fact}."],
-        "implication": ["{subject} collects {implication}."],
-        "pairs": [["Mars", "stamps"], ["Venus", "coins"]],
-    }
-    lines = [f"  {k}: {json.dumps(v)}" for k, v in relation.items() if k != field]
+    from hostile import RELATION, alias_bomb
+
+    lines = [f"  {k}: {json.dumps(v)}" for k, v in RELATION.items() if k != field]
     path = tmp_path_factory.mktemp("yaml") / "r.yaml"
-    path.write_text("-\n" + "\n".join([*lines, f"  {field}: [{', '.join(nodes)}]"]) + "\n")
+    path.write_text("-\n" + "\n".join([*lines, f"  {field}: {alias_bomb(depth, width)}"]) + "\n")
     started = time.perf_counter()
     with pytest.raises(ConfigError):  # too many values, or the wrong type for the field
         load_relations(path)

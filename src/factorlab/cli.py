@@ -483,19 +483,14 @@ def mixer_plug(
         )
     task_names = tasks or ",".join(f.name for f in folders)
     saved = base / "factorlab_tasks.json"
-    cfg = _mixer_config(
-        preset,
-        task_names,
-        str(base) if preset != "quick" else None,
-        None,
-        None,
-        router_steps,
-        [seed],
-        route_label_coef,
-        None,
-        dtype,
-        gradient_checkpointing,
-    )
+
+    def config_for(names: str, model: str | None):
+        return _mixer_config(
+            preset, names, model, None, None, router_steps, [seed], route_label_coef, None, dtype,
+            gradient_checkpointing,
+        )  # fmt: skip
+
+    cfg = config_for(task_names, str(base) if preset != "quick" else None)
     if preset == "quick" and saved.exists():  # the tiny preset's vocabulary depends on the full task list
         trained = json.loads(saved.read_text())["tasks"]
         if sorted(trained) != sorted(cfg.tasks):
@@ -503,19 +498,7 @@ def mixer_plug(
                 f"the base was trained with tasks {trained}; the adapters give {cfg.tasks}. Pass one adapter "
                 "per task the base was trained with (--tasks names them when folder names differ)."
             )
-        cfg = _mixer_config(
-            preset,
-            ",".join(trained),
-            None,
-            None,
-            None,
-            router_steps,
-            [seed],
-            route_label_coef,
-            None,
-            dtype,
-            gradient_checkpointing,
-        )
+        cfg = config_for(",".join(trained), None)
         by_task = dict(zip(task_names.split(","), folders))
         folders = [by_task[t] for t in trained]
     result = plug(cfg, base, folders, out)
