@@ -172,3 +172,17 @@ def test_disable_and_a_second_adapter(method):
     assert torch.equal(logits(adapted), first)
     with pytest.raises(ConfigError, match="no adapter named 'second'"):
         adapted.set_adapter("second")
+
+
+def test_core_names_no_method():
+    """The core calls methods through their hooks only: no method's name, label, config class or
+    per-call keyword appears in factorlab/core/ (code, comments or messages)."""
+    core = Path(factorlab.__file__).parent / "core"
+    text = {p.name: p.read_text().lower() for p in core.glob("*.py")}
+    for method in METHODS.values():
+        words = {method.name, method.label, method.config_cls.__name__, *method.forward_keywords} - {""}
+        for word in words:
+            found = [
+                name for name, source in text.items() if re.search(rf"\b{re.escape(word.lower())}\b", source)
+            ]
+            assert not found, f"{word!r} ({method.name}) appears in core/{found}"

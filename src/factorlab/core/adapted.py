@@ -131,7 +131,7 @@ class AdaptedModel(AdapterFiles, Merging, nn.Module):
         functools.update_wrapper(forward, base_forward)
         signature = inspect.signature(base_forward)
         params = list(signature.parameters.values())
-        extra = [  # the per-call keywords of every method (LoRA-Mixer's task_ids), so Trainer keeps them
+        extra = [  # the per-call keywords of every method (Method.forward_keywords), so Trainer keeps them
             inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=None)
             for key in forward_keywords()
             if key not in signature.parameters
@@ -344,8 +344,7 @@ class AdaptedModel(AdapterFiles, Merging, nn.Module):
         svd_rank: int | None = None,
     ) -> None:
         """PEFT's combination of adapters into a new one, ``adapter_name`` (not activated), by the
-        method's ``combine`` hook (factorlab.methods.lora.combine documents LoRA's "cat", "linear" and
-        "svd")."""
+        method's ``combine`` hook, which documents its ``combination_type`` values."""
         self._require("add_adapter")
         if adapter_name in self.adapter_configs:
             raise ConfigError(f"adapter {adapter_name!r} already exists; pick another name.")

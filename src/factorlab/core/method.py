@@ -55,7 +55,7 @@ class AdapterConfig:
     task_type: TaskType | None = None
     """PEFT's task type. SEQ_CLS / TOKEN_CLS add the head ("classifier" or "score") and QUESTION_ANS
     "qa_outputs" to modules_to_save, as PEFT does, so a freshly initialised head trains; it is also
-    written to saved LoRA folders, where PEFT picks its model class by it."""
+    written to saved PEFT-format folders, where PEFT picks its model class by it."""
     inference_mode: bool = field(default=False, repr=False)
 
     # PEFT's get/set_peft_model_state_dict read these first, then walk PEFT's own layer classes, which a
@@ -109,22 +109,22 @@ class Method:
     build_shared: Callable[[nn.Module, AdapterConfig, list[str], bool], nn.Module | None] | None = None
     """(base model, config, target names, loading) -> weights shared by all of the adapter's layers, or
     None. ``loading`` is True when the adapter is being loaded from a file whose weights are copied in
-    right after: a method may then build from recorded shapes alone (e.g. LoRA-Mixer's plugged experts
-    whose PEFT folders have moved)."""
+    right after: a method may then build from recorded shapes alone (e.g. weights it once read from
+    other folders, which may have moved since)."""
     shared_trainable_parameters: Callable[[nn.Module], Iterable[nn.Parameter]] | None = None
     """(the shared module) -> those of its parameters that train (None: all of them)."""
     extra_modules_to_save: Callable[[nn.Module, AdapterConfig], list[str]] | None = None
     """(base model, config) -> names of further modules trained as copies (e.g. LayerNorms)."""
     in_place_parameters: Callable[[nn.Module, AdapterConfig, list[str]], list[str]] | None = None
     """(base model, config, target names) -> base-model parameters that train in place and are saved
-    with the adapter (PEFT's LoRA ``bias``); they are not restored when the adapter goes."""
+    with the adapter (PEFT's ``bias`` option); they are not restored when the adapter goes."""
     accepts: Callable[[nn.Module], bool] | None = None
     """Which modules the method can adapt (None: linear layers and GPT-2's Conv1D). It sees the original
     module, never another adapter's wrapper."""
     accepted_kinds: str = "nn.Linear or Conv1D layers"
     """Those modules in words, for the error when a target is something else."""
     forward_keywords: tuple[str, ...] = ()
-    """Per-call keywords the method's adapters take in forward / generate (LoRA-Mixer: task_ids)."""
+    """Per-call keywords the method's adapters take in forward / generate (e.g. one id per sample)."""
     forward_context: Callable[[nn.Module, str, dict, bool], AbstractContextManager] | None = None
     """(adapted model, adapter name, call kwargs, record) -> a context manager around one forward or
     generate of the active adapter: it takes its ``forward_keywords`` out of kwargs, and yields a
@@ -134,7 +134,7 @@ class Method:
     combinable: bool = False
     """Whether several adapters of the method can be active at once (their updates add up)."""
     label: str = ""
-    """How messages name the method (e.g. "LoRA"); empty: its ``name``."""
+    """How messages name the method; empty: its ``name``."""
     not_combinable_hint: str = ""
     """For a method that is not ``combinable``: what to use instead, in the refusal of ``set_adapter``
     with several of its adapters."""

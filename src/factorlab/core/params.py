@@ -25,7 +25,7 @@ def count_parameters(model: nn.Module) -> dict:
     shared adapter containers), ``base`` (everything else), ``trainable_percent`` (of ``total``),
     ``trainable_percent_of_base`` (the papers' convention) and ``trainable_by_kind``. Works on the
     meta device, so paper-sized models can be counted without allocating weights. Buffers (such as
-    a frozen PHM rule, ``learn_phm=False``) are not parameters and are not counted.
+    a frozen shared weight kept as a buffer) are not parameters and are not counted.
     """
     adapter_ids: set[int] = set()
     for module in model.modules():

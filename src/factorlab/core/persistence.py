@@ -23,10 +23,10 @@ from factorlab.core.targeting import model_family, resolve_targets
 from factorlab.errors import AdapterLoadError, ConfigError, TargetError
 from factorlab.layers.base import copy_state_exact
 from factorlab.layers.modules_to_save import ModulesToSave
-from factorlab.peft_format import KEY_PREFIX, PEFT_EMBEDDING_NAMES, task_type_of
+from factorlab.peft_format import KEY_PREFIX, PEFT_EMBEDDING_NAMES, check_save_keywords, task_type_of
 from factorlab.version import __version__ as _VERSION
 
-SHARED_PREFIX = "factorlab_shared."  # weights shared by all layers of an adapter (Compacter's rule)
+SHARED_PREFIX = "factorlab_shared."  # weights shared by all layers of an adapter (Method.build_shared)
 TARGETING_FIELDS = ("target_modules", "target_roles", "exclude_modules", "layers_to_transform")
 SAVE_ONLY_KEYS = (
     "factorlab_version",
@@ -169,21 +169,7 @@ class AdapterFiles:
         ``save_embedding_layers`` may be "auto" or False."""
         path = save_directory
         self._require("save_pretrained")
-        unknown = sorted(set(kwargs) - {"state_dict", "convert_pissa_to_lora", "push_to_hub"})
-        if unknown:
-            raise ConfigError(
-                f"save_pretrained() got unknown keyword(s) {unknown}; PEFT's keywords are accepted."
-            )
-        if save_embedding_layers not in ("auto", False):
-            raise ConfigError(
-                f"save_embedding_layers={save_embedding_layers!r}: factorlab saves the embeddings an adapter "
-                "trains; to train and save them, add modules_to_save=['embed_tokens', 'lm_head'] to the "
-                "config."
-            )
-        if path_initial_model_for_weight_conversion is not None or kwargs.get("convert_pissa_to_lora"):
-            raise ConfigError("PiSSA/OLoRA weight conversion on save is not supported (nor those inits).")
-        if kwargs.get("push_to_hub"):
-            raise ConfigError("factorlab does not upload; save locally and push with huggingface_hub.")
+        check_save_keywords(save_embedding_layers, path_initial_model_for_weight_conversion, kwargs)
         if not isinstance(selected_adapters, (list, tuple, type(None))):
             raise ConfigError(
                 f"selected_adapters must be a list of adapter names, got {selected_adapters!r}."
@@ -213,8 +199,8 @@ class AdapterFiles:
     def write_adapter(
         self, name: str, folder: str | os.PathLike, tensors: dict[str, torch.Tensor] | None = None
     ) -> Path:
-        """Write adapter ``name`` into ``folder`` itself: PEFT's format for methods PEFT has (LoRA,
-        DoRA), factorlab's own for the others."""
+        """Write adapter ``name`` into ``folder`` itself: PEFT's format for methods PEFT has
+        (``Method.peft_type``), factorlab's own for the others."""
         self._require("save_pretrained")
         if name not in self.adapter_configs:
             raise ConfigError(f"no adapter named {name!r}; adapters: {sorted(self.adapter_configs)}.")
