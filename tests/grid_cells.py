@@ -25,3 +25,23 @@ def slow(cell, folder: Path):
         (Path(cell["marker_dir"]) / f"started-{os.getpid()}-{cell['x']}").write_text("")
     time.sleep(cell.get("sleep", 0.5))
     return {"y": cell["x"] + 100}
+
+
+def packed(cell, folder: Path):
+    """Alone: y = x + 100. Cells with the same "group" may run as one pack (``packed.run_pack``)."""
+    time.sleep(cell.get("sleep", 0.0))
+    return {"y": cell["x"] + 100, "pid": os.getpid(), "pack": None}
+
+
+def _packed_run(cells, folders, write):
+    """Writes its cells one by one (sleeping between), as a pack whose cells finish at different steps
+    does; a cell with "fail" raises after the cells before it were written."""
+    for j, cell in enumerate(cells):
+        if cell.get("fail"):
+            raise ValueError(f"cell {cell['x']} failed")
+        time.sleep(cell.get("sleep", 0.0))
+        write(j, {"y": cell["x"] + 100, "pid": os.getpid(), "pack": [c["x"] for c in cells]})
+
+
+packed.pack_key = lambda cell: cell.get("group")
+packed.run_pack = _packed_run

@@ -69,6 +69,38 @@ def resolve(fn_path: str) -> Callable[[dict[str, Any], Path], dict[str, Any]]:
     return getattr(importlib.import_module(module), name)
 
 
+PackWriter = Callable[[int, dict[str, Any]], None]
+
+
+def run_pack(
+    fn_path: str, cells: list[dict[str, Any]], folders: list[str]
+) -> list[tuple[dict | None, str | None]]:
+    """Run cells that train together (the cell function's ``run_pack(cells, folders, write)``) in this
+    process; each cell's summary is written atomically as that cell finishes, so a pack killed midway
+    keeps its finished cells. Returns (summary, None) or (None, error) per cell."""
+    limit_threads(1)
+    results: list[dict[str, Any] | None] = [None] * len(cells)
+
+    def write(j: int, summary: dict[str, Any]) -> None:
+        summary = {**summary, "cell": cells[j]}
+        write_json(Path(folders[j]) / SUMMARY, summary)
+        results[j] = summary
+
+    for folder in folders:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    try:
+        resolve(fn_path).run_pack(cells, [Path(f) for f in folders], write)
+        error = "its pack ended without writing it"
+    except Exception as err:  # the pack failed: its finished cells stand, the others carry the error
+        error = f"{type(err).__name__}: {err}"
+    return [(r, None) if r is not None else (None, error) for r in results]
+
+
+def pack_key(fn_path: str) -> Callable[[dict[str, Any]], Any] | None:
+    """The cell function's ``pack_key(cell)``: cells with the same non-None key may train as one pack."""
+    return getattr(resolve(fn_path), "pack_key", None)
+
+
 def run_cell(fn_path: str, cell: dict[str, Any], folder: str) -> dict[str, Any]:
     """Run one cell in this process and write its summary atomically; returns the summary."""
     limit_threads(1)

@@ -97,6 +97,13 @@ Association = Annotated[
     str, typer.Option(help="causal, or spurious (test implications independent of group).")
 ]
 EvalEvery = Annotated[int | None, typer.Option(help="Steps between evaluations \\[default: steps // 50].")]
+Pack = Annotated[
+    int,
+    typer.Option(
+        help="Most cells that train together as one model on a shared base (LoRA cells; the rest train "
+        "alone); 1 trains every cell alone. Packs are split to fit memory and to give every worker one."
+    ),
+]
 Workers = Annotated[int | None, typer.Option(help="Worker processes \\[default: CPU count].")]
 Threads = Annotated[
     int,
@@ -657,15 +664,17 @@ def inject_grid(
     device: InjDevice = INJECT.device,
     dtype: Dtype = INJECT.precision,
     gradient_checkpointing: GradientCheckpointing = False,
+    pack: Pack = 16,
     out: Annotated[Path, typer.Option(help="Output folder (finished cells there are reused).")] = Path(
         "runs/inject-grid"
     ),
 ) -> None:
     """Relations x pretraining seeds x seeds x methods (+ a LoRA rank sweep), parallel and resumable."""
-    from factorlab.grid import check_grid_options
+    from factorlab.grid import check_grid_options, check_pack
     from factorlab.recipes.inject import grid, grid_cells
 
     check_grid_options(backend, address, workers)
+    check_pack(pack)
     cells = grid_cells(
         model,
         [x.strip() for x in relations.split(",") if x.strip()],
@@ -680,7 +689,7 @@ def inject_grid(
         precision=dtype,
         gradient_checkpointing=gradient_checkpointing,
     )
-    result = grid(cells, out, workers, backend, address)
+    result = grid(cells, out, workers, backend, address, pack=pack)
     typer.echo((out / "table.md").read_text())
     typer.echo(result["report"].line())
     typer.echo(f"wrote {out}/report.md, results.json, table.*, ranks.png, cells/")

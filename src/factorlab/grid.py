@@ -18,7 +18,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factorlab.cells import SUMMARY, cell_id, load_summary, resolve, run_cell, summary_check  # noqa: F401
+from factorlab.cells import (  # noqa: F401
+    SUMMARY,
+    cell_id,
+    load_summary,
+    pack_key,
+    resolve,
+    run_cell,
+    run_pack,
+    summary_check,
+)
 from factorlab.errors import ConfigError
 from factorlab.workers import ending_with_parent, start_worker
 
@@ -61,13 +70,17 @@ def run_grid(
     backend: str = "local",
     address: str | None = None,
     on_done: Callable[[int, int], None] | None = None,
+    pack: int = 1,
 ) -> GridReport:
     """Run every cell not already finished under ``out/cells``; return all results in cell order.
 
     ``backend``: "local" (a process pool of ``workers`` processes; ``workers=1`` runs in this
-    process) or "ray" (a local Ray instance, or the cluster at ``address``).
+    process) or "ray" (a local Ray instance, or the cluster at ``address``). ``pack``: the most cells
+    that train together as one model where the cell function can pack them (its ``pack_key`` and
+    ``run_pack``; local backend); 1 runs every cell alone.
     """
     check_grid_options(backend, address, workers)
+    check_pack(pack)
     if not cells:
         raise ConfigError("the grid has no cells: give at least one value for every list option.")
     out = Path(out)
@@ -97,11 +110,9 @@ def run_grid(
             if on_done:
                 on_done(done, len(cells))
     elif backend == "local" and workers == 1:  # in this process: cells may show their own progress
-        for i in todo:
-            try:
-                _record(report, results, i, run_cell(fn_path, cells[i], str(folders[i])), None, cells)
-            except Exception as err:
-                report.failed.append((cells[i], f"{type(err).__name__}: {err}"))
+        for job in plan_packs(fn_path, cells, todo, pack, 1):
+            for i, (summary, error) in zip(job, _run_job(fn_path, cells, folders, job)):
+                _record(report, results, i, summary, error, cells)
             if on_done:
                 on_done(sum(r is not None for r in results), len(cells))
     else:  # "local", with a process pool (the backend was checked above)
@@ -111,7 +122,7 @@ def run_grid(
                 fn_path,
                 cells,
                 folders,
-                todo,
+                plan_packs(fn_path, cells, todo, pack, workers or os.cpu_count() or 1),
                 complete,
                 workers,
                 report,
@@ -124,6 +135,41 @@ def run_grid(
     return report
 
 
+def check_pack(pack: int) -> None:
+    if isinstance(pack, bool) or not isinstance(pack, int) or pack < 1:
+        raise ConfigError(f"--pack must be a positive integer (1 runs every cell alone), got {pack!r}.")
+
+
+def plan_packs(
+    fn_path: str, cells: Sequence[dict], todo: list[int], pack: int, workers: int
+) -> list[list[int]]:
+    """The jobs that run ``todo``: cells of one pack key in packs of at most ``pack`` (split so that
+    every worker gets a share), then the cells that train alone, one job each. Packs come first: they
+    are the longest jobs."""
+    key_of = pack_key(fn_path) if pack > 1 else None
+    by_key: dict[Any, list[int]] = {}
+    alone = []
+    for i in todo:
+        key = key_of(cells[i]) if key_of else None
+        (alone.append(i) if key is None else by_key.setdefault(key, []).append(i))
+    jobs = []
+    for members in by_key.values():
+        count = max(-(-len(members) // pack), min(workers, len(members)))  # ceil, or one per worker
+        size = -(-len(members) // count)
+        jobs += [members[j : j + size] for j in range(0, len(members), size)]
+    return sorted(jobs, key=len, reverse=True) + [[i] for i in alone]
+
+
+def _run_job(fn_path, cells, folders, job) -> list[tuple[dict | None, str | None]]:
+    """One job in this process: a cell alone, or a pack."""
+    if len(job) > 1:
+        return run_pack(fn_path, [cells[i] for i in job], [str(folders[i]) for i in job])
+    try:
+        return [(run_cell(fn_path, cells[job[0]], str(folders[job[0]])), None)]
+    except Exception as err:  # the cell itself failed: report it, do not retry
+        return [(None, f"{type(err).__name__}: {err}")]
+
+
 def _record(report, results, index, summary, error, cells) -> None:
     if error is None:
         results[index] = summary
@@ -133,10 +179,10 @@ def _record(report, results, index, summary, error, cells) -> None:
 
 
 def _local_pass(
-    fn_path, cells, folders, todo, complete, workers, report, results, attempts, retries, tick
+    fn_path, cells, folders, jobs, complete, workers, report, results, attempts, retries, tick
 ) -> list[int]:
-    """One process pool over ``todo``; returns the cells to retry because their worker died."""
-    workers = max(1, min(workers or os.cpu_count() or 1, len(todo)))
+    """One process pool over ``jobs``; returns the cells to retry because their worker died."""
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
     retry: list[int] = []
     ctx = mp.get_context("spawn")
     with (
@@ -145,28 +191,29 @@ def _local_pass(
         ) as pool,
         ending_with_parent(pool),
     ):
-        futures = {pool.submit(run_cell, fn_path, cells[i], str(folders[i])): i for i in todo}
+        futures = {pool.submit(_run_job, fn_path, cells, folders, job): job for job in jobs}
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for f in finished:
-                i = futures[f]
+                job = futures[f]
                 try:
-                    _record(report, results, i, f.result(), None, cells)
+                    outcomes = f.result()
                 except BrokenProcessPool:
-                    written = load_summary(
-                        folders[i], cells[i], complete
-                    )  # it may have finished before the pool broke
-                    if written is not None:
-                        _record(report, results, i, written, None, cells)
+                    outcomes = [(None, None)] * len(job)  # None, None: the worker died
+                for i, (summary, error) in zip(job, outcomes):
+                    if summary is None and error is None:
+                        written = load_summary(folders[i], cells[i], complete)  # finished before it died?
+                        if written is not None:
+                            _record(report, results, i, written, None, cells)
+                            continue
+                        attempts[i] += 1
+                        if attempts[i] <= retries:
+                            retry.append(i)
+                        else:
+                            report.failed.append((cells[i], "worker process died"))
                         continue
-                    attempts[i] += 1
-                    if attempts[i] <= retries:
-                        retry.append(i)
-                    else:
-                        report.failed.append((cells[i], "worker process died"))
-                except Exception as err:  # the cell itself failed: report it, do not retry
-                    report.failed.append((cells[i], f"{type(err).__name__}: {err}"))
+                    _record(report, results, i, summary, error, cells)
                 if tick:
                     tick()
     if retry:

@@ -280,10 +280,11 @@ class Plan:
         }
 
 
-def make_plan(cfg: PlanConfig) -> Plan:
-    config = load_model_config(cfg.model)
+def activation_bytes(config, cfg: PlanConfig) -> tuple[int, int]:
+    """(bytes autograd keeps for the backward of the whole model, bytes of the logits and their
+    float32 log-softmax and gradient) for ``cfg.batch`` x ``cfg.seq`` tokens: one and two decoder
+    blocks measured on the meta device, the rest extrapolated block by block."""
     dtype = check_precision(cfg.precision)
-    model = meta_model(config, cfg)
     (one, block_input), (two, _) = (
         saved_activation_bytes(meta_model(config, cfg, n), cfg, dtype) for n in (1, 2)
     )
@@ -293,9 +294,25 @@ def make_plan(cfg: PlanConfig) -> Plan:
         activations = (one - per_block) + layers * block_input + per_block
     else:
         activations = one + (layers - 1) * per_block
-    tokens = cfg.batch * cfg.seq
-    vocab = config.vocab_size
-    logits = tokens * vocab * (dtype.itemsize + 4 + 4)
+    return activations, cfg.batch * cfg.seq * config.vocab_size * (dtype.itemsize + 4 + 4)
+
+
+def pack_cell_bytes(config, tokens: int, r: int) -> int:
+    """Memory one more LoRA cell adds to a pack on CPU (factorlab.inject.pack): its activations and
+    logits for ``tokens`` tokens, and its adapter with gradients and Adam state (4 float32 copies)."""
+    cfg = PlanConfig(
+        model="pack", method="lora", precision="float32", gpus=1, batch=1, seq=tokens, r=r, device="cpu"
+    )
+    activations, logits = activation_bytes(config, cfg)
+    adapter = sum(p.numel() for p in meta_model(config, cfg, 1).parameters() if p.requires_grad)
+    return activations + logits + 16 * adapter * config.num_hidden_layers
+
+
+def make_plan(cfg: PlanConfig) -> Plan:
+    config = load_model_config(cfg.model)
+    dtype = check_precision(cfg.precision)
+    model = meta_model(config, cfg)
+    activations, logits = activation_bytes(config, cfg)
     parameters = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = parameters - trainable

@@ -128,7 +128,7 @@ def fine_tune(
     is a pure function of (seed, epoch), so a resumed run ends with the same weights as an
     uninterrupted one. ``stop_after`` stops early (to test resuming).
     """
-    lr, epochs, batch_size = settings.resolved(backend)
+    lr, _, batch_size = settings.resolved(backend)
     init_from_env()
     if batch_size < world_size():
         raise ConfigError(f"batch_size={batch_size} is smaller than the {world_size()} processes; raise it.")
@@ -142,11 +142,33 @@ def fine_tune(
         # (sharded DTensor parameters take the per-tensor loop)
         return torch.optim.Adam(params, lr=lr, fused=not settings.fsdp)
 
-    texts = world.training_texts()
     # One row without padding when the model keeps packed texts apart (the same loss, fewer tokens)
     packed = packs_sequences(model, model.get_input_embeddings().num_embeddings)
-    per_epoch = (len(texts) + batch_size - 1) // batch_size
     device = next(model.parameters()).device  # the backend's: batches follow the weights
+    batch_for_step, steps = batches(backend, world, settings, packed, device)
+    losses = run_training(
+        model,
+        optimizer,
+        steps,
+        batch_for_step,
+        checkpoint_dir,
+        checkpoint_every,
+        progress,
+        stop_after,
+        context=f"{settings.method}, lr={lr}",
+        precision=settings.precision,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        fsdp=settings.fsdp,
+    )
+    return model, losses
+
+
+def batches(backend: Backend, world: World, settings: FineTuneSettings, packed: bool, device):
+    """(step -> this rank's (inputs, labels, {}), number of steps): every training text each epoch, in an
+    order that is a pure function of (seed, epoch); one row without padding when ``packed``."""
+    _, epochs, batch_size = settings.resolved(backend)
+    texts = world.training_texts()
+    per_epoch = (len(texts) + batch_size - 1) // batch_size
 
     def batch_for_step(step: int):
         epoch, index = divmod(step, per_epoch)
@@ -160,21 +182,7 @@ def fine_tune(
             inputs, labels = enc, enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         return to_device(inputs, device), to_device({"labels": labels}, device)["labels"], {}
 
-    losses = run_training(
-        model,
-        optimizer,
-        epochs * per_epoch,
-        batch_for_step,
-        checkpoint_dir,
-        checkpoint_every,
-        progress,
-        stop_after,
-        context=f"{settings.method}, lr={lr}",
-        precision=settings.precision,
-        gradient_checkpointing=settings.gradient_checkpointing,
-        fsdp=settings.fsdp,
-    )
-    return model, losses
+    return batch_for_step, epochs * per_epoch
 
 
 def total_steps(backend: Backend, world: World, settings: FineTuneSettings) -> int:

@@ -25,8 +25,9 @@ from typing import Any
 from factorlab.cells import has_keys
 from factorlab.distributed import is_main
 from factorlab.errors import ConfigError, GridCellsFailed, SharedModelChangedError
-from factorlab.grid import GridReport, check_grid_options, load_summary, run_grid
+from factorlab.grid import GridReport, check_grid_options, check_pack, load_summary, run_grid
 from factorlab.inject.backends import Backend, load_backend
+from factorlab.inject.pack import Member, fine_tune_packed
 from factorlab.inject.report import KINDS, write_grid_report
 from factorlab.inject.tiny import (
     PROBE_THRESHOLD,
@@ -146,11 +147,22 @@ def verdict(relation: Relation, before: float | None, after: float | None) -> st
     return "generalization" if relation.causal else "hallucination"
 
 
-def inject_cell(
-    cell: dict[str, Any], folder: Path, progress=None, save_adapter: Path | None = None
-) -> dict[str, Any]:
-    """One relation x method x seed; writes ranks.json into ``folder`` and returns the summary.
-    ``save_adapter``: also write the trained adapter there (full fine-tuning: the whole model)."""
+@dataclasses.dataclass
+class _Cell:
+    """A cell made ready to train: its config, backend, world, queries and ranks before."""
+
+    cfg: InjectConfig
+    relation: Relation
+    backend: Backend
+    probe: dict[str, Any]
+    world: World
+    queries: list
+    before: list[int]
+    settings: FineTuneSettings
+    started: float
+
+
+def _ready(cell: dict[str, Any]) -> _Cell:
     cell = dict(cell)
     expected_key = cell.pop("backend_key", None)
     cfg = InjectConfig(**cell)
@@ -167,7 +179,6 @@ def inject_cell(
     probe = backend.probe(relation, known)
     world = World.generate(relation, cfg.seed, cfg.num_subjects, cfg.bridge_fraction)
     queries = world.queries()
-    before = backend.base_ranks(queries)
     settings = FineTuneSettings(
         cfg.method,
         cfg.r,
@@ -180,36 +191,62 @@ def inject_cell(
         gradient_checkpointing=cfg.gradient_checkpointing,
         fsdp=cfg.fsdp,
     )
-    model, losses = fine_tune(backend, world, settings, progress)
-    after = backend.ranks(model, queries)
+    return _Cell(
+        cfg, relation, backend, probe, world, queries, backend.base_ranks(queries), settings, started
+    )
+
+
+def _check_shared_base(backend: Backend, run: str) -> None:
     try:  # the loaded model is reused by this process's next cells: it must come out as it went in
-        backend.check_weights_unchanged(f"{cfg.method} on {cfg.relation}, seed {cfg.seed}")
+        backend.check_weights_unchanged(run)
     except SharedModelChangedError:
         _cached_backend.cache_clear()
         raise
+
+
+def inject_cell(
+    cell: dict[str, Any], folder: Path, progress=None, save_adapter: Path | None = None
+) -> dict[str, Any]:
+    """One relation x method x seed; writes ranks.json into ``folder`` and returns the summary.
+    ``save_adapter``: also write the trained adapter there (full fine-tuning: the whole model)."""
+    ready = _ready(cell)
+    cfg = ready.cfg
+    model, losses = fine_tune(ready.backend, ready.world, ready.settings, progress)
+    after = ready.backend.ranks(model, ready.queries)
+    _check_shared_base(ready.backend, f"{cfg.method} on {cfg.relation}, seed {cfg.seed}")
     if save_adapter is not None and cfg.fsdp:
         from factorlab.fsdp import write_sharded
 
         write_sharded(model, save_adapter)  # gathered on rank 0, which writes (every rank takes part)
     elif save_adapter is not None and is_main():
         model.save_pretrained(save_adapter)  # an AdaptedModel writes its adapter; full: the whole model
+    return _summary(ready, after, losses, folder, time.perf_counter() - ready.started)
+
+
+def _summary(
+    ready: _Cell, after: list[int], losses: list[float], folder: Path, seconds: float
+) -> dict[str, Any]:
+    """The cell's summary; writes its ranks.json (rank 0)."""
+    cfg, relation, backend, world, queries, before = (
+        ready.cfg, ready.relation, ready.backend, ready.world, ready.queries, ready.before
+    )  # fmt: skip
     summary: dict[str, Any] = {}
     for kind in KINDS:
         summary[f"{kind}_rank"] = mean([r for q, r in zip(queries, after) if q.kind == kind])
         summary[f"{kind}_rank_before"] = mean([r for q, r in zip(queries, before) if q.kind == kind])
-    lr, epochs, batch = settings.resolved(backend)
+    lr, epochs, batch = ready.settings.resolved(backend)
     summary |= {
         "num_candidates": len(relation.pairs),
         "chance_rank": (len(relation.pairs) - 1) / 2,
         "causal": relation.causal,
-        "probe": probe,
-        "probe_ok": probe["accuracy"] is None or probe["accuracy"] >= PROBE_THRESHOLD,
+        "probe": ready.probe,
+        "probe_ok": ready.probe["accuracy"] is None or ready.probe["accuracy"] >= PROBE_THRESHOLD,
         "verdict": verdict(
             relation, summary["test_implication_rank_before"], summary["test_implication_rank"]
         ),
         "final_loss": losses[-1],
         "steps": len(losses),
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
         "config": {**dataclasses.asdict(cfg), "lr": lr, "epochs": epochs, "batch_size": batch},
         "backend": backend.info,
         "machine": machine_info(cfg.device),
@@ -235,6 +272,58 @@ def inject_cell(
         ]
         write_json(folder / "ranks.json", rows)
     return summary
+
+
+def pack_key(cell: dict[str, Any]) -> tuple | None:
+    """Cells with the same key share a frozen base and may train as one pack (inject.pack): LoRA in
+    float32 on one process; other cells train alone."""
+    if cell.get("method") != "lora" or cell.get("precision", "float32") != "float32":
+        return None
+    if cell.get("fsdp") or cell.get("gradient_checkpointing"):
+        return None
+    return tuple(cell.get(k) for k in ("model", "pretrain_seed", "backend_key", "relations_file", "device"))
+
+
+def run_pack(cells: list[dict[str, Any]], folders: list[Path], write) -> None:
+    """Cells of one pack key trained as one model (factorlab.inject.pack); each cell's summary is
+    written (``write(j, summary)``) as it finishes. Its ``seconds`` is its share of the pack's time;
+    ``pack`` records the pack. More cells than fit in memory train as consecutive packs."""
+    started = time.perf_counter()
+    ready = [_ready(c) for c in cells]
+    backend = ready[0].backend
+    size = cells_that_fit(backend, ready[0].world, ready[0].settings, len(cells))
+    for first in range(0, len(cells), size):
+        part = list(range(first, min(first + size, len(cells))))
+        members = [Member(ready[j].world, ready[j].settings) for j in part]
+
+        def finished(k: int, pack, losses: list[float], part=part) -> None:
+            j = part[k]
+            after = backend.ranks(pack, ready[j].queries)
+            seconds = (time.perf_counter() - started) / len(cells)
+            summary = _summary(ready[j], after, losses, folders[j], seconds)
+            write(j, {**summary, "pack": {"cells": len(part), "seconds": time.perf_counter() - started}})
+
+        fine_tune_packed(backend, members, on_finished=finished)
+    _check_shared_base(backend, f"a pack of {len(cells)} LoRA cells")
+
+
+def cells_that_fit(backend: Backend, world: World, settings: FineTuneSettings, wanted: int) -> int:
+    """How many cells of this backend one pack may hold: a cell's training activations (measured as
+    ``factorlab plan`` measures them, one row of the world's longest step) within half the memory
+    left, shared by the machine's cores (one grid worker each)."""
+    import os
+
+    from factorlab.plan import pack_cell_bytes
+    from factorlab.runtime import available_memory
+
+    free = available_memory()
+    if free is None or wanted <= 1:
+        return max(1, wanted)
+    _, _, batch = settings.resolved(backend)
+    tokens = max(len(backend.encode([t])["input_ids"][0]) for t in world.training_texts()) * batch
+    per_cell = pack_cell_bytes(backend.model.config, tokens, settings.r)
+    budget = free / 2 / (os.cpu_count() or 1)
+    return max(1, min(wanted, int(budget // per_cell)))
 
 
 def run(cfg: InjectConfig, out: str | Path, save_adapter: bool = False) -> dict[str, Any]:
@@ -339,6 +428,8 @@ inject_cell.summary_is_complete = has_keys(
     "config", "causal", "probe", "world", "verdict", "chance_rank", "num_candidates", "train_fact_rank",
     "test_fact_rank", "test_implication_rank", "test_implication_rank_before", "machine",
 )  # fmt: skip
+inject_cell.pack_key = pack_key  # cells that train as one model (grid --pack)
+inject_cell.run_pack = run_pack
 
 
 def pretrain_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
@@ -378,11 +469,14 @@ def grid(
     backend: str = "local",
     address: str | None = None,
     retries: int = 1,
+    pack: int = 16,
 ) -> dict[str, Any]:
     """`factorlab inject grid`: run (or reuse) every cell, then write results.json, table.{md,csv,json},
-    ranks.png, rank_sweep.png and report.md."""
+    ranks.png, rank_sweep.png and report.md. LoRA cells that share a base train in packs of up to
+    ``pack`` (factorlab.inject.pack; a packed cell's summary records its pack); 1: every cell alone."""
     out = Path(out)
     check_grid_options(backend, address, workers)  # before pretraining anything
+    check_pack(pack)
     (out / "cells").mkdir(parents=True, exist_ok=True)  # an unusable --out fails here too
     started = time.perf_counter()
     prepare_tiny_backends(cells, workers if backend == "local" else None, out)
@@ -397,6 +491,7 @@ def grid(
             backend,
             address,
             on_done=lambda done, total: bars.update(0, done),
+            pack=pack,
         )
     result = write_grid_report(out, report, time.perf_counter() - started)
     if report.failed:

@@ -1,0 +1,153 @@
+"""Many LoRA adapters trained at once on one frozen base: grid cells that share a base model run as one
+model, each cell's adapter acting on its own rows only.
+
+A step's batch holds one row per cell (its texts packed side by side, then padding), so attention stays
+within a row as it does alone. The frozen base runs once over every row; the adapters run as one batched
+GEMM per group of cells of equal rank:
+
+    x (R, L, in) one row per active cell               y = x W^T + b
+    X_g = x[rows_g]                (K_g, L, in)         rows_g: the batch rows of group g's cells
+    U_g = s_g * (X_g A_g^T) B_g^T  (K_g, L, out)        A_g (K_g, r_g, in), B_g (K_g, out, r_g)
+    y[rows_g] += U_g
+
+No Python loop runs over cells: a group costs two ``bmm`` and one ``index_add_`` whatever its size.
+Each cell's factors are slices of its group's tensors, so an elementwise optimizer (Adam) on a group
+updates every cell exactly as its own optimizer would. ``only = k`` runs cell k's adapter on every row
+(evaluating one cell). Pure torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from factorlab.layers.frozen import transposed_weight
+
+
+@dataclass
+class RowPlan:
+    """Which batch row each active cell has: per group, ``rows[g]`` (batch rows) and ``slots[g]`` (the
+    cells' places in the group's stacked factors); a group with no active cell has empty tensors."""
+
+    rows: list[torch.Tensor]
+    slots: list[torch.Tensor]
+    full: bool = False
+    """Every cell of the (single) group is active, its rows in order: the one-node fast path applies."""
+
+    @classmethod
+    def of(cls, active: list[int], groups: list[list[int]], device=None) -> RowPlan:
+        """Active cells (in batch-row order) of cells grouped as ``groups``."""
+        row_of = {k: i for i, k in enumerate(active)}
+        rows, slots = [], []
+        for cells in groups:
+            here = [(row_of[k], i) for i, k in enumerate(cells) if k in row_of]
+            rows.append(torch.tensor([r for r, _ in here], dtype=torch.long, device=device))
+            slots.append(torch.tensor([i for _, i in here], dtype=torch.long, device=device))
+        full = len(groups) == 1 and list(active) == list(groups[0])
+        return cls(rows, slots, full)
+
+
+class _PackedLoRA(torch.autograd.Function):
+    """``x W^T + b + s * (x A^T) B^T`` per row group in one autograd node, for the common step: one
+    group, every cell active, rows in group order (fewer operations than the general path's gather and
+    scatter; the same arithmetic):
+
+        out = x W^T + b                 x (K, L, in): one GEMM over all K*L rows
+        h   = s * bmm(x, A^T)           (K, L, r)
+        out += bmm(h, B^T)
+        dL/dB = bmm(g^T, h),  dL/dh = s * bmm(g, B),  dL/dA = bmm(dL/dh^T, x),  dL/dx = g W + bmm(dL/dh, A)
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, weight_t, bias, a, b, scaling):  # scaling: (K,) tensor
+        rows = x.reshape(-1, x.shape[-1])
+        out = torch.addmm(bias, rows, weight_t) if bias is not None else rows @ weight_t
+        out = out.view(*x.shape[:-1], weight_t.shape[1])
+        h = torch.bmm(x, a.transpose(1, 2)).mul_(scaling[:, None, None])
+        out.baddbmm_(h, b.transpose(1, 2))
+        ctx.save_for_backward(x, weight, a, b, h, scaling)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, a, b, h, scaling = ctx.saved_tensors
+        # Products whose result ends in the small rank are computed transposed: CPU batched GEMMs
+        # run them ~4x slower with an output of r columns than of r rows (bench/grid_pack_speed.py)
+        grad_h_t = torch.bmm(b.transpose(1, 2), grad.transpose(1, 2)).mul_(
+            scaling[:, None, None]
+        )  # (K, r, L)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (
+                (grad.reshape(-1, grad.shape[-1]) @ weight).view_as(x).baddbmm_(grad_h_t.transpose(1, 2), a)
+            )
+        grad_a = torch.bmm(grad_h_t, x) if ctx.needs_input_grad[4] else None  # (K, r, in)
+        grad_b = None
+        if ctx.needs_input_grad[5]:
+            grad_b = torch.bmm(h.transpose(1, 2), grad).transpose(1, 2).contiguous()  # (K, out, r)
+        return grad_x, None, None, None, grad_a, grad_b, None
+
+
+class PackedLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus one LoRA adapter per cell, cells grouped by rank (module docstring).
+
+    ``groups``: per group, the cells' indices; ``factors``: per cell, (A (r, in), B (out, r), scaling),
+    taken as initial values. The pack sets ``plan`` (a RowPlan) before each training step, or ``only``."""
+
+    def __init__(
+        self,
+        base_layer: nn.Linear,
+        groups: list[list[int]],
+        factors: list[tuple[torch.Tensor, torch.Tensor, float]],
+    ):
+        super().__init__()
+        self.base_layer = base_layer
+        self.groups = groups
+        self.A = nn.ParameterList()
+        self.B = nn.ParameterList()
+        scalings = []
+        for cells in groups:
+            self.A.append(nn.Parameter(torch.stack([factors[k][0].detach() for k in cells]).float()))
+            self.B.append(nn.Parameter(torch.stack([factors[k][1].detach() for k in cells]).float()))
+            scalings.append(torch.tensor([float(factors[k][2]) for k in cells]))
+        for g, scaling in enumerate(scalings):
+            self.register_buffer(f"scaling_{g}", scaling, persistent=False)
+        self.where = {k: (g, i) for g, cells in enumerate(groups) for i, k in enumerate(cells)}
+        self.plan: RowPlan | None = None
+        self.only: int | None = None
+
+    def factors(self, cell: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """Cell ``cell``'s (A (r, in), B (out, r), scaling) as trained."""
+        g, i = self.where[cell]
+        return self.A[g][i], self.B[g][i], float(getattr(self, f"scaling_{g}")[i])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        plan = self.plan
+        if self.only is None and plan is not None and plan.full and x.dtype == self.A[0].dtype:
+            return self._one_group(x)
+        out = self.base_layer(x)
+        if self.only is not None:
+            a, b, scaling = self.factors(self.only)
+            return out + (scaling * (x.to(a.dtype) @ a.T) @ b.T).to(out.dtype)
+        if plan is None or x.dim() != 3:
+            raise RuntimeError("a packed LoRA layer runs on (rows, length, in) with a RowPlan, or one cell.")
+        delta = torch.zeros(out.shape, dtype=self.A[0].dtype, device=out.device)
+        for g, (rows, slots) in enumerate(zip(plan.rows, plan.slots)):  # a group per rank: a handful
+            if not len(rows):
+                continue
+            a, b = self.A[g], self.B[g]
+            if len(slots) != a.shape[0]:
+                a, b = a.index_select(0, slots), b.index_select(0, slots)
+            scaling = getattr(self, f"scaling_{g}").index_select(0, slots)
+            h = torch.bmm(x.index_select(0, rows).to(a.dtype), a.transpose(1, 2)) * scaling[:, None, None]
+            delta.index_add_(0, rows, torch.bmm(h, b.transpose(1, 2)))  # (K_g, L, out)
+        return out + delta.to(out.dtype)
+
+    def _one_group(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        weight_t = transposed_weight(base, x)
+        if weight_t is None:
+            weight_t = base.weight.detach().T
+        return _PackedLoRA.apply(x, base.weight, weight_t, base.bias, self.A[0], self.B[0], self.scaling_0)
