@@ -82,13 +82,14 @@ class Pack(nn.Module):
         for layer in self.layers:
             layer.only = cell
 
-    def factors(self, cell: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Cell ``cell``'s trained LoRA factors by module name."""
-        return {
-            name: tuple(t.detach() for t in layer.factors(cell)[:2])
-            for name, layer in self.model.named_modules()
-            if isinstance(layer, PackedLoRALinear)
-        }
+    def factors(self, cell: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """Cell ``cell``'s trained LoRA factors (A, B, scaling) by module name."""
+        out = {}
+        for name, layer in self.model.named_modules():
+            if isinstance(layer, PackedLoRALinear):
+                a, b, scaling = layer.factors(cell)
+                out[name] = (a.detach(), b.detach(), scaling)
+        return out
 
 
 def _initial_factors(backend: Backend, settings: FineTuneSettings) -> dict[str, tuple]:

@@ -29,6 +29,7 @@ from factorlab.grid import GridReport, check_grid_options, check_pack, load_summ
 from factorlab.inject.backends import Backend, load_backend
 from factorlab.inject.pack import Member, fine_tune_packed
 from factorlab.inject.report import KINDS, write_grid_report
+from factorlab.inject.spectrum import aggregate, lora_singular_values, update_spectrum
 from factorlab.inject.tiny import (
     PROBE_THRESHOLD,
     SHIPPED_DIR,
@@ -220,13 +221,20 @@ def inject_cell(
         write_sharded(model, save_adapter)  # gathered on rank 0, which writes (every rank takes part)
     elif save_adapter is not None and is_main():
         model.save_pretrained(save_adapter)  # an AdaptedModel writes its adapter; full: the whole model
-    return _summary(ready, after, losses, folder, time.perf_counter() - ready.started)
+    update = update_spectrum(cfg.method, model, ready.backend.model) if is_main() and not cfg.fsdp else None
+    return _summary(ready, after, losses, folder, time.perf_counter() - ready.started, update)
 
 
 def _summary(
-    ready: _Cell, after: list[int], losses: list[float], folder: Path, seconds: float
+    ready: _Cell,
+    after: list[int],
+    losses: list[float],
+    folder: Path,
+    seconds: float,
+    update: dict[str, Any] | None,
 ) -> dict[str, Any]:
-    """The cell's summary; writes its ranks.json (rank 0)."""
+    """The cell's summary (``update``: the spectrum of the update it made, factorlab.inject.spectrum);
+    writes its ranks.json (rank 0)."""
     cfg, relation, backend, world, queries, before = (
         ready.cfg, ready.relation, ready.backend, ready.world, ready.queries, ready.before
     )  # fmt: skip
@@ -245,6 +253,7 @@ def _summary(
             relation, summary["test_implication_rank_before"], summary["test_implication_rank"]
         ),
         "final_loss": losses[-1],
+        "update": update,
         "steps": len(losses),
         "seconds": seconds,
         "config": {**dataclasses.asdict(cfg), "lr": lr, "epochs": epochs, "batch_size": batch},
@@ -300,7 +309,10 @@ def run_pack(cells: list[dict[str, Any]], folders: list[Path], write) -> None:
             j = part[k]
             after = backend.ranks(pack, ready[j].queries)
             seconds = (time.perf_counter() - started) / len(cells)
-            summary = _summary(ready[j], after, losses, folders[j], seconds)
+            update = aggregate(
+                [(name, lora_singular_values(a, b, s)) for name, (a, b, s) in pack.factors(k).items()]
+            )
+            summary = _summary(ready[j], after, losses, folders[j], seconds, update)
             write(j, {**summary, "pack": {"cells": len(part), "seconds": time.perf_counter() - started}})
 
         fine_tune_packed(backend, members, on_finished=finished)
