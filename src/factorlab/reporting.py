@@ -81,9 +81,13 @@ def mean_std(values: Sequence[float | None]) -> MeanStd | None:
 
 
 def aggregate(
-    records: Sequence[dict[str, Any]], by: Sequence[str], metrics: Sequence[str]
+    records: Sequence[dict[str, Any]], by: Sequence[str], metrics: Sequence[str], unit: str | None = None
 ) -> list[dict[str, Any]]:
-    """Group flat records by the ``by`` keys (first-seen order) and reduce ``metrics`` to MeanStd."""
+    """Group flat records by the ``by`` keys (first-seen order) and reduce ``metrics`` to MeanStd.
+
+    ``unit``: the independent unit when runs are nested (e.g. "pretrain_seed": fine-tuning seeds share
+    a pretrained backend). Each unit's runs are averaged first and the interval is over units, so n is
+    the number of units, not of runs. ``seeds`` counts runs either way."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for rec in records:
         groups.setdefault(tuple(rec.get(k) for k in by), []).append(rec)
@@ -92,9 +96,21 @@ def aggregate(
         row: dict[str, Any] = dict(zip(by, key))
         row["seeds"] = len(recs)
         for m in metrics:
-            row[m] = mean_std([r.get(m) for r in recs])
+            row[m] = mean_std(unit_means(recs, m, unit))
         rows.append(row)
     return rows
+
+
+def unit_means(records: Sequence[dict[str, Any]], metric: str, unit: str | None) -> list[float | None]:
+    """``metric`` per record, or (given ``unit``) its mean over each unit's records."""
+    if unit is None:
+        return [r.get(metric) for r in records]
+    by_unit: dict[Any, list[float]] = {}
+    for r in records:
+        value = r.get(metric)
+        if value is not None and not math.isnan(float(value)):
+            by_unit.setdefault(r.get(unit), []).append(float(value))
+    return [statistics.fmean(values) for values in by_unit.values()]
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:

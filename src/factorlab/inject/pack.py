@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import torch
@@ -108,10 +108,13 @@ def fine_tune_packed(
     members: list[Member],
     progress: Callable[[int], None] | None = None,
     on_finished: Callable[[int, Pack, list[float]], None] | None = None,
+    watch: Callable[[int, int, Pack], None] | None = None,
+    watch_steps: list[Collection[int]] | None = None,
 ) -> tuple[Pack, list[list[float]]]:
     """Train every member's LoRA adapter together; returns the pack and each member's losses.
-    ``on_finished(k, pack, losses)`` runs as member k takes its last step (the pack in eval mode with
-    cell k selected, gradients off; training resumes after it)."""
+    ``on_finished(k, pack, losses)`` runs as member k takes its last step, and ``watch(k, step, pack)``
+    after each step of ``watch_steps[k]`` (steps done): the pack in eval mode with cell k selected,
+    gradients off; training resumes after it."""
     pack = Pack(backend, members)
     device = next(backend.model.parameters()).device
     packed_rows = packs_sequences(backend.model, backend.model.get_input_embeddings().num_embeddings)
@@ -144,6 +147,8 @@ def fine_tune_packed(
             if progress is not None:
                 progress(step + 1)
             for k in active:
+                if watch is not None and watch_steps is not None and step + 1 in watch_steps[k]:
+                    _finish(pack, k, step + 1, lambda k_, pack_, step_: watch(k_, step_, pack_))
                 if step + 1 == steps[k] and on_finished is not None:
                     _finish(pack, k, losses[k], on_finished)
     pack.eval()
@@ -152,12 +157,13 @@ def fine_tune_packed(
     return pack, losses
 
 
-def _finish(pack: Pack, k: int, losses: list[float], on_finished: Callable) -> None:
+def _finish(pack: Pack, k: int, argument, call: Callable) -> None:
+    """``call(k, pack, argument)`` with cell k selected, in eval mode, without gradients."""
     pack.eval()
     pack.select(k)
     try:
         with torch.no_grad():
-            on_finished(k, pack, losses)
+            call(k, pack, argument)
     finally:
         pack.select(None)
 

@@ -80,3 +80,58 @@ def rank_sweep(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def spectrum_scatter(points: Sequence[dict[str, Any]], measure: str, path: str | Path) -> Path:
+    """Test-implication rank against the update's ``measure``, one point per cell, causal and
+    non-causal relations side by side, coloured by method."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    methods = sorted({p["method"] for p in points})
+    for ax, causal in zip(axes, (True, False)):
+        for i, method in enumerate(methods):
+            chosen = [p for p in points if p["causal"] == causal and p["method"] == method and p[measure]]
+            ax.scatter(
+                [p[measure] for p in chosen],
+                [p["test_implication_rank"] for p in chosen],
+                s=14,
+                alpha=0.7,
+                color=f"C{i}",
+                label=method,
+            )
+        ax.set_xscale("log")
+        ax.set(
+            xlabel=f"update: {measure} (log)",
+            title=("causal: low rank = generalization" if causal else "non-causal: low rank = hallucination"),
+        )
+    axes[0].set_ylabel("test-implication mean rank after")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def curves(
+    means: dict[tuple[str, str], list[dict[str, Any]]], relations: Sequence[str], path: str | Path
+) -> Path:
+    """Mean rank during training per relation (panels) and method (colours): training facts (dashed)
+    and test implications (solid)."""
+    fig, axes = plt.subplots(
+        1, len(relations), figsize=(3.2 * len(relations) + 1, 3.6), sharey=True, squeeze=False
+    )
+    methods = sorted({m for m, _ in means})
+    for ax, relation in zip(axes[0], relations):
+        for i, method in enumerate(methods):
+            points = means.get((method, relation))
+            if not points:
+                continue
+            share = [p["share"] for p in points]
+            ax.plot(share, [p["train_fact"] for p in points], "--", color=f"C{i}", linewidth=1)
+            ax.plot(share, [p["test_implication"] for p in points], "-", color=f"C{i}", label=method)
+        ax.set(title=relation, xlabel="share of training")
+    axes[0][0].set_ylabel("mean rank (dashed: train facts, solid: test implications)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

@@ -9,7 +9,7 @@ from typing import Any
 
 from factorlab.inject.tiny import PROBE_THRESHOLD
 from factorlab.inject.train import METHODS
-from factorlab.reporting import Column, aggregate, mean_std, write_table
+from factorlab.reporting import Column, aggregate, mean_std, unit_means, write_table
 from factorlab.runtime import atomic_write_text, write_json
 
 KINDS = ("train_fact", "test_fact", "train_implication", "test_implication")
@@ -58,6 +58,27 @@ def _record(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def independent_unit(records: list[dict[str, Any]]) -> str | None:
+    """The unit a table's intervals are over: the pretrained backend when a grid has several (its
+    fine-tuning seeds share it, so they are not independent), else the run."""
+    return "pretrain_seed" if len({r["pretrain_seed"] for r in records}) > 1 else None
+
+
+def interval_method(unit: str | None, runs: int, pretrain_seeds: list, seeds: list) -> str:
+    """How every table's intervals were computed, in words (said once per report, above the tables)."""
+    if unit == "pretrain_seed":
+        return (
+            f"Each entry: mean ± half-width of the 95% confidence interval (Student's t) with the "
+            f"pretrained backend as the independent unit: {len(pretrain_seeds)} backends (pretraining "
+            f"seeds {pretrain_seeds}), each the mean of its {len(seeds)} fine-tuning seeds {seeds} "
+            f"({runs} runs in all), so n = {len(pretrain_seeds)}."
+        )
+    return (
+        f"Each entry: mean ± half-width of the 95% confidence interval (Student's t) over {runs} runs "
+        f"(fine-tuning seeds {seeds} of one base model), so n = {runs}."
+    )
+
+
 def write_grid_report(out: Path, report, seconds: float, cell_seconds: bool = False) -> dict[str, Any]:
     """results.json, table.{md,csv,json} (mean ± 95% CI over every run), plots and report.md."""
     from factorlab.inject import plots as inject_plots
@@ -84,17 +105,30 @@ def write_grid_report(out: Path, report, seconds: float, cell_seconds: bool = Fa
     kinds = {r["method"]: (order[r["method"].split(" r=")[0]], r["r"]) for r in records}
     methods = sorted(kinds, key=kinds.get)
     causal = {r["relation"]: r["causal"] for r in records}
+    unit = independent_unit(records)
     agg = aggregate(
-        records, ["method", "relation"], [f"{k}_rank" for k in KINDS] + [f"{k}_rank_before" for k in KINDS]
+        records,
+        ["method", "relation"],
+        [f"{k}_rank" for k in KINDS] + [f"{k}_rank_before" for k in KINDS],
+        unit=unit,
     )
     # the before-rank does not depend on the method: count each (pretraining seed, seed) once
-    before = {}
+    before: dict[tuple, dict[str, Any]] = {}
     for r in records:
-        before.setdefault((r["relation"], r["pretrain_seed"], r["seed"]), r["test_implication_rank_before"])
+        before.setdefault((r["relation"], r["pretrain_seed"], r["seed"]), r)
     rows = [
         {
             "method": "before fine-tuning",
-            **{rel: mean_std([v for (x, _, _), v in before.items() if x == rel]) for rel in relations},
+            **{
+                rel: mean_std(
+                    unit_means(
+                        [v for (x, _, _), v in before.items() if x == rel],
+                        "test_implication_rank_before",
+                        unit,
+                    )
+                )
+                for rel in relations
+            },
         }
     ]
     for method in methods:
@@ -106,7 +140,8 @@ def write_grid_report(out: Path, report, seconds: float, cell_seconds: bool = Fa
     probe_row = {
         "method": "background probe (accuracy)",
         **{
-            rel: mean_std([r["probe_accuracy"] for r in records if r["relation"] == rel]) for rel in relations
+            rel: mean_std(unit_means([r for r in records if r["relation"] == rel], "probe_accuracy", unit))
+            for rel in relations
         },
     }
     headers = {rel: f"{rel} ({'generalization' if causal[rel] else 'hallucination'})" for rel in relations}
@@ -149,9 +184,7 @@ def write_grid_report(out: Path, report, seconds: float, cell_seconds: bool = Fa
         "",
         f"{report.line()}; {seconds:.0f} s ({timing}). Mean rank (0 = best) of the correct answer's "
         f"first-token logit among the {_num_candidates(report)} candidate answers; guessing gives "
-        f"{chance:.1f}. Each entry: mean ± half-width of the 95% confidence interval (Student's t) over "
-        f"{runs} runs = {len(pretrain_seeds)} pretraining seed(s) {pretrain_seeds} x {len(seeds)} "
-        f"fine-tuning seed(s) {seeds}.",
+        f"{chance:.1f}. {interval_method(unit, runs, pretrain_seeds, seeds)}",
         "",
         "## Test implications (never shown in training)",
         "",
@@ -189,6 +222,7 @@ def write_grid_report(out: Path, report, seconds: float, cell_seconds: bool = Fa
         ),
         "",
     ]
+    lines += measures_sections(out, report.results, records, methods, relations, unit)
     if has_sweep:
         lines += ["## LoRA rank sweep against full fine-tuning", "", "![rank sweep](rank_sweep.png)", ""]
     if any(r["model"] != "tiny" for r in records):
@@ -213,6 +247,94 @@ def write_grid_report(out: Path, report, seconds: float, cell_seconds: bool = Fa
     lines += ["## Every cell", "", *_cell_lines(records), ""]
     atomic_write_text(out / "report.md", "\n".join(lines))
     return {"records": records, "rows": rows, "report": report}
+
+
+def measures_sections(
+    out: Path,
+    summaries: list[dict[str, Any]],
+    records: list[dict[str, Any]],
+    methods: list[str],
+    relations: list[str],
+    unit: str | None,
+) -> list[str]:
+    """The report's sections on what cells measure beside final ranks (cells made before these
+    measurements have none; a section appears when some cell has its measurement)."""
+    from factorlab.inject import analysis
+    from factorlab.inject import plots as inject_plots
+
+    lines: list[str] = []
+    means = analysis.curve_means(summaries, method_label)
+    if means:
+        inject_plots.curves(means, relations, out / "curves.png")
+        lines += [
+            "## During training",
+            "",
+            f"Mean ranks at {len(next(iter(means.values()))) - 1} points of training (the first "
+            "32 queries of each kind; averaged over cells point by point). 'memorised at': the first point "
+            f"where the training facts' rank is <= {MEMORISED}.",
+            "",
+            "| method | relation | memorised at (share of training) | test implication then | at the end |",
+            "|---|---|---|---|---|",
+        ]
+        for (method, relation), points in sorted(means.items()):
+            first = next(
+                (p for p in points if p["train_fact"] is not None and p["train_fact"] <= MEMORISED), None
+            )
+            then = "–" if first is None else f"{first['test_implication']:.2f}"
+            at = "never" if first is None else f"{first['share']:.2f}"
+            lines.append(f"| {method} | {relation} | {at} | {then} | {points[-1]['test_implication']:.2f} |")
+        lines += ["", "![curves](curves.png)", ""]
+    known = [dict(r, **s["known"]) for r, s in zip(records, summaries) if s.get("known")]
+    if known:
+        agg = aggregate(known, ["method"], ["top1_before", "top1_after", "top1_drop"], unit=unit)
+        rows = [
+            {"method": a["method"], **{k: a[k] for k in ("top1_before", "top1_after", "top1_drop")}}
+            for a in agg
+        ]
+        table = write_table(
+            rows,
+            [
+                Column("method", "method"),
+                Column("top1_before", "known facts ranked first, before", "{:.3f}", ci=True),
+                Column("top1_after", "after", "{:.3f}", ci=True),
+                Column("top1_drop", "drop", "{:.3f}", ci=True),
+            ],
+            out / "known_table",
+        )
+        lines += [
+            "## What the base model knew",
+            "",
+            f"{known[0]['queries']} facts the base model was asked before and after each cell, unrelated to "
+            "the injected world (every relation's background knowledge; on the tiny backend also 20 "
+            "pretraining people per relation): the share ranked first. Intervals as above.",
+            "",
+            table,
+        ]
+    points = analysis.spectrum_points(summaries)
+    if points:
+        measure = "nuclear / Frobenius"
+        inject_plots.spectrum_scatter(points, measure, out / "spectrum.png")
+        lines += [
+            "## The update's spectrum against out-of-context transfer",
+            "",
+            "The OCR paper's mechanism predicts that updates of lower nuclear norm reach lower test-"
+            "implication ranks (a positive correlation), for causal and non-causal relations alike. "
+            f"Pearson's r over cells, 95% bootstrap interval ({analysis.BOOTSTRAP} resamples of cells):",
+            "",
+            "| relation kind | measure | cells | r | 95% interval | reading |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in analysis.spectrum_correlations(points):
+            r = "–" if row["r"] is None else f"{row['r']:+.2f}"
+            interval = (
+                "–" if row["interval"] is None else f"[{row['interval'][0]:+.2f}, {row['interval'][1]:+.2f}]"
+            )
+            reading = analysis.verdict_of(row)
+            lines.append(
+                f"| {row['kind']} | {row['measure']} | {row['cells']} | {r} | {interval} | {reading} |"
+            )
+        lines += ["", "![spectrum](spectrum.png)", ""]
+    return lines
 
 
 def _cell_lines(records: list[dict[str, Any]]) -> list[str]:

@@ -16,9 +16,15 @@ implication, or fails to memorise people at all, learns the fact -> implication 
 people (100), stated often, with implication statements rare (0.15 of a fact's weight), gave
 0.1-0.65 on every pretraining and fine-tuning seed tried, with the background known perfectly.
 
-The pretrained weights are a pure function of :class:`TinyPretrainConfig`, the relations and this
-module's pretraining code; :func:`tiny_cache_key` hashes all three. Pretraining seed 0 ships with
-factorlab (``factorlab/inject/data/``), other seeds are built on demand and cached.
+TINY_VERSION 4 (2026-12-03) draws pretraining people from their own half of the name space
+(``world.name_pool``): in version 3, 11-20 of each injection world's 100 subjects were also
+pretraining people, and a few worlds' test implications were pretraining sentences.
+
+The pretrained weights are a pure function of :class:`TinyPretrainConfig`, the relations, this
+module's pretraining code and the CPU kernels that ran it; :func:`tiny_cache_key` hashes the first
+three, :func:`backend_key` adds the kernels for a backend pretrained on this machine. Pretraining
+seeds 0, 1 and 2 ship with factorlab (``factorlab/inject/data/``: the same bits everywhere), other
+seeds are built on demand and cached.
 """
 
 from __future__ import annotations
@@ -35,13 +41,13 @@ from typing import Any
 import torch
 
 from factorlab.errors import ConfigError
-from factorlab.inject.world import SYLLABLES, Relation, fictitious_names
+from factorlab.inject.world import SYLLABLES, Relation, fictitious_names, name_pool
 from factorlab.models import OFFLINE, cache_dir
 from factorlab.progress import StepBars
 from factorlab.runtime import machine_info, publish_folder
 from factorlab.validation import check_fields, check_ranges
 
-TINY_VERSION = 3  # a human-readable generation marker; the cache key hashes the code itself too
+TINY_VERSION = 4  # a human-readable generation marker; the cache key hashes the code itself too
 SHIPPED_DIR = Path(__file__).parent / "data"
 PROBE_THRESHOLD = 0.95  # the tiny backend must know its world this well before we read its fine-tuning
 
@@ -156,8 +162,8 @@ class PretrainingWorld:
 def pretraining_world(relations: dict[str, Relation], config: TinyPretrainConfig) -> PretrainingWorld:
     rng = random.Random(config.seed)
     per = config.people_per_relation
-    # seeds >= 10_000 keep pretraining names apart from injection worlds' (seeds < 10_000)
-    names = fictitious_names(per * len(relations), seed=10_000 + config.seed)
+    # the pretraining pool: no injection world ("world" pool) ever has one of these people
+    names = fictitious_names(per * len(relations), seed=10_000 + config.seed, pool="pretraining")
     knowledge = [
         b.format(fact=f, implication=i) for r in relations.values() for b in r.background for f, i in r.pairs
     ]
@@ -246,6 +252,7 @@ def pretraining_code_hash(functions=None) -> str:
         _words,
         _llama_config,
         fictitious_names,
+        name_pool,
     )
     return hashlib.sha256("".join(inspect.getsource(fn) for fn in functions).encode()).hexdigest()
 
@@ -304,6 +311,19 @@ def _cached(folder: Path) -> bool:
     return (folder / "model.safetensors").exists() and (folder / "manifest.json").exists()
 
 
+def backend_key(relations: dict[str, Relation], config: TinyPretrainConfig) -> str:
+    """The key of the weights a cell runs on: the recipe's key for a shipped backend (the same bits on
+    every machine); for one pretrained on this machine, also the CPU kernels it was pretrained with
+    (AVX2 and AVX-512 kernels round differently, so a backend pretrained under each has other weights)."""
+    key = tiny_cache_key(relations, config)
+    if shipped_folder(key) is not None:
+        return key
+    info = machine_info()
+    overrides = ",".join(f"{k}={v}" for k, v in sorted(info["kernel_overrides"].items()))
+    kernels = hashlib.sha256(f"{info['cpu_capability']};{overrides}".encode()).hexdigest()[:8]
+    return f"{key}-{info['cpu_capability'].lower()}-{kernels}"
+
+
 def tiny_model(relations: dict[str, Relation], config: TinyPretrainConfig | None = None):
     """The tiny backend for ``config``: shipped with factorlab, cached, or pretrained now and cached.
 
@@ -314,6 +334,7 @@ def tiny_model(relations: dict[str, Relation], config: TinyPretrainConfig | None
     shipped = shipped_folder(key)
     if shipped is not None:
         return (*_load_folder(shipped), {"key": key, "source": "shipped", "folder": str(shipped)})
+    key = backend_key(relations, config)
     folder = cache_dir() / f"inject-tiny-{key}"
     if _cached(folder):
         return (*_load_folder(folder), {"key": key, "source": "cache", "folder": str(folder)})
@@ -321,6 +342,24 @@ def tiny_model(relations: dict[str, Relation], config: TinyPretrainConfig | None
     manifest = {"key": key, "spec": tiny_spec(relations, config), "machine": machine_info()}
     save_backend(model, tokenizer, folder, manifest, cache=True)
     return model, tokenizer, {"key": key, "source": "pretrained now", "folder": str(folder)}
+
+
+def pretraining_fact_queries(
+    relations: dict[str, Relation], config: TinyPretrainConfig, people: int = 20
+) -> list:
+    """Fact queries about the first ``people`` pretraining people of each relation: facts the tiny
+    backend was pretrained on (what an injection may damage)."""
+    from factorlab.inject.world import Query, query_of
+
+    world = pretraining_world(relations, config)
+    out = []
+    for name, r in relations.items():
+        prompt = query_of(r.fact[0], "{fact}")
+        for person, (fact, _) in list(world.people[name].items())[:people]:
+            out.append(
+                Query(person, prompt.format(subject=person), fact, r.fact_answers, f"pretraining:{name}")
+            )
+    return out
 
 
 def pretraining_recall(

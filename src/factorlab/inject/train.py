@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,8 +116,13 @@ def fine_tune(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int = 50,
     stop_after: int | None = None,
+    watch: Callable[[int, nn.Module], None] | None = None,
+    watch_steps: Collection[int] = (),
 ) -> tuple[nn.Module, list[float]]:
     """Train on every training text for ``epochs`` epochs (causal LM loss on all tokens).
+
+    ``watch(step, model)`` runs after each step in ``watch_steps`` (steps done), without gradients, the
+    model put back in training mode after it (one process only: under torchrun it is not called).
 
     Each batch is packed into one row without padding where the model supports it (checked on the
     model: packed logits must equal padded ones), else padded to its longest text.
@@ -146,6 +152,16 @@ def fine_tune(
     packed = packs_sequences(model, model.get_input_embeddings().num_embeddings)
     device = next(model.parameters()).device  # the backend's: batches follow the weights
     batch_for_step, steps = batches(backend, world, settings, packed, device)
+    watched = set(watch_steps) if watch is not None and world_size() == 1 else set()
+
+    def step_done(step: int) -> None:
+        if progress is not None:
+            progress(step)
+        if step in watched:
+            with torch.no_grad():
+                watch(step, model)
+            model.train()
+
     losses = run_training(
         model,
         optimizer,
@@ -153,7 +169,7 @@ def fine_tune(
         batch_for_step,
         checkpoint_dir,
         checkpoint_every,
-        progress,
+        step_done,
         stop_after,
         context=f"{settings.method}, lr={lr}",
         precision=settings.precision,

@@ -22,6 +22,7 @@ Relations come built in (the paper's five) or from a small YAML/JSON file::
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,8 +319,21 @@ def relation_by_name(name: str, extra: dict[str, Relation] | None = None) -> Rel
     return known[name]
 
 
-def fictitious_names(count: int, seed: int, exclude: set[str] = frozenset()) -> list[str]:
-    """Distinct capitalised names of 2-3 syllables, seeded."""
+NAME_POOLS = ("world", "pretraining")
+WORLD_NAMES = ("pooled", "any")
+
+
+def name_pool(name: str) -> str:
+    """The pool a name belongs to, by a hash of its spelling: every name is in exactly one, so the
+    people of injection worlds ("world") and of the tiny backend's pretraining ("pretraining") never
+    share a name, whatever the seeds."""
+    return NAME_POOLS[hashlib.sha256(name.encode()).digest()[0] % len(NAME_POOLS)]
+
+
+def fictitious_names(
+    count: int, seed: int, exclude: set[str] = frozenset(), pool: str | None = None
+) -> list[str]:
+    """Distinct capitalised names of 2-3 syllables, seeded; only names of ``pool`` when given."""
     rng = random.Random(seed)
     names: list[str] = []
     seen = set(exclude)
@@ -327,7 +341,8 @@ def fictitious_names(count: int, seed: int, exclude: set[str] = frozenset()) -> 
         name = "".join(rng.choice(SYLLABLES) for _ in range(rng.choice((2, 3)))).capitalize()
         if name not in seen:
             seen.add(name)
-            names.append(name)
+            if pool is None or name_pool(name) == pool:
+                names.append(name)
     return names
 
 
@@ -361,7 +376,13 @@ class World:
         num_subjects: int = 100,
         bridge_fraction: float = 0.2,
         name_pool_seed: int | None = None,
+        names: str = "pooled",
     ) -> World:
+        """``names``: "pooled" draws subjects from the world pool only (``name_pool``: never a name of the
+        tiny backend's pretraining people); "any" from every name (worlds made before 2026-12-03, kept
+        to reproduce the committed cells that predate the pools)."""
+        if names not in WORLD_NAMES:
+            raise ConfigError(f"names must be one of {WORLD_NAMES}, got {names!r}.")
         if not 0 < bridge_fraction < 1:
             raise ConfigError(f"bridge_fraction must be in (0, 1), got {bridge_fraction}.")
         k = len(relation.pairs)
@@ -370,17 +391,21 @@ class World:
                 f"num_subjects={num_subjects} is too small for {k} fact answers; use >= {2 * k}."
             )
         rng = random.Random(seed)
-        names = fictitious_names(num_subjects, seed if name_pool_seed is None else name_pool_seed)
+        subjects = fictitious_names(
+            num_subjects,
+            seed if name_pool_seed is None else name_pool_seed,
+            pool="world" if names == "pooled" else None,
+        )
         facts = [relation.fact_answers[i % k] for i in range(num_subjects)]
         rng.shuffle(facts)
-        fact = dict(zip(names, facts))
+        fact = dict(zip(subjects, facts))
         bridge: list[str] = []
         for answer in relation.fact_answers:  # the same share of bridge subjects for every answer
-            group = [n for n in names if fact[n] == answer]
+            group = [n for n in subjects if fact[n] == answer]
             bridge += group[: max(1, round(bridge_fraction * len(group)))]
-        test = [n for n in names if n not in set(bridge)]
+        test = [n for n in subjects if n not in set(bridge)]
         held_out = relation.fact[-1] if len(relation.fact) > 1 else relation.fact[0]
-        return cls(relation, seed, names, fact, bridge, test, held_out)
+        return cls(relation, seed, subjects, fact, bridge, test, held_out)
 
     def implication(self, subject: str) -> str:
         return self.relation.implication_of(self.fact[subject])

@@ -34,6 +34,7 @@ from factorlab.inject.tiny import (
     PROBE_THRESHOLD,
     SHIPPED_DIR,
     TinyPretrainConfig,
+    backend_key,
     pretraining_recall,
     save_backend,
     shipped_folder,
@@ -42,7 +43,14 @@ from factorlab.inject.tiny import (
     tiny_spec,
 )
 from factorlab.inject.train import DEFAULTS, METHODS, FineTuneSettings, fine_tune, total_steps
-from factorlab.inject.world import BUILTIN_RELATIONS, Relation, World, load_relations, relation_by_name
+from factorlab.inject.world import (
+    BUILTIN_RELATIONS,
+    WORLD_NAMES,
+    Relation,
+    World,
+    load_relations,
+    relation_by_name,
+)
 from factorlab.models import cache_dir
 from factorlab.precision import check_precision
 from factorlab.progress import StepBars, console
@@ -80,9 +88,15 @@ class InjectConfig:
     """Recompute each block's activations in the backward (less memory; the same gradients)."""
     fsdp: bool = False
     """Under torchrun / accelerate launch: shard with FSDP2 instead of replicating with DDP."""
+    names: str = "pooled"
+    """Where the world's subjects come from: "pooled", the world half of the name space (never a tiny
+    backend's pretraining person); "any", every name (cells made before 2026-12-03, whose worlds shared
+    11-20 names with the tiny backend's pretraining people)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.names not in WORLD_NAMES:
+            raise ConfigError(f"names must be one of {WORLD_NAMES}, got {self.names!r}.")
         check_precision(self.precision)
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}.")
@@ -161,6 +175,76 @@ class _Cell:
     before: list[int]
     settings: FineTuneSettings
     started: float
+    curve: Curve
+    known: list
+
+
+CURVE_POINTS = 20  # evaluations during training
+CURVE_QUERIES = 32  # queries of each kind evaluated at each point (the first of each kind)
+
+
+class Curve:
+    """Mean ranks of each query kind on a fixed subset of a cell's queries at ~20 points of training:
+    when memorisation, generalization and hallucination appear (step 0: the base model)."""
+
+    def __init__(self, queries: list, before: list[int], total_steps: int):
+        taken: dict[str, int] = {}
+        self.index = []
+        for i, q in enumerate(queries):
+            if taken.get(q.kind, 0) < CURVE_QUERIES:
+                self.index.append(i)
+                taken[q.kind] = taken.get(q.kind, 0) + 1
+        self.queries = [queries[i] for i in self.index]
+        self.steps = sorted(
+            {max(1, round(i * total_steps / CURVE_POINTS)) for i in range(1, CURVE_POINTS + 1)}
+        )
+        self.points = [self._point(0, [before[i] for i in self.index])]
+
+    def _point(self, step: int, ranks: list[int]) -> dict[str, Any]:
+        point: dict[str, Any] = {"step": step}
+        for kind in KINDS:
+            point[kind] = mean([r for q, r in zip(self.queries, ranks) if q.kind == kind])
+        return point
+
+    def watch(self, backend: Backend, step: int, model) -> None:
+        self.points.append(self._point(step, backend.ranks(model, self.queries)))
+
+
+@functools.lru_cache(maxsize=8)
+def _known_queries(model: str, relations_file: str | None, pretrain_seed: int) -> tuple:
+    """Facts the base model knows, unrelated to any injected world: every relation's background
+    knowledge ("People in Paris speak" -> French) and, on the tiny backend, 20 pretraining people's
+    facts per relation."""
+    from factorlab.inject.backends import background_queries
+    from factorlab.inject.tiny import pretraining_fact_queries
+
+    relations = known_relations(relations_file)
+    out, seen = [], set()
+    for relation in relations.values():
+        if relation.background:
+            for q in background_queries(relation, relations):
+                if q.prompt not in seen:
+                    seen.add(q.prompt)
+                    out.append(q)
+    if model == "tiny":
+        out += pretraining_fact_queries(relations, TinyPretrainConfig(seed=pretrain_seed))
+    return tuple(out)
+
+
+def _known_summary(backend: Backend, model, queries: list) -> dict[str, Any] | None:
+    if not queries:
+        return None
+    before, after = backend.base_ranks(queries), backend.ranks(model, queries)
+    top1_before = sum(r == 0 for r in before) / len(before)
+    top1_after = sum(r == 0 for r in after) / len(after)
+    return {
+        "queries": len(queries),
+        "rank_before": mean(before),
+        "rank_after": mean(after),
+        "top1_before": top1_before,
+        "top1_after": top1_after,
+        "top1_drop": top1_before - top1_after,
+    }
 
 
 def _ready(cell: dict[str, Any]) -> _Cell:
@@ -178,7 +262,7 @@ def _ready(cell: dict[str, Any]) -> _Cell:
             f"the tiny backend's key {backend.info.get('key')} is not the cell's {expected_key}."
         )
     probe = backend.probe(relation, known)
-    world = World.generate(relation, cfg.seed, cfg.num_subjects, cfg.bridge_fraction)
+    world = World.generate(relation, cfg.seed, cfg.num_subjects, cfg.bridge_fraction, names=cfg.names)
     queries = world.queries()
     settings = FineTuneSettings(
         cfg.method,
@@ -192,9 +276,10 @@ def _ready(cell: dict[str, Any]) -> _Cell:
         gradient_checkpointing=cfg.gradient_checkpointing,
         fsdp=cfg.fsdp,
     )
-    return _Cell(
-        cfg, relation, backend, probe, world, queries, backend.base_ranks(queries), settings, started
-    )
+    before = backend.base_ranks(queries)
+    curve = Curve(queries, before, total_steps(backend, world, settings))
+    known = list(_known_queries(cfg.model, cfg.relations_file, cfg.pretrain_seed))
+    return _Cell(cfg, relation, backend, probe, world, queries, before, settings, started, curve, known)
 
 
 def _check_shared_base(backend: Backend, run: str) -> None:
@@ -212,8 +297,16 @@ def inject_cell(
     ``save_adapter``: also write the trained adapter there (full fine-tuning: the whole model)."""
     ready = _ready(cell)
     cfg = ready.cfg
-    model, losses = fine_tune(ready.backend, ready.world, ready.settings, progress)
+    model, losses = fine_tune(
+        ready.backend,
+        ready.world,
+        ready.settings,
+        progress,
+        watch=lambda step, m: ready.curve.watch(ready.backend, step, m),
+        watch_steps=ready.curve.steps,
+    )
     after = ready.backend.ranks(model, ready.queries)
+    known = _known_summary(ready.backend, model, ready.known) if is_main() else None
     _check_shared_base(ready.backend, f"{cfg.method} on {cfg.relation}, seed {cfg.seed}")
     if save_adapter is not None and cfg.fsdp:
         from factorlab.fsdp import write_sharded
@@ -222,7 +315,7 @@ def inject_cell(
     elif save_adapter is not None and is_main():
         model.save_pretrained(save_adapter)  # an AdaptedModel writes its adapter; full: the whole model
     update = update_spectrum(cfg.method, model, ready.backend.model) if is_main() and not cfg.fsdp else None
-    return _summary(ready, after, losses, folder, time.perf_counter() - ready.started, update)
+    return _summary(ready, after, losses, folder, time.perf_counter() - ready.started, update, known)
 
 
 def _summary(
@@ -232,6 +325,7 @@ def _summary(
     folder: Path,
     seconds: float,
     update: dict[str, Any] | None,
+    known: dict[str, Any] | None,
 ) -> dict[str, Any]:
     """The cell's summary (``update``: the spectrum of the update it made, factorlab.inject.spectrum);
     writes its ranks.json (rank 0)."""
@@ -254,6 +348,8 @@ def _summary(
         ),
         "final_loss": losses[-1],
         "update": update,
+        "curve": ready.curve.points,
+        "known": known,
         "steps": len(losses),
         "seconds": seconds,
         "config": {**dataclasses.asdict(cfg), "lr": lr, "epochs": epochs, "batch_size": batch},
@@ -312,10 +408,17 @@ def run_pack(cells: list[dict[str, Any]], folders: list[Path], write) -> None:
             update = aggregate(
                 [(name, lora_singular_values(a, b, s)) for name, (a, b, s) in pack.factors(k).items()]
             )
-            summary = _summary(ready[j], after, losses, folders[j], seconds, update)
+            known = _known_summary(backend, pack, ready[j].known)
+            summary = _summary(ready[j], after, losses, folders[j], seconds, update, known)
             write(j, {**summary, "pack": {"cells": len(part), "seconds": time.perf_counter() - started}})
 
-        fine_tune_packed(backend, members, on_finished=finished)
+        fine_tune_packed(
+            backend,
+            members,
+            on_finished=finished,
+            watch=lambda k, step, pack, part=part: ready[part[k]].curve.watch(backend, step, pack),
+            watch_steps=[ready[j].curve.steps for j in part],
+        )
     _check_shared_base(backend, f"a pack of {len(cells)} LoRA cells")
 
 
@@ -344,9 +447,8 @@ def run(cfg: InjectConfig, out: str | Path, save_adapter: bool = False) -> dict[
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     backend = cached_backend(cfg.model, cfg.relations_file, cfg.pretrain_seed, cfg.device)
-    world = World.generate(
-        relation_by_name(cfg.relation, cfg.known_relations()), cfg.seed, cfg.num_subjects, cfg.bridge_fraction
-    )
+    relation = relation_by_name(cfg.relation, cfg.known_relations())
+    world = World.generate(relation, cfg.seed, cfg.num_subjects, cfg.bridge_fraction, names=cfg.names)
     steps = total_steps(
         backend,
         world,
@@ -411,7 +513,7 @@ def grid_cells(
     relations = known_relations(relations_file)
     backend_keys = (
         {  # one key per pretrained tiny backend (hashing builds the tokenizer)
-            seed: tiny_cache_key(relations, TinyPretrainConfig(seed=seed)) for seed in pretrain_seeds
+            seed: backend_key(relations, TinyPretrainConfig(seed=seed)) for seed in pretrain_seeds
         }
         if model == "tiny"
         else {}
@@ -420,6 +522,7 @@ def grid_cells(
         # Everything that determines a cell's result is part of its id, defaults included, so a
         # changed default or pretraining recipe never reuses an old result.
         cell["lora_alpha"] = 8.0
+        cell["names"] = "pooled"
         lr, epochs, batch = DEFAULTS["tiny" if model == "tiny" else "hf"][cell["method"]]
         cell.update(lr=lr, epochs=epochs, batch_size=batch)
         if model == "tiny":
@@ -458,7 +561,7 @@ def prepare_tiny_backends(cells: list[dict], workers: int | None, out: Path) -> 
     relations = known_relations(relations_file)
     missing = []
     for seed in sorted({c.get("pretrain_seed", 0) for c in cells if c["model"] == "tiny"}):
-        key = tiny_cache_key(relations, TinyPretrainConfig(seed=seed))
+        key = backend_key(relations, TinyPretrainConfig(seed=seed))
         if (
             shipped_folder(key) is None
             and not (cache_dir() / f"inject-tiny-{key}" / "manifest.json").exists()
@@ -558,7 +661,8 @@ def pretrain_command(seed: int, relations_file: str | None = None, ship: bool = 
         )
     if ship:
         target = SHIPPED_DIR / f"tiny-seed{seed}"
-        manifest = {"key": info["key"], "spec": tiny_spec(relations, config), "machine": machine_info()}
+        key = tiny_cache_key(relations, config)  # a shipped backend is the same bits on every machine
+        manifest = {"key": key, "spec": tiny_spec(relations, config), "machine": machine_info()}
         save_backend(model, tokenizer, target, manifest)
         lines.append(f"shipped into {target}")
     return lines

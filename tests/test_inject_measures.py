@@ -1,0 +1,108 @@
+"""What every injection cell measures beside its final ranks (issue 33): the curves during training,
+the facts the base model knew, and worlds that share nothing with the tiny backend's pretraining."""
+
+import pytest
+
+from factorlab.inject.tiny import TinyPretrainConfig, backend_key, pretraining_world, tiny_cache_key
+from factorlab.inject.world import BUILTIN_RELATIONS, World, name_pool
+
+
+def test_no_pretraining_name_or_sentence_appears_in_any_injection_world():
+    pretraining = [pretraining_world(BUILTIN_RELATIONS, TinyPretrainConfig(seed=s)) for s in range(3)]
+    people = {p for w in pretraining for by_person in w.people.values() for p in by_person}
+    sentences = {t for w in pretraining for t in w.statements}
+    assert people and all(name_pool(p) == "pretraining" for p in people)
+    for relation in BUILTIN_RELATIONS.values():
+        for seed in range(10):
+            world = World.generate(relation, seed)
+            assert not set(world.subjects) & people, (relation.name, seed)
+            texts = set(world.training_texts()) | {f"{q.prompt} {q.answer}." for q in world.queries()}
+            assert not texts & sentences, (relation.name, seed)
+
+
+def test_worlds_made_before_the_pools_are_still_reproducible():
+    relation = BUILTIN_RELATIONS["city-language"]
+    old = World.generate(relation, 0, names="any")
+    assert {name_pool(n) for n in old.subjects} == {"world", "pretraining"}  # the whole name space
+    assert all(name_pool(n) == "world" for n in World.generate(relation, 0).subjects)
+    with pytest.raises(Exception, match="names must be one of"):
+        World.generate(relation, 0, names="some")
+
+
+def test_a_backend_pretrained_here_is_keyed_by_its_kernels(monkeypatch):
+    import factorlab.inject.tiny as tiny
+
+    shipped = TinyPretrainConfig(seed=0)
+    assert backend_key(BUILTIN_RELATIONS, shipped) == tiny_cache_key(BUILTIN_RELATIONS, shipped)
+    local = TinyPretrainConfig(seed=7)
+    keys = {}
+    for capability, overrides in (
+        ("AVX512", {}),
+        ("AVX2", {}),
+        ("AVX2", {"MKL_ENABLE_INSTRUCTIONS": "AVX2"}),
+    ):
+        info = {"cpu_capability": capability, "kernel_overrides": overrides}
+        monkeypatch.setattr(tiny, "machine_info", lambda info=info: info)
+        keys[(capability, str(overrides))] = backend_key(BUILTIN_RELATIONS, local)
+    assert len(set(keys.values())) == 3
+    assert all(k.startswith(tiny_cache_key(BUILTIN_RELATIONS, local)) for k in keys.values())
+
+
+def test_a_cell_keeps_its_curves_and_the_known_facts_before_and_after(tmp_path):
+    from factorlab.recipes.inject import CURVE_POINTS, inject_cell
+
+    summary = inject_cell(
+        {"model": "tiny", "relation": "city-language", "method": "lora", "epochs": 2}, tmp_path
+    )
+    curve = summary["curve"]
+    steps = [p["step"] for p in curve]
+    assert steps[0] == 0 and steps[-1] == summary["steps"] and steps == sorted(set(steps))
+    assert len(curve) == CURVE_POINTS + 1
+    assert curve[0]["train_fact"] == pytest.approx(
+        summary["train_fact_rank_before"], abs=2.0
+    )  # a subset of the queries: the same scale
+    assert all(
+        set(p) == {"step", "train_fact", "test_fact", "train_implication", "test_implication"} for p in curve
+    )
+    known = summary["known"]
+    assert known["queries"] >= 5 * 20 and 0 <= known["top1_after"] <= 1
+    assert known["top1_drop"] == pytest.approx(known["top1_before"] - known["top1_after"])
+    assert known["top1_before"] >= 0.9  # the tiny backend knows its background and its people
+
+
+def test_intervals_use_the_backend_as_the_unit_when_runs_are_nested():
+    from factorlab.reporting import aggregate
+
+    # 3 backends x 3 seeds: the seeds of one backend agree closely, the backends do not
+    records = [
+        {"g": "a", "pretrain_seed": b, "seed": s, "x": b + 0.01 * s} for b in range(3) for s in range(3)
+    ]
+    flat = aggregate(records, ["g"], ["x"])[0]
+    nested = aggregate(records, ["g"], ["x"], unit="pretrain_seed")[0]
+    assert flat["x"].n == 9 and nested["x"].n == 3 and nested["seeds"] == 9
+    assert nested["x"].mean == pytest.approx(flat["x"].mean)
+    assert nested["x"].ci95 > 2 * flat["x"].ci95  # nested runs made the flat interval too narrow
+
+
+def test_the_spectrum_correlation_and_its_reading():
+    from factorlab.inject import analysis
+
+    def cell(causal, nuclear, rank):
+        return {
+            "causal": causal,
+            "config": {"method": "lora", "relation": "r"},
+            "test_implication_rank": rank,
+            "update": {"all": {"nuclear": nuclear, "frobenius": 1.0}},
+            "world": {"subjects": 100},
+        }
+
+    rising = [cell(True, 1 + i, 0.1 * i) for i in range(12)]
+    falling = [cell(False, 1 + i, 2 - 0.1 * i + 0.05 * (i % 2)) for i in range(12)]
+    rows = analysis.spectrum_correlations(analysis.spectrum_points(rising + falling))
+    by = {(r["kind"], r["measure"]): r for r in rows}
+    causal = by[("causal", "nuclear / Frobenius")]
+    assert causal["cells"] == 12 and causal["r"] == pytest.approx(1.0)
+    assert analysis.verdict_of(causal).startswith("supports")
+    assert analysis.verdict_of(by[("non-causal", "nuclear per training fact")]).startswith("contradicts")
+    assert analysis.verdict_of({"r": None, "interval": None}) == "too few cells"
+    assert analysis.pearson([1, 2], [1, 2]) is None  # fewer than 3 cells
