@@ -106,3 +106,42 @@ def test_the_spectrum_correlation_and_its_reading():
     assert analysis.verdict_of(by[("non-causal", "nuclear per training fact")]).startswith("contradicts")
     assert analysis.verdict_of({"r": None, "interval": None}) == "too few cells"
     assert analysis.pearson([1, 2], [1, 2]) is None  # fewer than 3 cells
+
+
+def test_watching_the_curves_does_not_change_what_is_trained():
+    import torch
+
+    from factorlab.inject.pack import Member, fine_tune_packed
+    from factorlab.inject.train import FineTuneSettings, fine_tune
+    from factorlab.recipes.inject import cached_backend
+
+    backend = cached_backend("tiny", None, 0)
+    world = World.generate(BUILTIN_RELATIONS["sport-music"], 4)
+    settings = FineTuneSettings("lora", 4, 8.0, None, 1, None, seed=4)
+    seen = []
+    plain, _ = fine_tune(backend, world, settings)
+    watched, _ = fine_tune(
+        backend,
+        world,
+        settings,
+        watch=lambda step, m: seen.append(backend.ranks(m, world.queries()[:8])),
+        watch_steps=[3, 7],
+    )
+    assert len(seen) == 2
+    for (name, a), (_, b) in zip(plain.named_parameters(), watched.named_parameters()):
+        assert torch.equal(a, b), name
+    members = [
+        Member(world, settings),
+        Member(World.generate(BUILTIN_RELATIONS["country-code"], 5), settings),
+    ]
+    quiet, _ = fine_tune_packed(backend, members)
+    loud, _ = fine_tune_packed(
+        backend,
+        members,
+        watch=lambda k, step, pack: seen.append(backend.ranks(pack, world.queries()[:8])),
+        watch_steps=[[2], [5]],
+    )
+    assert len(seen) == 4
+    for k in range(2):
+        for name, (a, b, _) in quiet.factors(k).items():
+            assert torch.equal(a, loud.factors(k)[name][0]) and torch.equal(b, loud.factors(k)[name][1]), name

@@ -137,8 +137,8 @@ def test_a_cell_that_changes_the_shared_base_model_fails_and_the_next_cell_reloa
     assert inject.cached_backend("tiny", None, 0, "cpu") is shared  # defaults spelt out: one model
     real_fine_tune = inject.fine_tune
 
-    def fine_tune_that_touches_the_base(backend, world, settings, progress=None):
-        model, losses = real_fine_tune(backend, world, settings, progress)
+    def fine_tune_that_touches_the_base(backend, world, settings, progress=None, **watching):
+        model, losses = real_fine_tune(backend, world, settings, progress, **watching)
         with torch.no_grad():
             backend.model.get_input_embeddings().weight[3, 0] += 1e-3
         return model, losses
@@ -170,10 +170,14 @@ def test_cells_of_one_world_share_the_base_models_ranks(tmp_path, monkeypatch):
     monkeypatch.setattr(type(backend), "ranks", counting_ranks)
     base = {"model": "tiny", "relation": "sport-music", "seed": 11, "epochs": 1}
     first = inject.inject_cell({**base, "method": "lora"}, tmp_path / "a")
+    after_first = computed.count(True)
     second = inject.inject_cell({**base, "method": "compacter++"}, tmp_path / "b")
+    after_second = computed.count(True)
     other_world = inject.inject_cell({**base, "seed": 12, "method": "lora"}, tmp_path / "c")
-    # base model: once per world (the probe's background queries are none here); trained models: once per cell
-    assert computed == [True, False, False, True, False]
+    # base model: once per world, and once per process for the known facts (the probe's background
+    # queries are none here); trained models: at every curve point, at the end, and on the known facts
+    assert (after_first, after_second, computed.count(True)) == (2, 2, 3)
+    assert computed.count(False) == sum(len(c["curve"]) - 1 + 2 for c in (first, second, other_world))
     for kind in ("train_fact", "test_implication"):
         assert first[f"{kind}_rank_before"] == second[f"{kind}_rank_before"]
     world = inject.World.generate(BUILTIN_RELATIONS["sport-music"], 12, 100, 0.2)
