@@ -45,3 +45,25 @@ def _packed_run(cells, folders, write):
 
 packed.pack_key = lambda cell: cell.get("group")
 packed.run_pack = _packed_run
+
+
+def kill_grid_midway(fn_path: str, cells: list, out: Path, finished: int, **options) -> None:
+    """Run ``run_grid(fn_path, cells, out, **options)`` in a fresh process and SIGKILL it with its
+    workers (its process group) once ``finished`` cells have written their summaries."""
+    import signal
+    import subprocess
+    import sys
+
+    here = str(Path(__file__).parent)
+    script = (
+        f"import sys; sys.path.insert(0, {here!r}); from factorlab.grid import run_grid; "
+        f"run_grid({fn_path!r}, {cells!r}, {str(out)!r}, **{options!r})"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], start_new_session=True, env={**os.environ, "PYTHONPATH": here}
+    )
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(Path(out).glob("cells/*/summary.json"))) < finished:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, mid-grid
+    proc.wait()

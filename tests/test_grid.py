@@ -1,16 +1,12 @@
 """Grids: resumable, atomic, retried on worker death, identical on the local and Ray backends."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from factorlab.grid import cell_id, run_grid
+from grid_cells import kill_grid_midway
 
 HERE = Path(__file__).parent
 
@@ -27,18 +23,7 @@ def test_a_worker_that_dies_is_retried_and_every_cell_is_present_once(tmp_path):
 def test_an_interrupted_grid_resumes_without_losing_or_repeating_cells(tmp_path):
     cells = [{"x": i, "sleep": 0.4} for i in range(12)]
     out = tmp_path / "out"
-    script = (
-        f"import sys; sys.path.insert(0, {str(HERE)!r}); from factorlab.grid import run_grid; "
-        f"run_grid('grid_cells:slow', {cells!r}, {str(out)!r}, workers=2)"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], start_new_session=True, env={**os.environ, "PYTHONPATH": str(HERE)}
-    )
-    deadline = time.time() + 60
-    while time.time() < deadline and len(list(out.glob("cells/*/summary.json"))) < 3:
-        time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, mid-grid
-    proc.wait()
+    kill_grid_midway("grid_cells:slow", cells, out, 3, workers=2)
     finished_before = len(list(out.glob("cells/*/summary.json")))
     assert 3 <= finished_before < 12
     report = run_grid("grid_cells:slow", cells, out, workers=2)

@@ -3,11 +3,6 @@ train as one model, each as it would alone within the float spread measured here
 cell as it finishes, and a killed pack resumes without redoing them."""
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +11,7 @@ from torch import nn
 
 from factorlab.grid import cell_id, plan_packs, run_grid
 from factorlab.layers.packed import PackedLoRALinear, RowPlan
+from grid_cells import kill_grid_midway
 
 HERE = Path(__file__).parent
 
@@ -88,18 +84,7 @@ def test_a_pack_writes_each_cell_and_a_failure_keeps_the_cells_it_finished(tmp_p
 def test_a_killed_pack_resumes_without_redoing_its_finished_cells(tmp_path):
     cells = [{"x": i, "group": "g", "sleep": 0.5} for i in range(8)]
     out = tmp_path / "out"
-    script = (
-        f"import sys; sys.path.insert(0, {str(HERE)!r}); from factorlab.grid import run_grid; "
-        f"run_grid('grid_cells:packed', {cells!r}, {str(out)!r}, workers=2, pack=8)"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], start_new_session=True, env={**os.environ, "PYTHONPATH": str(HERE)}
-    )
-    deadline = time.time() + 60
-    while time.time() < deadline and len(list(out.glob("cells/*/summary.json"))) < 3:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its workers, mid-pack
-    proc.wait()
+    kill_grid_midway("grid_cells:packed", cells, out, 3, workers=2, pack=8)
     finished = {f.parent.name: f.stat().st_mtime_ns for f in out.glob("cells/*/summary.json")}
     assert 3 <= len(finished) < 8
     report = run_grid("grid_cells:packed", cells, out, workers=2, pack=8)
