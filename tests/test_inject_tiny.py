@@ -176,9 +176,10 @@ def test_cells_of_one_world_share_the_base_models_ranks(tmp_path, monkeypatch):
     second = inject.inject_cell({**base, "method": "compacter++"}, tmp_path / "b")
     after_second = computed.count(True)
     other_world = inject.inject_cell({**base, "seed": 12, "method": "lora"}, tmp_path / "c")
-    # base model: once per world, and once per process for the known facts (the probe's background
-    # queries are none here); trained models: at every curve point, at the end, and on the known facts
-    assert (after_first, after_second, computed.count(True)) == (2, 2, 3)
+    # base model: once per world, and once per process for the known facts unless an earlier cell of
+    # this process asked them (the probe's background queries are none here); trained models: at every
+    # curve point, at the end, and on the known facts
+    assert after_first in (1, 2) and after_second == after_first and computed.count(True) == after_first + 1
     assert computed.count(False) == sum(len(c["curve"]) - 1 + 2 for c in (first, second, other_world))
     for kind in ("train_fact", "test_implication"):
         assert first[f"{kind}_rank_before"] == second[f"{kind}_rank_before"]
