@@ -99,11 +99,14 @@ def test_the_spectrum_correlation_and_its_reading():
     rising = [cell(True, 1 + i, 0.1 * i) for i in range(12)]
     falling = [cell(False, 1 + i, 2 - 0.1 * i + 0.05 * (i % 2)) for i in range(12)]
     rows = analysis.spectrum_correlations(analysis.spectrum_points(rising + falling))
-    by = {(r["kind"], r["measure"]): r for r in rows}
-    causal = by[("causal", "nuclear / Frobenius")]
+    by = {(r["method"], r["kind"], r["measure"]): r for r in rows}
+    assert {r["method"] for r in rows} == {"all methods", "lora"}  # across methods, and within each
+    causal = by[("all methods", "causal", "nuclear / Frobenius")]
     assert causal["cells"] == 12 and causal["r"] == pytest.approx(1.0)
     assert analysis.verdict_of(causal).startswith("supports")
-    assert analysis.verdict_of(by[("non-causal", "nuclear per training fact")]).startswith("contradicts")
+    assert analysis.verdict_of(by[("lora", "non-causal", "nuclear per training fact")]).startswith(
+        "contradicts"
+    )
     assert analysis.verdict_of({"r": None, "interval": None}) == "too few cells"
     assert analysis.pearson([1, 2], [1, 2]) is None  # fewer than 3 cells
 

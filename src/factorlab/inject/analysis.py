@@ -52,8 +52,9 @@ def bootstrap_interval(xs: list[float], ys: list[float], seed: int = 0) -> tuple
     return values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
 
 
-def spectrum_points(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One point per cell that recorded its update: the measures, its test-implication rank, its kind."""
+def spectrum_points(summaries: list[dict[str, Any]], method_of=None) -> list[dict[str, Any]]:
+    """One point per cell that recorded its update: the measures, its test-implication rank, its kind;
+    ``method_of(config)`` labels the method (default: the config's method name)."""
     points = []
     for s in summaries:
         update = (s.get("update") or {}).get("all")
@@ -61,7 +62,7 @@ def spectrum_points(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         point = {
             "causal": s["causal"],
-            "method": s["config"]["method"],
+            "method": method_of(s["config"]) if method_of else s["config"]["method"],
             "relation": s["config"]["relation"],
             "test_implication_rank": s["test_implication_rank"],
         }
@@ -72,22 +73,33 @@ def spectrum_points(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def spectrum_correlations(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per relation kind and measure: cells, Pearson's r with test-implication rank, its interval."""
+    """Per relation kind and measure: cells, Pearson's r with test-implication rank, its interval; over
+    all cells ("all methods": across methods, so partly a comparison of methods) and within each method
+    (the mechanism's own claim: among updates of one parameterisation)."""
     rows = []
-    for causal in (True, False):
-        for name in MEASURES:
-            chosen = [p for p in points if p["causal"] == causal and p[name] is not None]
-            xs = [p[name] for p in chosen]
-            ys = [p["test_implication_rank"] for p in chosen]
-            rows.append(
-                {
-                    "kind": "causal" if causal else "non-causal",
-                    "measure": name,
-                    "cells": len(chosen),
-                    "r": pearson(xs, ys),
-                    "interval": bootstrap_interval(xs, ys),
-                }
-            )
+    methods = ["all methods", *sorted({p["method"] for p in points})]
+    for method in methods:
+        for causal in (True, False):
+            for name in MEASURES:
+                chosen = [
+                    p
+                    for p in points
+                    if p["causal"] == causal
+                    and p[name] is not None
+                    and method in ("all methods", p["method"])
+                ]
+                xs = [p[name] for p in chosen]
+                ys = [p["test_implication_rank"] for p in chosen]
+                rows.append(
+                    {
+                        "method": method,
+                        "kind": "causal" if causal else "non-causal",
+                        "measure": name,
+                        "cells": len(chosen),
+                        "r": pearson(xs, ys),
+                        "interval": bootstrap_interval(xs, ys),
+                    }
+                )
     return rows
 
 
