@@ -35,7 +35,7 @@ def test_aggregate_and_write_table(tmp_path):
     }
 
 
-@pytest.mark.parametrize("grid", ["inject-tiny", "inject-smollm2", "inject-smollm2-gpu"])
+@pytest.mark.parametrize("grid", ["inject-tiny-v4", "inject-smollm2", "inject-smollm2-gpu"])
 def test_readme_tables_are_the_ones_rebuilt_from_the_committed_cells(grid, tmp_path):
     """The README quotes each real grid's tables; `factorlab report results/<grid>` must rebuild them
     from the committed cell summaries with identical numbers."""
