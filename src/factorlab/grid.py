@@ -111,7 +111,8 @@ def run_grid(
                 on_done(done, len(cells))
     elif backend == "local" and workers == 1:  # in this process: cells may show their own progress
         for job in plan_packs(fn_path, cells, todo, pack, 1):
-            for i, (summary, error) in zip(job, _run_job(fn_path, cells, folders, job)):
+            outcomes = _run_job(fn_path, [cells[i] for i in job], [folders[i] for i in job])
+            for i, (summary, error) in zip(job, outcomes):
                 _record(report, results, i, summary, error, cells)
             if on_done:
                 on_done(sum(r is not None for r in results), len(cells))
@@ -160,12 +161,13 @@ def plan_packs(
     return sorted(jobs, key=len, reverse=True) + [[i] for i in alone]
 
 
-def _run_job(fn_path, cells, folders, job) -> list[tuple[dict | None, str | None]]:
-    """One job in this process: a cell alone, or a pack."""
-    if len(job) > 1:
-        return run_pack(fn_path, [cells[i] for i in job], [str(folders[i]) for i in job])
+def _run_job(fn_path, cells, folders) -> list[tuple[dict | None, str | None]]:
+    """One job in this process: a cell alone, or the cells of a pack (only the job's own cells travel
+    to the worker)."""
+    if len(cells) > 1:
+        return run_pack(fn_path, list(cells), [str(f) for f in folders])
     try:
-        return [(run_cell(fn_path, cells[job[0]], str(folders[job[0]])), None)]
+        return [(run_cell(fn_path, cells[0], str(folders[0])), None)]
     except Exception as err:  # the cell itself failed: report it, do not retry
         return [(None, f"{type(err).__name__}: {err}")]
 
@@ -191,7 +193,10 @@ def _local_pass(
         ) as pool,
         ending_with_parent(pool),
     ):
-        futures = {pool.submit(_run_job, fn_path, cells, folders, job): job for job in jobs}
+        futures = {
+            pool.submit(_run_job, fn_path, [cells[i] for i in job], [folders[i] for i in job]): job
+            for job in jobs
+        }
         pending = set(futures)
         while pending:
             finished, pending = wait(pending, return_when=FIRST_COMPLETED)
