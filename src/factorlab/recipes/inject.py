@@ -435,7 +435,10 @@ def cells_that_fit(backend: Backend, world: World, settings: FineTuneSettings, w
     if free is None or wanted <= 1:
         return max(1, wanted)
     _, _, batch = settings.resolved(backend)
-    tokens = max(len(backend.encode([t])["input_ids"][0]) for t in world.training_texts()) * batch
+    longest = int(
+        backend.encode(world.training_texts())["attention_mask"].sum(1).max()
+    )  # one call, all texts
+    tokens = longest * batch
     per_cell = pack_cell_bytes(backend.model.config, tokens, settings.r)
     budget = free / 2 / (os.cpu_count() or 1)
     return max(1, min(wanted, int(budget // per_cell)))
