@@ -768,3 +768,27 @@ def test_peft_experts_with_rank_and_alpha_patterns_are_reproduced_and_export_bac
         export_expert_as_peft(adapted, e, tmp_path / f"out{e}")
         back = peft.PeftModel.from_pretrained(build("llama"), tmp_path / f"out{e}")
         torch.testing.assert_close(logits(back, batch), expected[e], atol=1e-5, rtol=0)
+
+
+def test_hard_routing_runs_only_the_samples_expert_and_equals_the_one_hot_mixture():
+    """The hard path (lora_per_row, shared with packed grid cells) against the dense formula with
+    one-hot weights: outputs and every gradient, float64, experts of ranks 3, 1 and 0 (padded)."""
+    from factorlab.layers.mixer import ExpertBank
+
+    torch.manual_seed(0)
+    bank = ExpertBank(6, 5, ranks=[3, 1, 0], scalings=[2.0, 0.5, 1.0], dtype=torch.float64)
+    with torch.no_grad():
+        bank.B.normal_()
+    x = torch.randn(4, 7, 6, dtype=torch.float64, requires_grad=True)
+    task_ids = torch.tensor([1, 0, 2, 0])
+    hard = bank.per_sample(x, task_ids)
+    grads_hard = torch.autograd.grad(hard.square().sum(), (x, bank.A, bank.B))
+    weights = torch.nn.functional.one_hot(task_ids, 3).double().repeat_interleave(7, dim=0)
+    dense = bank(x.reshape(-1, 6), weights).view(4, 7, 5)
+    grads_dense = torch.autograd.grad(dense.square().sum(), (x, bank.A, bank.B))
+    torch.testing.assert_close(hard, dense, atol=1e-12, rtol=0)
+    for got, want in zip(grads_hard, grads_dense):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    assert hard[2].abs().max() == 0  # the rank-0 expert adds nothing
+    assert grads_hard[1][1, 1:].abs().max() == 0 and grads_hard[2][1, :, 1:].abs().max() == 0  # padding
+    assert grads_hard[1][2].abs().max() == 0 and grads_hard[1][1, 0].abs().max() > 0

@@ -32,6 +32,7 @@ from torch import nn
 from factorlab.errors import ConfigError
 from factorlab.layers.base import AdapterLayer
 from factorlab.layers.lora import adapter_dtype, init_lora_pair
+from factorlab.layers.packed import lora_per_row
 from factorlab.layers.shapes import weight_dims
 
 ROUTINGS = ("hard", "soft", "topk", "uniform")
@@ -60,15 +61,8 @@ class RoutingState:
 def route(logits: torch.Tensor | None, state: RoutingState, batch: int, tokens: int) -> torch.Tensor:
     """Routing weights (batch * tokens, E) for one projection call."""
     E = state.num_experts
-    task_ids = state.task_ids
-    if task_ids is not None:  # hard routing (also forced by passing task_ids with another mode)
-        if task_ids.shape[0] != batch:
-            if task_ids.shape[0] == 0 or batch % task_ids.shape[0]:
-                raise ConfigError(
-                    f"task_ids has {task_ids.shape[0]} entries but the batch has {batch} samples."
-                )
-            task_ids = task_ids.repeat_interleave(batch // task_ids.shape[0])  # beams / num_return_sequences
-        weights = F.one_hot(task_ids, E).to(torch.float32)
+    if state.task_ids is not None:  # hard routing (also forced by passing task_ids with another mode)
+        weights = F.one_hot(sample_task_ids(state.task_ids, batch), E).to(torch.float32)
         return weights.repeat_interleave(tokens, dim=0)
     if state.routing == "hard":
         raise ConfigError(
@@ -81,6 +75,16 @@ def route(logits: torch.Tensor | None, state: RoutingState, batch: int, tokens: 
         return probs
     top, index = probs.topk(state.top_k, dim=-1)
     return torch.zeros_like(probs).scatter(-1, index, top / top.sum(-1, keepdim=True))
+
+
+def sample_task_ids(task_ids: torch.Tensor, batch: int) -> torch.Tensor:
+    """One task id per sample of a ``batch`` (the model checked their range once per call): generation's
+    beams / num_return_sequences repeat each prompt's id."""
+    if task_ids.shape[0] != batch:
+        if task_ids.shape[0] == 0 or batch % task_ids.shape[0]:
+            raise ConfigError(f"task_ids has {task_ids.shape[0]} entries but the batch has {batch} samples.")
+        task_ids = task_ids.repeat_interleave(batch // task_ids.shape[0])
+    return task_ids
 
 
 def init_router(router: nn.Linear, std: float = 0.02) -> None:
@@ -153,6 +157,13 @@ class ExpertBank(nn.Module):
     def num_experts(self) -> int:
         return self.A.shape[0]
 
+    def per_sample(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+        """Hard routing: x (batch, tokens, in), experts (batch,) -> s_e B_e A_e x with e = experts[sample],
+        (batch, tokens, out). Only the sample's own expert runs (``lora_per_row``, the kernel packed grid
+        cells use), so it costs one expert's arithmetic, not E experts' masked to one."""
+        a = self.A * self.rank_mask.unsqueeze(-1)  # ranks below r_max: the padded rows never act
+        return lora_per_row(x, a, self.B, self.scaling, experts)
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (N, in), weights (N, E) -> sum_e weights_e s_e B_e A_e x, (N, out)."""
         E, r = self.A.shape[:2]
@@ -224,6 +235,14 @@ class LoRAMixerLinear(AdapterLayer):
         tokens = math.prod(lead) // batch if lead else 1
         for name in self.active_adapters:
             experts, state = self.experts[name], self._routing[name]
+            if state.task_ids is not None:
+                task_ids = sample_task_ids(state.task_ids, batch)
+                if state.record:  # no router ran: the losses skip it, inspection sees the one-hot routing
+                    weights = F.one_hot(task_ids, experts.num_experts).float().repeat_interleave(tokens, 0)
+                    state.records.append((None, weights, tokens))
+                delta = experts.per_sample(x.reshape(batch, tokens, self.in_features), task_ids)
+                result = result + delta.view(*lead, self.out_features).to(result.dtype)
+                continue
             flat = x.reshape(-1, self.in_features).to(experts.A.dtype)
             needs_router = state.task_ids is None and state.routing in ("soft", "topk")
             logits = self.router_for(name)(flat) if needs_router else None

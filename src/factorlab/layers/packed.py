@@ -49,6 +49,24 @@ class RowPlan:
         return cls(rows, slots, full)
 
 
+def lora_per_row(
+    x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: torch.Tensor, index: torch.Tensor | None
+) -> torch.Tensor:
+    """LoRA number ``index[n]`` of a stack acts on row n, every row in one batched GEMM pair:
+
+        x (N, L, in), a (K, r, in), b (K, out, r), scaling (K,), index (N,) in [0, K)
+        y[n] = scaling[index[n]] * (x[n] A_{index[n]}^T) B_{index[n]}^T        (N, L, out)
+
+    ``index`` None: row n takes LoRA n (N = K), without gathering the factors.
+
+    The one kernel behind packed grid cells (a row per cell) and the LoRA-Mixer's hard routing (a row
+    per sample, its task's expert): each row computes only its own adapter, never the others'."""
+    if index is not None:
+        a, b, scaling = a.index_select(0, index), b.index_select(0, index), scaling.index_select(0, index)
+    h = torch.bmm(x.to(a.dtype), a.transpose(1, 2)) * scaling[:, None, None].to(a.dtype)  # (N, L, r)
+    return torch.bmm(h, b.transpose(1, 2))
+
+
 class _PackedLoRA(torch.autograd.Function):
     """``x W^T + b + s * (x A^T) B^T`` per row group in one autograd node, for the common step: one
     group, every cell active, rows in group order (fewer operations than the general path's gather and
@@ -137,12 +155,12 @@ class PackedLoRALinear(nn.Module):
         for g, (rows, slots) in enumerate(zip(plan.rows, plan.slots)):  # a group per rank: a handful
             if not len(rows):
                 continue
-            a, b = self.A[g], self.B[g]
-            if len(slots) != a.shape[0]:
-                a, b = a.index_select(0, slots), b.index_select(0, slots)
-            scaling = getattr(self, f"scaling_{g}").index_select(0, slots)
-            h = torch.bmm(x.index_select(0, rows).to(a.dtype), a.transpose(1, 2)) * scaling[:, None, None]
-            delta.index_add_(0, rows, torch.bmm(h, b.transpose(1, 2)))  # (K_g, L, out)
+            scaling = getattr(self, f"scaling_{g}")
+            whole = len(slots) == self.A[g].shape[0]  # slots ascend, so a whole group is in order
+            update = lora_per_row(
+                x.index_select(0, rows), self.A[g], self.B[g], scaling, None if whole else slots
+            )
+            delta.index_add_(0, rows, update)  # (K_g, L, out)
         return out + delta.to(out.dtype)
 
     def _one_group(self, x: torch.Tensor) -> torch.Tensor:
