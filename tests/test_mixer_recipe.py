@@ -16,7 +16,7 @@ from factorlab.recipes.mixer import plug, run_experiment
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("mixer")
-    cfg = MixerExperimentConfig.preset_config("quick", seeds=[0])
+    cfg = MixerExperimentConfig.preset_config("quick", seeds=[0], peers=["LoRAHub"])
     return cfg, out, run_experiment(cfg, out)
 
 
@@ -36,6 +36,11 @@ def test_quick_preset_runs_every_system_and_the_router_separates_tasks(quick):
         rows["multi-task LoRA (equal total rank)"]["trainable"] == rows["per-task LoRA (oracle)"]["trainable"]
     )
     assert rows["full fine-tuning (multi-task)"]["trainable"] > 5 * mixer["trainable"]  # tiny model: 8.6x
+    hub = rows["LoRAHub (gradient-free merge)"]
+    assert hub["trainable"] == len(cfg.tasks)  # one weight per expert
+    # one static composition of four single-task experts cannot route: better than the base, well below
+    # the routed mixer (the quick tasks' answers conflict, so no single weighting serves them all)
+    assert rows["base"]["mean"].mean < hub["mean"].mean < mixer["mean"].mean - 0.2
     for name in ("LoRA-Mixer joint (soft)", "LoRA-Mixer plug-and-play (top-k)", "X-LoRA (peft)"):
         assert rows[name]["routed"].mean > 0.9, name
     usage = result["usage"]

@@ -383,6 +383,13 @@ def mixer_run(
     address: RayAddress = None,
     dtype: Dtype = "float32",
     gradient_checkpointing: GradientCheckpointing = False,
+    peers: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated mixture-of-LoRA peers run beside the comparison from the same frozen "
+            "experts: LoRAHub."
+        ),
+    ] = "",
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/mixer"),
 ) -> None:
     """Compare base, one multi-task LoRA of the mixer's total rank, Compacter++, full fine-tuning, per-task
@@ -405,6 +412,8 @@ def mixer_run(
         dtype,
         gradient_checkpointing,
     )
+    if peers:
+        cfg = dataclasses.replace(cfg, peers=[p.strip() for p in peers.split(",") if p.strip()])
     result = run_experiment(cfg, out, workers=workers, backend=backend, address=address)
     typer.echo((out / "table.md").read_text())
     typer.echo(f"router accuracy {result['router_accuracy']:.3f}; {result['verdict']}")

@@ -18,6 +18,9 @@ from factorlab.precision import check_precision
 from factorlab.training import LoopOptions
 from factorlab.validation import check_fields, check_ranges
 
+PEERS = ("LoRAHub",)
+"""Peers of LoRA-Mixer that ``mixer run --peers`` adds (issue 34), each a phase-2 unit."""
+
 
 @dataclass
 class MixerExperimentConfig:
@@ -62,9 +65,15 @@ class MixerExperimentConfig:
     """"float32", "bfloat16" or "float16" for every system's training (factorlab.precision): the base
     stored in it, adapters float32, full fine-tuning with float32 master weights."""
     gradient_checkpointing: bool = False
+    peers: list[str] = field(default_factory=list)
+    """Mixture-of-LoRA peers run beside the comparison, from the same frozen experts (``PEERS``); like
+    ``seeds`` they only choose which cells exist."""
 
     def __post_init__(self) -> None:
         check_fields(self)
+        unknown = [p for p in self.peers if p not in PEERS]
+        if unknown:
+            raise ConfigError(f"unknown peer(s) {unknown}; peers: {', '.join(PEERS)}.")
         check_precision(self.precision)
         for name in ("tasks", "seeds"):
             if not getattr(self, name):

@@ -111,3 +111,22 @@ def routing_report(mixer: AdaptedModel, evals: Sequence[Sequence[Example]], pad_
     total = sum(len(e) for e in evals)
     overall = sum(acc * len(e) for acc, e in zip(per_task, evals)) / total
     return torch.stack(usage), overall, per_task
+
+
+@torch.no_grad()
+def answer_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, chunk: int = 64) -> float:
+    """Mean cross-entropy over the answer tokens of ``examples`` (the training loss, without gradients)."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(examples), chunk):
+        batch = collate(examples[start : start + chunk], pad_id)
+        labels = batch["labels"]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        targets = labels[:, 1:]
+        keep = targets != -100
+        token_loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1][keep].float(), targets[keep], reduction="sum"
+        )
+        total += float(token_loss)
+        count += int(keep.sum())
+    return total / max(count, 1)

@@ -27,6 +27,7 @@ SYSTEMS = (
     "LoRA-Mixer joint (top-k)",
     "LoRA-Mixer plug-and-play (top-k)",
     "X-LoRA (peft)",
+    "LoRAHub (gradient-free merge)",
 )
 
 

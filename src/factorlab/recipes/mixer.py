@@ -42,8 +42,9 @@ from factorlab.errors import ConfigError, GridCellsFailed
 from factorlab.grid import cell_id, load_summary, run_grid
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
 from factorlab.methods.lora_mixer.model import export_expert_as_peft, set_routing, set_stage
+from factorlab.mixer import lorahub
 from factorlab.mixer.config import MixerExperimentConfig, build_base
-from factorlab.mixer.evaluate import accuracy, routing_report
+from factorlab.mixer.evaluate import accuracy, answer_loss, routing_report
 from factorlab.mixer.report import workflow_report, write_comparison
 from factorlab.mixer.systems import (
     compacter_plus_plus,
@@ -79,6 +80,7 @@ PHASES = (("full", "experts", "multi-task LoRA", "Compacter++", "base"), ("X-LoR
 def _cell(cfg: MixerExperimentConfig, seed: int, unit: str, export: bool) -> dict[str, Any]:
     # seeds / full_seeds only choose which cells exist: out of the cell, so adding a seed reuses the rest
     config = dataclasses.asdict(dataclasses.replace(cfg, seeds=[seed], full_seeds=None))
+    del config["peers"]
     for (
         key,
         default,
@@ -94,6 +96,7 @@ LOOP_DEFAULTS = {"precision": "float32", "gradient_checkpointing": False}
 def comparison_cells(cfg: MixerExperimentConfig) -> list[list[dict[str, Any]]]:
     """The cells of each phase: every unit for every seed (full fine-tuning on ``cfg.full_seeds``)."""
     full = cfg.seeds if cfg.full_seeds is None else cfg.full_seeds
+    phases = [PHASES[0], (*cfg.peers, *PHASES[1])]  # peers start from the experts too
     return [
         [
             _cell(cfg, seed, unit, export=seed == cfg.seeds[0])
@@ -101,7 +104,7 @@ def comparison_cells(cfg: MixerExperimentConfig) -> list[list[dict[str, Any]]]:
             for seed in cfg.seeds
             if unit != "full" or seed in full
         ]
-        for units in PHASES
+        for units in phases
     ]
 
 
@@ -306,6 +309,39 @@ def _xlora(c: _Cell) -> None:
     c.score(model, name)
 
 
+LORAHUB_EXAMPLES = 16
+"""Examples per task in LoRAHub's objective (the original: a few examples of the target task). The
+first of the router set, so every system that fits the experts together sees the same data."""
+
+
+def _lorahub(c: _Cell) -> None:
+    """LoRAHub: one weight per frozen expert, searched without gradients on a few mixed examples, merged
+    into one static LoRA (factorlab.mixer.lorahub)."""
+    name = "LoRAHub (gradient-free merge)"
+    examples = [e for task in c.router_data for e in task[:LORAHUB_EXAMPLES]]
+    folders = c.expert_folders()
+    with StepBars(f"{c.unit}, seed {c.seed}") as bars:
+        bars.start(["LoRAHub search (loss evaluations)"], [lorahub.BUDGET])
+        began = time.perf_counter()
+        result = lorahub.lorahub_search(
+            c.stored,
+            folders,
+            lambda model: answer_loss(model, examples, c.pad_id),
+            seed=c.seed,
+            progress=lambda s: bars.update(0, s),
+        )
+        seconds = time.perf_counter() - began
+    c.systems[name] = {
+        "trainable": len(folders),  # one scalar per expert
+        "seconds": seconds,
+        "tokens": lorahub.BUDGET * sum(len(e.prompt) + len(e.answer) for e in examples),
+        "steps": lorahub.BUDGET,
+        "weights": result.weights,
+        "search_loss": result.loss,
+    }
+    c.score(result.model, name)
+
+
 UNITS = {
     "base": _base,
     "multi-task LoRA": _multitask_lora,
@@ -315,6 +351,7 @@ UNITS = {
     "joint": _joint,
     "plug": _plug,
     "X-LoRA": _xlora,
+    "LoRAHub": _lorahub,
 }
 
 
@@ -323,9 +360,7 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
     system above. Returns its accuracy records, and per system the trainable parameters, training
     seconds and tokens, and routing."""
     if cell["unit"] not in UNITS:
-        raise ConfigError(
-            f"unknown comparison unit {cell['unit']!r}; units: {[u for p in PHASES for u in p]}."
-        )
+        raise ConfigError(f"unknown comparison unit {cell['unit']!r}; units: {list(UNITS)}.")
     c = _Cell(MixerExperimentConfig(**cell["config"]), cell["seed"], cell["unit"], cell["export"], folder)
     UNITS[c.unit](c)
     return {

@@ -1,0 +1,91 @@
+"""The mixture-of-LoRA peers (issue 34), each tested for its defining behaviour on real PEFT folders."""
+
+import copy
+
+import peft
+import pytest
+import torch
+
+from factorlab.errors import ConfigError
+from factorlab.mixer.lorahub import compose, lorahub_model, lorahub_search, read_loras
+from tiny_models import build, inputs, logits
+
+TARGETS = ["q_proj", "v_proj", "o_proj"]
+
+
+def peft_folder(tmp_path, name: str, seed: int, r: int = 4, targets=TARGETS):
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(
+        build("llama"), peft.LoraConfig(r=r, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+    )
+    model.save_pretrained(tmp_path / name)
+    return tmp_path / name, model
+
+
+@pytest.fixture
+def three_loras(tmp_path):
+    return [peft_folder(tmp_path, f"lora{i}", seed=20 + i) for i in range(3)]
+
+
+def test_lorahub_composes_a_and_b_separately_and_each_one_hot_weight_is_that_peft_adapter(three_loras):
+    folders = [f for f, _ in three_loras]
+    loras = read_loras(folders)
+    w = [0.7, -0.4, 1.2]
+    for module, (a, b) in compose(loras, w).items():
+        want_a = sum(wi * lora.weights[module][0] for wi, lora in zip(w, loras))
+        want_b = sum(wi * lora.weights[module][1] for wi, lora in zip(w, loras))
+        torch.testing.assert_close(a, want_a, atol=1e-6, rtol=0)
+        torch.testing.assert_close(b, want_b, atol=1e-6, rtol=0)
+    batch = inputs("llama")
+    base = build("llama")
+    for i, (_, peft_model) in enumerate(three_loras):  # w = e_i is LoRA i itself, as PEFT runs it
+        one_hot = [float(i == k) for k in range(3)]
+        torch.testing.assert_close(
+            logits(lorahub_model(base, loras, one_hot), batch), logits(peft_model, batch)
+        )
+    # the composed adapter: base + s (sum w B)(sum w A) x, and merged into the base it gives the same
+    hub = lorahub_model(base, loras, w)
+    composed = logits(hub, batch)
+    assert not torch.allclose(composed, logits(base, batch), atol=1e-3)
+    merged = hub.merge_and_unload()
+    torch.testing.assert_close(logits(merged, batch), composed, atol=1e-5, rtol=1e-5)
+
+
+def test_lorahub_search_lowers_the_loss_and_is_reproducible(three_loras):
+    folders = [f for f, _ in three_loras]
+    base = build("llama")
+    batch = inputs("llama")
+    target = logits(lorahub_model(base, read_loras(folders), [1.0, 0.0, -0.5]), batch)
+
+    def distance(model) -> float:  # a loss the search can reach: the outputs of a known composition
+        return float((model(**batch).logits - target).square().mean())
+
+    with torch.no_grad():
+        at_zero = distance(lorahub_model(base, read_loras(folders), [0.0, 0.0, 0.0]))
+    first = lorahub_search(base, folders, distance, budget=30, l1=0.0, seed=3)
+    again = lorahub_search(base, folders, distance, budget=30, l1=0.0, seed=3)
+    assert first.weights == again.weights and first.loss == again.loss
+    assert len(first.history) == 30
+    assert first.loss < 0.5 * at_zero, (first.loss, at_zero)
+    torch.testing.assert_close(
+        logits(first.model, batch), logits(lorahub_model(base, read_loras(folders), first.weights), batch)
+    )
+
+
+def test_lorahub_refuses_loras_it_cannot_add(tmp_path):
+    a, _ = peft_folder(tmp_path, "a", seed=1, r=4)
+    b, _ = peft_folder(tmp_path, "b", seed=2, r=8)
+    c, _ = peft_folder(tmp_path, "c", seed=3, targets=["q_proj"])
+    with pytest.raises(
+        ConfigError,
+        match=r"the LoRA in \S+/b has A \(8, 64\).* while the one in \S+/a has A \(4, 64\)",
+    ):
+        read_loras([a, b])
+    with pytest.raises(ConfigError, match="adapt different modules"):
+        read_loras([a, c])
+    with pytest.raises(ConfigError, match="at least two"):
+        read_loras([a])
+    with pytest.raises(ConfigError, match="2 weights for 3 LoRAs"):
+        compose(read_loras([a, a, a]), [1.0, 2.0])
+    with pytest.raises(ConfigError, match="budget must be a positive"):
+        lorahub_search(copy.deepcopy(build("llama")), [a, a], lambda m: 0.0, budget=0)
