@@ -16,7 +16,7 @@ from factorlab.recipes.mixer import plug, run_experiment
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("mixer")
-    cfg = MixerExperimentConfig.preset_config("quick", seeds=[0], peers=["LoRAHub"])
+    cfg = MixerExperimentConfig.preset_config("quick", seeds=[0], peers=["HydraLoRA", "LoRAHub"])
     return cfg, out, run_experiment(cfg, out)
 
 
@@ -36,6 +36,10 @@ def test_quick_preset_runs_every_system_and_the_router_separates_tasks(quick):
         rows["multi-task LoRA (equal total rank)"]["trainable"] == rows["per-task LoRA (oracle)"]["trainable"]
     )
     assert rows["full fine-tuning (multi-task)"]["trainable"] > 5 * mixer["trainable"]  # tiny model: 8.6x
+    hydra = rows["HydraLoRA (shared A, routed Bs)"]
+    assert hydra["mean"].mean > rows["base"]["mean"].mean + 0.2
+    # one A (r x in) for the E Bs: fewer weights than E full LoRA pairs (plus a router of E x in)
+    assert hydra["trainable"] < rows["multi-task LoRA (equal total rank)"]["trainable"]
     hub = rows["LoRAHub (gradient-free merge)"]
     assert hub["trainable"] == len(cfg.tasks)  # one weight per expert
     # one static composition of four single-task experts cannot route: better than the base, well below

@@ -6,7 +6,7 @@ import peft
 import pytest
 import torch
 
-from factorlab.errors import ConfigError
+from factorlab.errors import ConfigError, FactorlabError
 from factorlab.mixer.lorahub import compose, lorahub_model, lorahub_search, read_loras
 from tiny_models import build, inputs, logits
 
@@ -89,3 +89,50 @@ def test_lorahub_refuses_loras_it_cannot_add(tmp_path):
         compose(read_loras([a, a, a]), [1.0, 2.0])
     with pytest.raises(ConfigError, match="budget must be a positive"):
         lorahub_search(copy.deepcopy(build("llama")), [a, a], lambda m: 0.0, budget=0)
+
+
+def test_hydralora_shares_one_a_and_routes_every_token_over_its_bs():
+    from factorlab import HydraLoraConfig, adapt
+    from factorlab.layers.hydra import HydraLoRALinear
+
+    torch.manual_seed(0)
+    base = build("llama").double()
+    config = HydraLoraConfig(
+        r=2, num_experts=3, lora_alpha=6, target_modules=TARGETS, init_lora_weights=False
+    )
+    hydra = adapt(base, config)
+    layers = dict(hydra.adapter_layers())
+    assert len(layers) == 2 * len(TARGETS)  # 2 decoder layers
+    layer = layers["model.layers.0.self_attn.q_proj"]
+    assert isinstance(layer, HydraLoRALinear)
+    # one A per projection, shared by the three Bs; per projection r*in + E*out*r + E*in trainable weights
+    names = [n for n, p in hydra.named_parameters() if p.requires_grad and "layers.0.self_attn.q_proj" in n]
+    assert sorted(n.split("q_proj.")[1].split(".")[0] for n in names) == ["lora_A", "lora_B", "router"]
+    a, bs, gate = (
+        layer.lora_A["default"].weight,
+        layer.lora_B["default"].weight,
+        layer.router["default"].weight,
+    )
+    assert a.shape == (2, 64) and bs.shape == (3, 64, 2) and gate.shape == (3, 64)
+    per_projection = (
+        sum(p.numel() for n, p in hydra.named_parameters() if p.requires_grad and "q_proj" in n) // 2
+    )
+    assert per_projection == 2 * 64 + 3 * 64 * 2 + 3 * 64
+    # y = base(x) + s sum_e softmax(W_g x)_e B_e A x, token by token
+    x = torch.randn(2, 5, 64, dtype=torch.float64, requires_grad=True)
+    got = layer(x)
+    w = torch.softmax(x @ gate.T, dim=-1)
+    want = layer.base_layer(x) + 3.0 * sum(w[..., e : e + 1] * (x @ a.T @ bs[e].T) for e in range(3))
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    torch.testing.assert_close(layer.last_routing["default"].sum(-1), torch.ones(10, dtype=torch.float64))
+    # every B's path runs through the one A: A's gradient is the sum of the experts' contributions
+    (grad_a,) = torch.autograd.grad(got.square().sum(), a)
+    parts = []
+    for e in range(3):
+        only = layer.base_layer(x) + 3.0 * w[..., e : e + 1] * (x @ a.T @ bs[e].T)
+        rest = want - only  # the other experts, held fixed
+        parts.append(torch.autograd.grad((only + rest.detach()).square().sum(), a)[0])
+    torch.testing.assert_close(grad_a, sum(parts), atol=1e-9, rtol=1e-9)
+    assert all(p.abs().max() > 0 for p in parts)
+    with pytest.raises(FactorlabError, match="cannot be merged"):
+        hydra.merge_and_unload()

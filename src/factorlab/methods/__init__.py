@@ -10,10 +10,11 @@ from factorlab.methods.compacter import (
     CompacterPlusPlusConfig,
     PHMAdapterConfig,
 )
+from factorlab.methods.hydralora import HYDRALORA, HydraLoraConfig
 from factorlab.methods.lora import LORA, LoraConfig
 from factorlab.methods.lora_mixer import LORA_MIXER, ExpertSpec, LoraMixerConfig
 
-BUILT_IN = (LORA, COMPACTER, COMPACTER_PLUS_PLUS, PHM_ADAPTER, LORA_MIXER)
+BUILT_IN = (LORA, COMPACTER, COMPACTER_PLUS_PLUS, PHM_ADAPTER, LORA_MIXER, HYDRALORA)
 
 __all__ = [
     "BUILT_IN",
@@ -22,6 +23,7 @@ __all__ = [
     "CompacterConfig",
     "CompacterPlusPlusConfig",
     "ExpertSpec",
+    "HydraLoraConfig",
     "LoraConfig",
     "LoraMixerConfig",
     "Method",

@@ -27,6 +27,7 @@ SYSTEMS = (
     "LoRA-Mixer joint (top-k)",
     "LoRA-Mixer plug-and-play (top-k)",
     "X-LoRA (peft)",
+    "HydraLoRA (shared A, routed Bs)",
     "LoRAHub (gradient-free merge)",
 )
 

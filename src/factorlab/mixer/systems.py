@@ -1,5 +1,6 @@
 """The comparison's non-mixer systems, built on the same base and targets: one multi-task LoRA with the
-mixer's total rank, Compacter++, full fine-tuning, and X-LoRA (peft) over the same PEFT experts."""
+mixer's total rank, Compacter++, full fine-tuning, HydraLoRA, and X-LoRA (peft) over the same PEFT
+experts."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch import nn
 from factorlab.core.adapted import AdaptedModel, adapt
 from factorlab.errors import ConfigError
 from factorlab.methods.compacter.config import CompacterPlusPlusConfig, reduction_for
+from factorlab.methods.hydralora.config import HydraLoraConfig
 from factorlab.methods.lora.config import LoraConfig
 from factorlab.mixer.tasks import Example
 from factorlab.mixer.train import collate
@@ -35,6 +37,18 @@ def multitask_lora(cfg, base: nn.Module) -> AdaptedModel:
     experts = len(cfg.tasks)
     config = LoraConfig(
         r=cfg.r * experts, lora_alpha=cfg.lora_alpha * experts, target_modules=mixer_targets(cfg, base)
+    )
+    return adapt(copy.deepcopy(base), config)
+
+
+def hydralora(cfg, base: nn.Module) -> AdaptedModel:
+    """HydraLoRA on the mixer's projections, trained from scratch on the mixed data: one A of the experts'
+    rank, one B per task (the router learns which), the experts' alpha / r."""
+    config = HydraLoraConfig(
+        r=cfg.r,
+        num_experts=len(cfg.tasks),
+        lora_alpha=cfg.lora_alpha,
+        target_modules=mixer_targets(cfg, base),
     )
     return adapt(copy.deepcopy(base), config)
 

@@ -49,6 +49,7 @@ from factorlab.mixer.report import workflow_report, write_comparison
 from factorlab.mixer.systems import (
     compacter_plus_plus,
     full_finetune,
+    hydralora,
     multitask_lora,
     trainable_parameters,
     xlora,
@@ -75,6 +76,7 @@ from factorlab.runtime import machine_info, write_json
 # (its experts, exported as PEFT folders), so they run after phase 1. Within a phase the slowest units
 # come first, so the last cells to start are short ones and no worker idles long at the end.
 PHASES = (("full", "experts", "multi-task LoRA", "Compacter++", "base"), ("X-LoRA", "joint", "plug"))
+PEER_PHASE = {"HydraLoRA": 0, "LoRAHub": 1}  # LoRAHub composes the experts: after them
 
 
 def _cell(cfg: MixerExperimentConfig, seed: int, unit: str, export: bool) -> dict[str, Any]:
@@ -96,7 +98,8 @@ LOOP_DEFAULTS = {"precision": "float32", "gradient_checkpointing": False}
 def comparison_cells(cfg: MixerExperimentConfig) -> list[list[dict[str, Any]]]:
     """The cells of each phase: every unit for every seed (full fine-tuning on ``cfg.full_seeds``)."""
     full = cfg.seeds if cfg.full_seeds is None else cfg.full_seeds
-    phases = [PHASES[0], (*cfg.peers, *PHASES[1])]  # peers start from the experts too
+    peers = [[p for p in cfg.peers if PEER_PHASE[p] == phase] for phase in (0, 1)]
+    phases = [(*PHASES[0], *peers[0]), (*peers[1], *PHASES[1])]
     return [
         [
             _cell(cfg, seed, unit, export=seed == cfg.seeds[0])
@@ -216,6 +219,10 @@ def _base(c: _Cell) -> None:
 
 def _multitask_lora(c: _Cell) -> None:
     _single(c, "multi-task LoRA (equal total rank)", multitask_lora(c.cfg, c.stored), c.cfg.lr)
+
+
+def _hydralora(c: _Cell) -> None:
+    _single(c, "HydraLoRA (shared A, routed Bs)", hydralora(c.cfg, c.stored), c.cfg.lr)
 
 
 def _compacter(c: _Cell) -> None:
@@ -352,6 +359,7 @@ UNITS = {
     "plug": _plug,
     "X-LoRA": _xlora,
     "LoRAHub": _lorahub,
+    "HydraLoRA": _hydralora,
 }
 
 
