@@ -378,7 +378,7 @@ def test_stages_choose_what_trains():
     adapted.train()
     batch = inputs("llama")
     shared = adapted.shared_adapter_weights["default"]
-    shared.coefs = (0.0, 0.0, 1.0, 0.0)  # preservation only
+    shared.coefs = (0.0, 0.0, 1.0, 0.0, 0.0)  # preservation only
     adapted(**batch)
     assert float(adapted.last_aux_loss) == 0.0  # no drift yet
     with torch.no_grad():

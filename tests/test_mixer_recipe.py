@@ -16,7 +16,7 @@ from factorlab.recipes.mixer import plug, run_experiment
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("mixer")
-    cfg = MixerExperimentConfig.preset_config("quick", seeds=[0], peers=["HydraLoRA", "LoRAHub"])
+    cfg = MixerExperimentConfig.preset_config("quick", seeds=[0], peers=["HydraLoRA", "LoRAHub", "MoLE"])
     return cfg, out, run_experiment(cfg, out)
 
 
@@ -45,6 +45,9 @@ def test_quick_preset_runs_every_system_and_the_router_separates_tasks(quick):
     # one static composition of four single-task experts cannot route: better than the base, well below
     # the routed mixer (the quick tasks' answers conflict, so no single weighting serves them all)
     assert rows["base"]["mean"].mean < hub["mean"].mean < mixer["mean"].mean - 0.2
+    mole = rows["MoLE (layer gates)"]
+    assert mole["trainable"] < mixer["trainable"]  # gates only, one per layer
+    assert mole["mean"].mean > rows["base"]["mean"].mean
     for name in ("LoRA-Mixer joint (soft)", "LoRA-Mixer plug-and-play (top-k)", "X-LoRA (peft)"):
         assert rows[name]["routed"].mean > 0.9, name
     usage = result["usage"]

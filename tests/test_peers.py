@@ -14,9 +14,10 @@ TARGETS = ["q_proj", "v_proj", "o_proj"]
 
 
 def peft_folder(tmp_path, name: str, seed: int, r: int = 4, targets=TARGETS):
-    torch.manual_seed(seed)
+    base = build("llama")  # seeds its own weights
+    torch.manual_seed(seed)  # then each folder's LoRA draws its own
     model = peft.get_peft_model(
-        build("llama"), peft.LoraConfig(r=r, lora_alpha=8, target_modules=targets, init_lora_weights=False)
+        base, peft.LoraConfig(r=r, lora_alpha=8, target_modules=targets, init_lora_weights=False)
     )
     model.save_pretrained(tmp_path / name)
     return tmp_path / name, model
@@ -24,7 +25,10 @@ def peft_folder(tmp_path, name: str, seed: int, r: int = 4, targets=TARGETS):
 
 @pytest.fixture
 def three_loras(tmp_path):
-    return [peft_folder(tmp_path, f"lora{i}", seed=20 + i) for i in range(3)]
+    loras = [peft_folder(tmp_path, f"lora{i}", seed=20 + i) for i in range(3)]
+    batch = inputs("llama")
+    assert not torch.allclose(logits(loras[0][1], batch), logits(loras[1][1], batch), atol=1e-3)
+    return loras
 
 
 def test_lorahub_composes_a_and_b_separately_and_each_one_hot_weight_is_that_peft_adapter(three_loras):
@@ -136,3 +140,65 @@ def test_hydralora_shares_one_a_and_routes_every_token_over_its_bs():
     assert all(p.abs().max() > 0 for p in parts)
     with pytest.raises(FactorlabError, match="cannot be merged"):
         hydra.merge_and_unload()
+
+
+def test_mole_has_one_gate_per_layer_from_the_running_hidden_state_summing_to_one(three_loras):
+    from factorlab import LoraMixerConfig, adapt
+    from factorlab.layers.mixer import gate_balance_loss
+    from factorlab.methods.lora_mixer.model import mixer_layers
+
+    folders = [f for f, _ in three_loras]
+    torch.manual_seed(0)
+    mole = adapt(build("llama"), LoraMixerConfig.mole(folders))
+    shared = mole.shared_adapter_weights["default"]
+    assert sorted(shared.routers) == ["0", "1"]  # one gate per decoder layer
+    trainable = [n for n, p in mole.named_parameters() if p.requires_grad]
+    assert trainable and all("routers" in n for n in trainable)  # the LoRAs stay frozen
+    batch = inputs("llama", batch=2, seq=9)
+    batch["attention_mask"] = torch.ones(2, 9, dtype=torch.long)
+    batch["attention_mask"][1, 6:] = 0  # right padding in the second sample
+    mole.train()
+    out = mole(**batch, labels=batch["input_ids"])
+    records = list(shared.routing.records)
+    loss = gate_balance_loss(shared.routing)
+    layers = mixer_layers(mole)
+    assert len(records) == len(layers) == 2 * len(TARGETS)
+    gates = [w.view(2, 9, 3) for _, w, _ in records]
+    for g in gates:
+        torch.testing.assert_close(g.sum(-1), torch.ones(2, 9))
+    per_layer = len(TARGETS)
+    for start in (0, per_layer):  # q, v and o of a layer follow the same gate
+        for g in gates[start + 1 : start + per_layer]:
+            assert torch.equal(g, gates[start])
+    assert not torch.allclose(gates[0], gates[per_layer])  # layers gate separately
+    # the gate at position t: softmax(W_l mean of the block's normalised hidden state up to t)
+    hidden = {}
+    layer0 = mole.get_base_model().model.layers[0]
+    handle = layer0.self_attn.q_proj.register_forward_pre_hook(lambda m, a: hidden.setdefault("x", a[0]))
+    with torch.no_grad():
+        mole.eval()
+        mole(**batch)
+    handle.remove()
+    x, real = hidden["x"], batch["attention_mask"].unsqueeze(-1).float()
+    running = torch.cumsum(x * real, 1) / torch.cumsum(real, 1).clamp_min(1)
+    want = torch.softmax(shared.routers["0"](running), -1)
+    torch.testing.assert_close(gates[0], want.detach(), atol=1e-6, rtol=1e-5)
+    # MoLE's balancing loss: -sum_i log(mean gate of expert i over real tokens), averaged over calls
+    keep = batch["attention_mask"].reshape(-1).bool()
+    by_hand = sum(-p[keep].mean(0).log().sum() for p, _, _ in records) / len(records)
+    torch.testing.assert_close(loss, by_hand)
+    assert out.loss.requires_grad
+
+
+def test_mole_generates_with_its_cache_as_without(three_loras):
+    from factorlab import LoraMixerConfig, adapt
+
+    torch.manual_seed(1)
+    mole = adapt(build("llama"), LoraMixerConfig.mole([f for f, _ in three_loras]))
+    mole.eval()
+    prompt = inputs("llama", batch=2, seq=6)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = mole.generate(**prompt, **kwargs)
+        uncached = mole.generate(**prompt, use_cache=False, **kwargs)
+    assert torch.equal(cached, uncached)

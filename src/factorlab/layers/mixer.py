@@ -5,7 +5,8 @@
     A_e (r_e, in), B_e (out, r_e), s_e = alpha_e / r_e (or / sqrt(r_e) with rsLoRA)
     w(x) in R^E per token:
         hard     one-hot of the sample's task id (task_ids, one per sample)
-        soft     softmax(router(x) / temperature)
+        soft     softmax(router(x) / temperature)       (pooling "sample": router(running mean of the
+                 sample's x), one gate per router and position, as MoLE's per-layer gate)
         topk     soft, keep the k largest, renormalise
         uniform  1/E (the "average of the experts" baseline)
 
@@ -53,9 +54,12 @@ class RoutingState:
     # one entry per mixer-layer call: router probabilities (None without a router), weights used,
     # and tokens per sample (to map rows back to samples)
     records: list[tuple[torch.Tensor | None, torch.Tensor, int]] = field(default_factory=list)
+    pooling: str = "token"  # "sample": a gate from the sample's running mean input (MoLE), see pooled_logits
+    pooled: dict[tuple[str, int], object] = field(default_factory=dict)  # pooled_logits' per-call state
 
     def clear(self) -> None:
         self.records.clear()
+        self.pooled.clear()
 
 
 def route(logits: torch.Tensor | None, state: RoutingState, batch: int, tokens: int) -> torch.Tensor:
@@ -85,6 +89,43 @@ def sample_task_ids(task_ids: torch.Tensor, batch: int) -> torch.Tensor:
             raise ConfigError(f"task_ids has {task_ids.shape[0]} entries but the batch has {batch} samples.")
         task_ids = task_ids.repeat_interleave(batch // task_ids.shape[0])
     return task_ids
+
+
+def pooled_logits(
+    layer: nn.Module, router: nn.Module, x: torch.Tensor, state: RoutingState, batch: int, tokens: int
+) -> torch.Tensor:
+    """Router logits under ``pooling="sample"`` (MoLE's gate), (batch * tokens, E): at each position the
+    router applied to the mean of the sample's real inputs up to that position (a causal mean, so no
+    position's gate sees later tokens, and cached generation gives what a full forward gives).
+
+    One gate per router per model step: the first projection that uses a router in a step computes it,
+    the others reuse it (with a router per layer, every projection of the layer follows the gate set from
+    the layer's first routed input, Llama's q_proj: the block's normalised hidden state). Each projection
+    counts its own calls, so its n-th call takes the router's n-th step, and the running sums carry over
+    the steps of one generate call."""
+    key, calls = id(router), state.pooled.setdefault(("calls", id(layer)), [0])
+    steps = state.pooled.setdefault(("steps", key), [])
+    if calls[0] == len(steps):
+        carry = state.pooled.get(("carry", key))
+        # Within one generate call, a step shorter than what came before continues it (a KV cache: only the
+        # new tokens, all real); a longer one recomputes the whole sequence. A step with gradients
+        # (training) is always a whole sequence, so gradient checkpointing's recomputation of a block
+        # gives the same gate.
+        continues = carry is not None and tokens <= carry[2] and not torch.is_grad_enabled()
+        real = torch.ones(batch, tokens, dtype=x.dtype, device=x.device)
+        mask = state.token_mask  # the call's attention mask: the prompt's, in generation
+        if not continues and mask is not None and mask.shape[0] == batch:
+            width = min(mask.shape[1], tokens)
+            real[:, :width] = mask[:, :width].to(x.dtype)
+        sums = torch.cumsum(x.view(batch, tokens, -1) * real.unsqueeze(-1), dim=1)  # (batch, tokens, in)
+        counts = torch.cumsum(real, dim=1).unsqueeze(-1)
+        if continues:
+            sums, counts = sums + carry[0].unsqueeze(1), counts + carry[1].unsqueeze(1)
+        seen = carry[2] + tokens if continues else tokens
+        state.pooled[("carry", key)] = (sums[:, -1].detach(), counts[:, -1], seen)
+        steps.append(router(sums / counts.clamp_min(1)).reshape(batch * tokens, -1))
+    calls[0] += 1
+    return steps[calls[0] - 1]
 
 
 def init_router(router: nn.Linear, std: float = 0.02) -> None:
@@ -245,7 +286,11 @@ class LoRAMixerLinear(AdapterLayer):
                 continue
             flat = x.reshape(-1, self.in_features).to(experts.A.dtype)
             needs_router = state.task_ids is None and state.routing in ("soft", "topk")
-            logits = self.router_for(name)(flat) if needs_router else None
+            logits = None
+            if needs_router and state.pooling == "sample":
+                logits = pooled_logits(self, self.router_for(name), flat, state, batch, tokens)
+            elif needs_router:
+                logits = self.router_for(name)(flat)
             weights = route(logits, state, batch, tokens).to(flat.device)
             if state.record:
                 probs = (
@@ -285,6 +330,21 @@ def routing_label_loss(state: RoutingState) -> torch.Tensor:
                 "give one task label per sample."
             )
         total = total - per_sample.clamp_min(1e-12).log().gather(1, labels.view(-1, 1)).mean()
+    return total / len(with_router)
+
+
+def gate_balance_loss(state: RoutingState) -> torch.Tensor:
+    """MoLE's gate balancing loss, -sum_i log q_i with q_i the mean gate of expert i over the call's real
+    tokens, averaged over the recorded router calls: smallest (E log E) when every expert keeps an equal
+    share, so no expert's gate collapses to zero."""
+    with_router = [p for p, _, _ in state.records if p is not None]
+    if not with_router:
+        return torch.zeros(())
+    total = torch.zeros((), device=with_router[0].device)
+    for p in with_router:
+        keep = real_tokens(state, p.shape[0])
+        q = (p[keep] if keep is not None else p).mean(0)
+        total = total - q.clamp_min(1e-12).log().sum()
     return total / len(with_router)
 
 

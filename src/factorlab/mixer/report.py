@@ -29,6 +29,7 @@ SYSTEMS = (
     "X-LoRA (peft)",
     "HydraLoRA (shared A, routed Bs)",
     "LoRAHub (gradient-free merge)",
+    "MoLE (layer gates)",
 )
 
 

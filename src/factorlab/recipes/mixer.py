@@ -76,7 +76,7 @@ from factorlab.runtime import machine_info, write_json
 # (its experts, exported as PEFT folders), so they run after phase 1. Within a phase the slowest units
 # come first, so the last cells to start are short ones and no worker idles long at the end.
 PHASES = (("full", "experts", "multi-task LoRA", "Compacter++", "base"), ("X-LoRA", "joint", "plug"))
-PEER_PHASE = {"HydraLoRA": 0, "LoRAHub": 1}  # LoRAHub composes the experts: after them
+PEER_PHASE = {"HydraLoRA": 0, "LoRAHub": 1, "MoLE": 1}  # those built on the experts come after them
 
 
 def _cell(cfg: MixerExperimentConfig, seed: int, unit: str, export: bool) -> dict[str, Any]:
@@ -303,6 +303,31 @@ def _plug(c: _Cell) -> None:
     c.score(mixer, name)
 
 
+def _mole(c: _Cell) -> None:
+    """MoLE: a gate per layer over the same frozen PEFT experts, trained on the same mixed set (no task
+    labels: MoLE's gate balancing loss only)."""
+    cfg = c.cfg
+    name = "MoLE (layer gates)"
+    torch.manual_seed(c.seed)  # the gates' init
+    mole = adapt(copy.deepcopy(c.stored), LoraMixerConfig.mole(c.expert_folders(), list(cfg.tasks)))
+
+    def gates(model, progress):
+        args = (c.router_data, cfg.router_steps, cfg.router_lr, cfg.batch_size, c.seed, c.pad_id, progress)
+        train_routers(model, *args, options=c.options)
+
+    c.fit(
+        mole,
+        "MoLE gates (frozen PEFT experts)",
+        cfg.router_steps,
+        cfg.router_lr,
+        c.router_data,
+        gates,
+        [name],
+    )
+    c.routing[name] = _routing(*routing_report(mole, c.evals, c.pad_id))
+    c.score(mole, name)
+
+
 def _xlora(c: _Cell) -> None:
     """peft's X-LoRA over the same PEFT folders, its classifier trained on the same mixed set."""
     cfg = c.cfg
@@ -360,6 +385,7 @@ UNITS = {
     "X-LoRA": _xlora,
     "LoRAHub": _lorahub,
     "HydraLoRA": _hydralora,
+    "MoLE": _mole,
 }
 
 

@@ -35,6 +35,8 @@ from factorlab.layers.mixer import ROUTINGS
 from factorlab.validation import check_fields, check_lora_alpha, check_targeting, short
 
 GRANULARITIES = ("projection", "layer", "shared")
+MOLE_GATE_BALANCE = 0.01
+"""Weight of MoLE's gate balancing loss in ``LoraMixerConfig.mole`` (the paper states none: ours)."""
 
 # The paper gives no beta. Measured on the quick preset (results/mixer-preservation/, 3 seeds; stage 2
 # trains experts at the routers' learning rate): without the penalty the experts drift 158% from their
@@ -126,6 +128,14 @@ class LoraMixerConfig(AdapterConfig):
     """Softmax temperature of the router."""
     router_granularity: str = "projection"
     """"projection", "layer" or "shared" (see the module docstring)."""
+    router_pooling: str = "token"
+    """"token": a routing per token (the paper). "sample": a gate from the sample's own input, the router
+    applied at each position to the running mean of the sample's inputs so far (causal: a decoder's gate
+    never sees later tokens), computed once per router and step by the first projection that uses it
+    (with ``router_granularity="layer"``: one gate per layer from the block's normalised hidden state,
+    MoLE's gate; see ``LoraMixerConfig.mole``)."""
+    gate_balance_coef: float = 0.0
+    """MoLE's gate balancing loss -sum_i log q_i (q_i: expert i's mean gate); 0: off."""
     balance_coef: float = 0.01
     """alpha of the balance term sum_i pbar_i fbar_i."""
     specialization_coef: float = 0.01
@@ -175,7 +185,15 @@ class LoraMixerConfig(AdapterConfig):
             raise ConfigError(
                 f"router_granularity must be one of {GRANULARITIES}, got {self.router_granularity!r}."
             )
-        for name in ("balance_coef", "specialization_coef", "preservation_coef", "route_label_coef"):
+        if self.router_pooling not in ("token", "sample"):
+            raise ConfigError(f"router_pooling must be 'token' or 'sample', got {self.router_pooling!r}.")
+        for name in (
+            "balance_coef",
+            "specialization_coef",
+            "preservation_coef",
+            "route_label_coef",
+            "gate_balance_coef",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
 
@@ -195,6 +213,24 @@ class LoraMixerConfig(AdapterConfig):
         if self.experts is not None:
             out["experts"] = [dataclasses.asdict(e) for e in self.experts]
         return out
+
+    @classmethod
+    def mole(
+        cls, folders: list[str | os.PathLike], names: list[str] | None = None, **kwargs: Any
+    ) -> LoraMixerConfig:
+        """MoLE (Wu et al., 2024, "Mixture of LoRA Experts") over existing PEFT LoRA folders: the LoRAs
+        frozen, a learned gate per layer from the block's hidden state (``router_granularity="layer"``,
+        ``router_pooling="sample"``), dense softmax, and MoLE's gate balancing loss instead of the
+        LoRA-Mixer's routing losses. Only the gates train."""
+        settings = dict(
+            routing="soft",
+            router_granularity="layer",
+            router_pooling="sample",
+            balance_coef=0.0,
+            specialization_coef=0.0,
+            gate_balance_coef=MOLE_GATE_BALANCE,
+        )
+        return cls.from_peft_adapters(folders, names, **{**settings, **kwargs})
 
     @classmethod
     def from_peft_adapters(

@@ -19,6 +19,7 @@ from factorlab.layers.mixer import (
     ExpertBank,
     LoRAMixerLinear,
     RoutingState,
+    gate_balance_loss,
     init_router,
     routing_aux_loss,
     routing_label_loss,
@@ -37,13 +38,20 @@ class MixerShared(nn.Module):
     def __init__(self, config: LoraMixerConfig):
         super().__init__()
         self.routers = nn.ModuleDict()
-        self.routing = RoutingState(config.num_experts, config.routing, config.top_k, config.temperature)
+        self.routing = RoutingState(
+            config.num_experts,
+            config.routing,
+            config.top_k,
+            config.temperature,
+            pooling=config.router_pooling,
+        )
         self.expert_names = config.expert_names()
         self.coefs = (
             config.balance_coef,
             config.specialization_coef,
             config.preservation_coef,
             config.route_label_coef,
+            config.gate_balance_coef,
         )
         self.train_router = True
         # PEFT experts read once per adapt() by build_shared, for every layer of this adapter; read
@@ -103,8 +111,10 @@ class MixerShared(nn.Module):
         self.routing.task_ids = None  # labels stay until the next call: extra_loss reads them
 
     def extra_loss(self, layers: list[LoRAMixerLinear], adapter_name: str) -> torch.Tensor:
-        balance, specialization, preservation, route_label = self.coefs
+        balance, specialization, preservation, route_label, gate_balance = self.coefs
         loss = routing_aux_loss(self.routing, balance, specialization)
+        if gate_balance > 0:
+            loss = loss + gate_balance * gate_balance_loss(self.routing)
         if route_label > 0:
             loss = loss + route_label * routing_label_loss(self.routing)
         if preservation > 0:
