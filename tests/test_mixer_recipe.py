@@ -16,7 +16,9 @@ from factorlab.recipes.mixer import plug, run_experiment
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("mixer")
-    cfg = MixerExperimentConfig.preset_config("quick", seeds=[0], peers=["HydraLoRA", "LoRAHub", "MoLE"])
+    cfg = MixerExperimentConfig.preset_config(
+        "quick", seeds=[0], peers=["HydraLoRA", "LoRAHub", "MoLE", "Arrow"]
+    )
     return cfg, out, run_experiment(cfg, out)
 
 
@@ -48,6 +50,8 @@ def test_quick_preset_runs_every_system_and_the_router_separates_tasks(quick):
     mole = rows["MoLE (layer gates)"]
     assert mole["trainable"] < mixer["trainable"]  # gates only, one per layer
     assert mole["mean"].mean > rows["base"]["mean"].mean
+    arrow = rows["Arrow (training-free)"]
+    assert arrow["trainable"] == 0 and arrow["mean"].mean > rows["base"]["mean"].mean
     for name in ("LoRA-Mixer joint (soft)", "LoRA-Mixer plug-and-play (top-k)", "X-LoRA (peft)"):
         assert rows[name]["routed"].mean > 0.9, name
     usage = result["usage"]

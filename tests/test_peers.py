@@ -202,3 +202,38 @@ def test_mole_generates_with_its_cache_as_without(three_loras):
         cached = mole.generate(**prompt, **kwargs)
         uncached = mole.generate(**prompt, use_cache=False, **kwargs)
     assert torch.equal(cached, uncached)
+
+
+def test_arrow_routing_equals_peft_arrow(tmp_path):
+    """factorlab's Arrow (routing="arrow" over the same PEFT folders, exact singular vectors) against peft's
+    create_arrow_model (15 power iterations): LoRAs with a clear top singular value, so both find the
+    same prototypes; logits equal within float32 rounding."""
+    from factorlab import LoraMixerConfig, adapt
+
+    folders = []
+    for i in range(3):
+        folder, model = peft_folder(tmp_path, f"lora{i}", seed=40 + i)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_A" in name:
+                    p[0].mul_(8.0)  # one dominant direction per module: power iteration converges
+        model.save_pretrained(folder)
+        folders.append(folder)
+    batch = inputs("llama", batch=2, seq=10)
+    arrow_peft = peft.create_arrow_model(
+        build("llama"),
+        [str(f) for f in folders],
+        peft.ArrowConfig(top_k=2, router_temperature=0.5, rng_seed=0),
+    )
+    mixer = adapt(
+        build("llama"), LoraMixerConfig.from_peft_adapters(folders, routing="arrow", top_k=2, temperature=0.5)
+    )
+    want, got = logits(arrow_peft, batch), logits(mixer, batch)
+    assert not torch.allclose(got, logits(build("llama"), batch), atol=1e-3)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    shared = mixer.shared_adapter_weights["default"]
+    mixer.train()
+    mixer(**batch)
+    weights = [w for _, w, _ in shared.routing.records]
+    assert all(((w > 0).sum(-1) == 2).all() for w in weights)  # exactly top_k experts per token
+    assert all(p is None for p, _, _ in shared.routing.records)  # no router, nothing for the routing losses

@@ -9,6 +9,9 @@
                  sample's x), one gate per router and position, as MoLE's per-layer gate)
         topk     soft, keep the k largest, renormalise
         uniform  1/E (the "average of the experts" baseline)
+        arrow    training-free (Ostapenko et al., 2024, "Towards Modular LLMs by Building and Reusing a
+                 Library of LoRAs", Arrow): |x . v_e| with v_e the top right singular vector of expert
+                 e's B_e A_e, softmax(/ temperature) over the top_k experts, the others 0
 
 All experts run in two GEMMs: experts are stacked (ranks padded to the largest, with a mask, so
 experts of different ranks coexist) and the routing weights scale the rank-space activations:
@@ -36,7 +39,7 @@ from factorlab.layers.lora import adapter_dtype, init_lora_pair
 from factorlab.layers.packed import lora_per_row
 from factorlab.layers.shapes import weight_dims
 
-ROUTINGS = ("hard", "soft", "topk", "uniform")
+ROUTINGS = ("hard", "soft", "topk", "uniform", "arrow")
 
 
 @dataclass
@@ -74,6 +77,10 @@ def route(logits: torch.Tensor | None, state: RoutingState, batch: int, tokens: 
         )
     if state.routing == "uniform":
         return torch.full((batch * tokens, E), 1.0 / E)
+    if state.routing == "arrow":  # logits: |x . v_e|; a softmax over the top k only
+        top, index = logits.float().topk(min(state.top_k, E), dim=-1)
+        scores = torch.full_like(logits, float("-inf"), dtype=torch.float32).scatter(-1, index, top)
+        return torch.softmax(scores / state.temperature, dim=-1)
     probs = torch.softmax(logits.float() / state.temperature, dim=-1)
     if state.routing == "soft" or state.top_k >= E:
         return probs
@@ -198,6 +205,27 @@ class ExpertBank(nn.Module):
     def num_experts(self) -> int:
         return self.A.shape[0]
 
+    @torch.no_grad()
+    def prototypes(self) -> torch.Tensor:
+        """Arrow's prototypes (E, in): each expert's top right singular vector of B_e A_e, exactly (the
+        SVD of R A_e with B_e = Q R, never the out x in matrix; sign-free, as Arrow takes |x . v|), cached
+        until the experts' weights change. An expert absent here (rank 0) has a zero prototype."""
+        version = (self.A._version, self.B._version, self.A.data_ptr(), self.B.data_ptr())
+        cached = getattr(self, "_prototypes", None)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        vectors = torch.zeros(self.num_experts, self.in_features, dtype=self.A.dtype, device=self.A.device)
+        for e in range(self.num_experts):  # once per weight change, not per call
+            r = int(self.rank_mask[e].sum().item())
+            if r == 0:
+                continue
+            a, b = self.A[e, :r].double(), self.B[e, :, :r].double()
+            _, upper = torch.linalg.qr(b)
+            _, _, vh = torch.linalg.svd(upper @ a, full_matrices=False)
+            vectors[e] = vh[0].to(vectors.dtype)
+        self._prototypes = (version, vectors)
+        return vectors
+
     def per_sample(self, x: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
         """Hard routing: x (batch, tokens, in), experts (batch,) -> s_e B_e A_e x with e = experts[sample],
         (batch, tokens, out). Only the sample's own expert runs (``lora_per_row``, the kernel packed grid
@@ -287,14 +315,18 @@ class LoRAMixerLinear(AdapterLayer):
             flat = x.reshape(-1, self.in_features).to(experts.A.dtype)
             needs_router = state.task_ids is None and state.routing in ("soft", "topk")
             logits = None
-            if needs_router and state.pooling == "sample":
+            if state.task_ids is None and state.routing == "arrow":
+                logits = (flat @ experts.prototypes().T).abs()  # (N, E), no router
+            elif needs_router and state.pooling == "sample":
                 logits = pooled_logits(self, self.router_for(name), flat, state, batch, tokens)
             elif needs_router:
                 logits = self.router_for(name)(flat)
             weights = route(logits, state, batch, tokens).to(flat.device)
             if state.record:
                 probs = (
-                    torch.softmax(logits.float() / state.temperature, dim=-1) if logits is not None else None
+                    torch.softmax(logits.float() / state.temperature, dim=-1)
+                    if needs_router and logits is not None
+                    else None
                 )
                 state.records.append((probs, weights.detach(), tokens))
             delta = experts(flat, weights).view(*lead, self.out_features)

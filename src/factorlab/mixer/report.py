@@ -30,6 +30,7 @@ SYSTEMS = (
     "HydraLoRA (shared A, routed Bs)",
     "LoRAHub (gradient-free merge)",
     "MoLE (layer gates)",
+    "Arrow (training-free)",
 )
 
 

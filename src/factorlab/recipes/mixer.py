@@ -76,7 +76,12 @@ from factorlab.runtime import machine_info, write_json
 # (its experts, exported as PEFT folders), so they run after phase 1. Within a phase the slowest units
 # come first, so the last cells to start are short ones and no worker idles long at the end.
 PHASES = (("full", "experts", "multi-task LoRA", "Compacter++", "base"), ("X-LoRA", "joint", "plug"))
-PEER_PHASE = {"HydraLoRA": 0, "LoRAHub": 1, "MoLE": 1}  # those built on the experts come after them
+PEER_PHASE = {
+    "HydraLoRA": 0,
+    "LoRAHub": 1,
+    "MoLE": 1,
+    "Arrow": 1,
+}  # those built on the experts come after them
 
 
 def _cell(cfg: MixerExperimentConfig, seed: int, unit: str, export: bool) -> dict[str, Any]:
@@ -328,6 +333,20 @@ def _mole(c: _Cell) -> None:
     c.score(mole, name)
 
 
+def _arrow(c: _Cell) -> None:
+    """Arrow: training-free routing over the same frozen PEFT experts (factorlab's, equal to peft's)."""
+    name = "Arrow (training-free)"
+    arrow = adapt(
+        copy.deepcopy(c.stored),
+        LoraMixerConfig.from_peft_adapters(
+            c.expert_folders(), list(c.cfg.tasks), routing="arrow", top_k=min(c.cfg.top_k, len(c.cfg.tasks))
+        ),
+    )
+    c.systems[name] = {"trainable": 0, "seconds": 0.0, "tokens": 0}
+    c.routing[name] = _routing(*routing_report(arrow, c.evals, c.pad_id))
+    c.score(arrow, name)
+
+
 def _xlora(c: _Cell) -> None:
     """peft's X-LoRA over the same PEFT folders, its classifier trained on the same mixed set."""
     cfg = c.cfg
@@ -386,6 +405,7 @@ UNITS = {
     "LoRAHub": _lorahub,
     "HydraLoRA": _hydralora,
     "MoLE": _mole,
+    "Arrow": _arrow,
 }
 
 

@@ -121,7 +121,9 @@ class LoraMixerConfig(AdapterConfig):
     experts: list[ExpertSpec] | None = None
     """Per-expert specs (names, ranks, targets, PEFT sources)."""
     routing: str = "soft"
-    """"hard" (by task_ids), "soft" (dense softmax), "topk" (k largest, renormalised) or "uniform"."""
+    """"hard" (by task_ids), "soft" (dense softmax), "topk" (k largest, renormalised), "uniform" or
+    "arrow" (no router: each token's |x . v_e| with v_e expert e's top right singular vector, softmax over
+    the top_k; Arrow, as peft's ArrowConfig routes)."""
     top_k: int | None = None
     """Experts kept per token under "topk" routing. None: min(3, E), the paper's K = 3 at inference."""
     temperature: float = 1.0

@@ -348,8 +348,9 @@ def set_routing(
     top_k: int | None = None,
     temperature: float | None = None,
 ) -> None:
-    """Choose how the mixer routes from now on: "soft", "topk", "hard" (needs task_ids) or "uniform"
-    (the average-of-experts baseline); optionally a new top_k or router temperature."""
+    """Choose how the mixer routes from now on: "soft", "topk", "hard" (needs task_ids), "uniform"
+    (the average-of-experts baseline) or "arrow" (training-free, from the experts' own weights);
+    optionally a new top_k or router temperature."""
     if routing not in ROUTINGS:
         raise ConfigError(f"routing must be one of {ROUTINGS}, got {routing!r}.")
     name = _mixer_adapter(adapted, adapter_name)
