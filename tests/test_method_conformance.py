@@ -43,6 +43,7 @@ CONFIGS = {
     "phm_adapter": lambda: factorlab.PHMAdapterConfig(reduction_factor=4, phm_dim=2),
     "lora_mixer": lambda: factorlab.LoraMixerConfig(num_experts=2, r=2, init_lora_weights=False),
     "scale": lambda: SCALE.ScaleConfig(init=1.5),
+    "mixlora": lambda: factorlab.MixLoraConfig(r=2, num_experts=3, init_lora_weights=False),
     "hydralora": lambda: factorlab.HydraLoraConfig(r=2, num_experts=3, init_lora_weights=False),
 }
 

@@ -42,6 +42,8 @@ def test_quick_preset_runs_every_system_and_the_router_separates_tasks(quick):
     assert hydra["mean"].mean > rows["base"]["mean"].mean + 0.2
     # one A (r x in) for the E Bs: fewer weights than E full LoRA pairs (plus a router of E x in)
     assert hydra["trainable"] < rows["multi-task LoRA (equal total rank)"]["trainable"]
+    mix = rows["MixLoRA (top-2 FFN experts)"]
+    assert mix["mean"].mean > rows["base"]["mean"].mean + 0.2
     hub = rows["LoRAHub (gradient-free merge)"]
     assert hub["trainable"] == len(cfg.tasks)  # one weight per expert
     # one static composition of four single-task experts cannot route: better than the base, well below

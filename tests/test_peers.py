@@ -237,3 +237,57 @@ def test_arrow_routing_equals_peft_arrow(tmp_path):
     weights = [w for _, w, _ in shared.routing.records]
     assert all(((w > 0).sum(-1) == 2).all() for w in weights)  # exactly top_k experts per token
     assert all(p is None for p, _, _ in shared.routing.records)  # no router, nothing for the routing losses
+
+
+def test_mixlora_sends_each_token_to_exactly_its_top_two_experts_and_balances_them():
+    from factorlab import MixLoraConfig, adapt
+    from factorlab.layers.lora import LoRALinear
+    from factorlab.layers.mixlora import MixLoRAFeedForward
+
+    torch.manual_seed(0)
+    model = adapt(build("llama").double(), MixLoraConfig(r=2, num_experts=4, init_lora_weights=False))
+    layers = dict(model.adapter_layers())
+    assert isinstance(layers["model.layers.0.mlp"], MixLoRAFeedForward)
+    assert isinstance(layers["model.layers.0.self_attn.q_proj"], LoRALinear)  # attention: a plain LoRA
+    ffn = layers["model.layers.0.mlp"]
+    experts, mlp = ffn.experts["default"], ffn.base_layer
+    with torch.no_grad():
+        ffn.router["default"].weight.normal_(std=1.0)  # decisive routing
+    x = torch.randn(3, 5, 64, dtype=torch.float64)
+    got = ffn(x)
+    s = ffn.settings["default"][1]
+    flat, want = x.reshape(-1, 64), []
+    for t in flat:  # token by token, every expert's full FFN, then the top two renormalised
+        p = torch.softmax(ffn.router["default"](t), -1)
+        top = p.topk(2).indices
+        outputs = []
+        for e in range(4):
+            g = mlp.gate_proj(t) + s * experts.gate_B[e] @ (experts.gate_A[e] @ t)
+            u = mlp.up_proj(t) + s * experts.up_B[e] @ (experts.up_A[e] @ t)
+            h = mlp.act_fn(g) * u
+            outputs.append(mlp.down_proj(h) + s * experts.down_B[e] @ (experts.down_A[e] @ h))
+        want.append(sum(p[e] / p[top].sum() * outputs[e] for e in top))
+        others = [e for e in range(4) if e not in top]
+        assert not torch.allclose(outputs[others[0]], outputs[top[0]])  # the others would change it
+    torch.testing.assert_close(got.reshape(-1, 64), torch.stack(want), atol=1e-10, rtol=0)
+    # the auxiliary loss: coef * E * sum_i f_i P_i per block (real tokens), averaged over blocks
+    batch = inputs("llama", batch=2, seq=8)
+    batch["attention_mask"] = torch.ones(2, 8, dtype=torch.long)
+    batch["attention_mask"][0, 5:] = 0
+    model.train()
+    with_aux = model(**batch, labels=batch["input_ids"])
+    records = model.shared_adapter_weights["default"].records.records
+    assert len(records) == 2 and all(c.shape == (16, 2) for _, c in records)
+    assert all((c[:, 0] != c[:, 1]).all() for _, c in records)  # two distinct experts per token
+    keep = batch["attention_mask"].reshape(-1).bool()
+    by_hand = 0.0
+    for p, c in records:
+        p, c = p[keep], c[keep]
+        f = torch.stack([(c == i).sum() for i in range(4)]).double() / c.numel()
+        by_hand = by_hand + 4 * (f * p.mean(0)).sum()
+    by_hand = 0.001 * by_hand / len(records)
+    torch.testing.assert_close(model.last_aux_loss, by_hand)
+    with torch.no_grad():
+        model.eval()
+        plain = model(**batch, labels=batch["input_ids"]).loss
+    torch.testing.assert_close(with_aux.loss.detach(), plain + by_hand.detach())

@@ -28,6 +28,7 @@ from factorlab.methods import (
     LoraConfig,
     LoraMixerConfig,
     Method,
+    MixLoraConfig,
     PHMAdapterConfig,
     register_method,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "LoraConfig",
     "LoraMixerConfig",
     "Method",
+    "MixLoraConfig",
     "PHMAdapterConfig",
     "ResourceError",
     "TargetError",

@@ -387,7 +387,7 @@ def mixer_run(
         str,
         typer.Option(
             help="Comma-separated mixture-of-LoRA peers run beside the comparison from the same frozen "
-            "experts: HydraLoRA, LoRAHub, MoLE, Arrow."
+            "experts: HydraLoRA, MixLoRA, LoRAHub, MoLE, Arrow."
         ),
     ] = "",
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/mixer"),

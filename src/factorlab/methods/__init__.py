@@ -13,8 +13,9 @@ from factorlab.methods.compacter import (
 from factorlab.methods.hydralora import HYDRALORA, HydraLoraConfig
 from factorlab.methods.lora import LORA, LoraConfig
 from factorlab.methods.lora_mixer import LORA_MIXER, ExpertSpec, LoraMixerConfig
+from factorlab.methods.mixlora import MIXLORA, MixLoraConfig
 
-BUILT_IN = (LORA, COMPACTER, COMPACTER_PLUS_PLUS, PHM_ADAPTER, LORA_MIXER, HYDRALORA)
+BUILT_IN = (LORA, COMPACTER, COMPACTER_PLUS_PLUS, PHM_ADAPTER, LORA_MIXER, HYDRALORA, MIXLORA)
 
 __all__ = [
     "BUILT_IN",
@@ -27,6 +28,7 @@ __all__ = [
     "LoraConfig",
     "LoraMixerConfig",
     "Method",
+    "MixLoraConfig",
     "PHMAdapterConfig",
     "get_method",
     "register_method",

@@ -18,7 +18,7 @@ from factorlab.precision import check_precision
 from factorlab.training import LoopOptions
 from factorlab.validation import check_fields, check_ranges
 
-PEERS = ("HydraLoRA", "LoRAHub", "MoLE", "Arrow")
+PEERS = ("HydraLoRA", "MixLoRA", "LoRAHub", "MoLE", "Arrow")
 """Peers of LoRA-Mixer that ``mixer run --peers`` adds (issue 34), each a phase-2 unit."""
 
 

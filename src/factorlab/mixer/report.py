@@ -28,6 +28,7 @@ SYSTEMS = (
     "LoRA-Mixer plug-and-play (top-k)",
     "X-LoRA (peft)",
     "HydraLoRA (shared A, routed Bs)",
+    "MixLoRA (top-2 FFN experts)",
     "LoRAHub (gradient-free merge)",
     "MoLE (layer gates)",
     "Arrow (training-free)",

@@ -1,5 +1,5 @@
 """The comparison's non-mixer systems, built on the same base and targets: one multi-task LoRA with the
-mixer's total rank, Compacter++, full fine-tuning, HydraLoRA, and X-LoRA (peft) over the same PEFT
+mixer's total rank, Compacter++, full fine-tuning, HydraLoRA, MixLoRA, and X-LoRA (peft) over the same PEFT
 experts."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from factorlab.errors import ConfigError
 from factorlab.methods.compacter.config import CompacterPlusPlusConfig, reduction_for
 from factorlab.methods.hydralora.config import HydraLoraConfig
 from factorlab.methods.lora.config import LoraConfig
+from factorlab.methods.mixlora.config import MixLoraConfig
 from factorlab.mixer.tasks import Example
 from factorlab.mixer.train import collate
 
@@ -49,6 +50,21 @@ def hydralora(cfg, base: nn.Module) -> AdaptedModel:
         num_experts=len(cfg.tasks),
         lora_alpha=cfg.lora_alpha,
         target_modules=mixer_targets(cfg, base),
+    )
+    return adapt(copy.deepcopy(base), config)
+
+
+def mixlora(cfg, base: nn.Module) -> AdaptedModel:
+    """MixLoRA trained from scratch on the mixed data: a LoRA of the experts' rank on the mixer's attention
+    projections, one routed LoRA expert per task in every feed-forward block, top-2 per token."""
+    targets = mixer_targets(cfg, base)
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    config = MixLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        num_experts=len(cfg.tasks),
+        top_k=min(2, len(cfg.tasks)),
+        target_modules=[*targets, "mlp"],
     )
     return adapt(copy.deepcopy(base), config)
 

@@ -50,6 +50,7 @@ from factorlab.mixer.systems import (
     compacter_plus_plus,
     full_finetune,
     hydralora,
+    mixlora,
     multitask_lora,
     trainable_parameters,
     xlora,
@@ -230,6 +231,10 @@ def _hydralora(c: _Cell) -> None:
     _single(c, "HydraLoRA (shared A, routed Bs)", hydralora(c.cfg, c.stored), c.cfg.lr)
 
 
+def _mixlora(c: _Cell) -> None:
+    _single(c, "MixLoRA (top-2 FFN experts)", mixlora(c.cfg, c.stored), c.cfg.lr)
+
+
 def _compacter(c: _Cell) -> None:
     _single(c, "Compacter++ (multi-task)", compacter_plus_plus(c.stored), c.cfg.compacter_lr)
 
@@ -406,6 +411,7 @@ UNITS = {
     "HydraLoRA": _hydralora,
     "MoLE": _mole,
     "Arrow": _arrow,
+    "MixLoRA": _mixlora,
 }
 
 
