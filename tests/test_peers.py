@@ -291,3 +291,22 @@ def test_mixlora_sends_each_token_to_exactly_its_top_two_experts_and_balances_th
         model.eval()
         plain = model(**batch, labels=batch["input_ids"]).loss
     torch.testing.assert_close(with_aux.loss.detach(), plain + by_hand.detach())
+
+
+def test_every_peer_is_a_unit_of_mixer_run_in_a_phase_with_a_row_in_the_report():
+    from factorlab.mixer.config import PEERS, MixerExperimentConfig
+    from factorlab.mixer.report import SYSTEMS
+    from factorlab.recipes.mixer import PEER_PHASE, UNITS, comparison_cells
+
+    assert set(PEERS) == set(PEER_PHASE) and set(PEERS) <= set(UNITS)
+    cfg = MixerExperimentConfig.preset_config("quick", seeds=[0, 1], peers=list(PEERS))
+    phase1, phase2 = comparison_cells(cfg)
+    assert {c["unit"] for c in phase1} >= {"HydraLoRA", "MixLoRA", "experts"}
+    assert {c["unit"] for c in phase2} >= {"LoRAHub", "MoLE", "Arrow"}  # after the experts they compose
+    # peers only add cells: every other cell keeps the id it has without them
+    plain = MixerExperimentConfig.preset_config("quick", seeds=[0, 1])
+    ids = {str(c) for phase in comparison_cells(plain) for c in phase}
+    assert ids <= {str(c) for phase in comparison_cells(cfg) for c in phase}
+    assert len(SYSTEMS) == len(set(SYSTEMS))
+    with pytest.raises(ConfigError, match=r"unknown peer\(s\) \['MoLa'\]; peers: HydraLoRA, MixLoRA"):
+        MixerExperimentConfig.preset_config("quick", peers=["MoLa"])

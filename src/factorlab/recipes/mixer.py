@@ -77,12 +77,8 @@ from factorlab.runtime import machine_info, write_json
 # (its experts, exported as PEFT folders), so they run after phase 1. Within a phase the slowest units
 # come first, so the last cells to start are short ones and no worker idles long at the end.
 PHASES = (("full", "experts", "multi-task LoRA", "Compacter++", "base"), ("X-LoRA", "joint", "plug"))
-PEER_PHASE = {
-    "HydraLoRA": 0,
-    "LoRAHub": 1,
-    "MoLE": 1,
-    "Arrow": 1,
-}  # those built on the experts come after them
+# Peers (issue 34) join a phase: those trained from scratch the first, those built on the experts the second.
+PEER_PHASE = {"HydraLoRA": 0, "MixLoRA": 0, "LoRAHub": 1, "MoLE": 1, "Arrow": 1}
 
 
 def _cell(cfg: MixerExperimentConfig, seed: int, unit: str, export: bool) -> dict[str, Any]:
