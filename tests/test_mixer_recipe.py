@@ -28,7 +28,8 @@ def test_quick_preset_runs_every_system_and_the_router_separates_tasks(quick):
     cfg, out, result = quick
     assert result["router_accuracy"] > 0.95  # chance: 0.25; the supervised routing term is on by default
     rows = {r["system"]: r for r in result["rows"]}
-    assert list(rows) == list(SYSTEMS)
+    trained_from_scratch = {"HydraLoRA (shared A, routed Bs)", "MixLoRA (top-2 FFN experts)"}
+    assert list(rows) == [s for s in SYSTEMS if s not in trained_from_scratch]  # those: the next test
     mixer = rows["LoRA-Mixer joint (soft)"]
     assert rows["uniform average of experts"]["mean"].mean < mixer["mean"].mean - 0.2  # routing matters
     assert rows["per-task LoRA (oracle)"]["mean"].mean > 0.95
@@ -38,12 +39,6 @@ def test_quick_preset_runs_every_system_and_the_router_separates_tasks(quick):
         rows["multi-task LoRA (equal total rank)"]["trainable"] == rows["per-task LoRA (oracle)"]["trainable"]
     )
     assert rows["full fine-tuning (multi-task)"]["trainable"] > 5 * mixer["trainable"]  # tiny model: 8.6x
-    hydra = rows["HydraLoRA (shared A, routed Bs)"]
-    assert hydra["mean"].mean > rows["base"]["mean"].mean + 0.2
-    # one A (r x in) for the E Bs: fewer weights than E full LoRA pairs (plus a router of E x in)
-    assert hydra["trainable"] < rows["multi-task LoRA (equal total rank)"]["trainable"]
-    mix = rows["MixLoRA (top-2 FFN experts)"]
-    assert mix["mean"].mean > rows["base"]["mean"].mean + 0.2
     hub = rows["LoRAHub (gradient-free merge)"]
     assert hub["trainable"] == len(cfg.tasks)  # one weight per expert
     # one static composition of four single-task experts cannot route: better than the base, well below
@@ -271,3 +266,30 @@ def test_a_phase_two_cell_whose_expert_weights_are_gone_says_how_to_recover(tmp_
     plug_cell = next(c for c in second if c["unit"] == "plug")
     with pytest.raises(ConfigError, match=r"adapter_model\.safetensors is missing: delete .* and rerun"):
         comparison_cell(plug_cell, tmp_path / "cells" / cell_id(plug_cell))
+
+
+def test_the_peers_trained_from_scratch_run_as_cells_of_the_comparison(tmp_path):
+    """HydraLoRA and MixLoRA as units of `mixer run` (a short run: their math is tests/test_peers.py's):
+    each learns the tasks, with the parameter counts of its design."""
+    from factorlab.recipes.mixer import comparison_cell, comparison_cells
+
+    cfg = MixerExperimentConfig.preset_config(
+        "quick", seeds=[0], steps=300, eval_examples_per_task=32, peers=["HydraLoRA", "MixLoRA"]
+    )
+    cells = {c["unit"]: c for c in comparison_cells(cfg)[0]}
+    hydra = comparison_cell(cells["HydraLoRA"], tmp_path / "hydra")
+    mix = comparison_cell(cells["MixLoRA"], tmp_path / "mix")
+    h = hydra["systems"]["HydraLoRA (shared A, routed Bs)"]
+    m = mix["systems"]["MixLoRA (top-2 FFN experts)"]
+    E, r = len(cfg.tasks), cfg.r
+    hidden, inter, layers = 64, 128, 2  # the quick preset's tiny Llama
+    outs = [64, 32, 32, 64]  # q, k, v, o (two key/value heads of 16): LoRA-Mixer's default targets
+    # HydraLoRA per projection: one A (r x in), E Bs (out x r), a router (E x in)
+    assert h["trainable"] == layers * sum(r * hidden + E * out * r + E * hidden for out in outs)
+    # MixLoRA: a LoRA per attention projection; per FFN a router and E experts on gate, up and down
+    ffn_expert = r * (hidden + inter) * 2 + r * (inter + hidden)
+    attention = sum(r * (hidden + out) for out in outs)
+    assert m["trainable"] == layers * (attention + E * hidden + E * ffn_expert)
+    for out in (hydra, mix):
+        mean = sum(r["accuracy"] for r in out["records"]) / len(out["records"])
+        assert mean > 0.3, out["records"]  # the base model: ~0.03
