@@ -57,7 +57,14 @@ def test_readme_tables_are_the_ones_rebuilt_from_the_committed_cells(grid, tmp_p
 
 
 @pytest.mark.parametrize(
-    ("grid", "kind"), [("mixer-quick", "table"), ("mixer-smollm2", "table"), ("mixer-smollm2", "routed")]
+    ("grid", "kind"),
+    [
+        ("mixer-quick", "table"),
+        ("mixer-quick", "paired"),
+        ("mixer-smollm2", "table"),
+        ("mixer-smollm2", "routed"),
+        ("mixer-smollm2", "paired"),
+    ],
 )
 def test_readme_comparison_tables_are_the_ones_rebuilt_from_the_committed_cells(grid, kind):
     """`python tools/readme_tables.py` pasted them; a hand edit of README or of a cell fails here."""

@@ -1,6 +1,7 @@
 """Paste the comparison tables rebuilt from committed cells into README.md, between
-``<!-- GRID KIND -->`` and ``<!-- end GRID KIND -->``, KIND "table" (accuracy, cost) or "routed" (routing
-accuracy per task) (tests/test_reporting.py checks they match). The OCR rank sweep's table
+``<!-- GRID KIND -->`` and ``<!-- end GRID KIND -->``, KIND "table" (accuracy, cost), "routed" (routing
+accuracy per task) or "paired" (LoRA-Mixer against each system, paired by seed) (tests/test_reporting.py
+checks they match). The OCR rank sweep's table
 (``<!-- ocr-sweep table -->``) is rebuilt from results/ocr-sweep/results.json and, for its float64
 column, results/ocr-sweep/precision/precision.json.
 
@@ -76,7 +77,7 @@ def main() -> None:
     if "<!-- ocr-sweep table -->" in readme:
         readme = _paste(readme, "ocr-sweep table", ocr_sweep_table())
         print("README: ocr-sweep table rebuilt")
-    for grid, kind in re.findall(r"<!-- (mixer-[\w-]+) (table|routed) -->", readme):
+    for grid, kind in re.findall(r"<!-- (mixer-[\w-]+) (table|routed|paired) -->", readme):
         if not (ROOT / "results" / grid / "cells").exists():
             continue
         readme = _paste(readme, f"{grid} {kind}", rebuilt_table(grid, kind))

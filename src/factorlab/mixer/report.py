@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -13,7 +15,7 @@ from typing import Any
 import torch
 
 from factorlab.cells import cell_id, load_summary
-from factorlab.reporting import Column, aggregate, write_table
+from factorlab.reporting import Column, aggregate, t_quantile_975, write_table
 from factorlab.runtime import atomic_write_text, write_json
 
 SYSTEMS = (
@@ -143,6 +145,7 @@ def write_comparison(out: Path, cells: list[dict[str, Any]], seconds: float | No
             + ", ".join(f"{c['unit']} seed {c['seed']}" for c in missing),
             "",
         ]
+    report += paired_section(records, systems, out)
     # routed.md always exists (header only until a routed system has run): README pastes it
     routed_rows = []
     for system in (s for s in SYSTEMS if s in routes):
@@ -194,6 +197,67 @@ def write_comparison(out: Path, cells: list[dict[str, Any]], seconds: float | No
         "verdict": verdict,
         "missing": missing,
     }
+
+
+PAIRED_REFERENCES = ("LoRA-Mixer joint (top-k)", "LoRA-Mixer plug-and-play (top-k)")
+
+
+def paired_differences(records: list[dict[str, Any]], systems: Sequence[str]) -> list[dict[str, Any]]:
+    """Each LoRA-Mixer reference against every other system, paired by seed: the per-seed difference of
+    mean accuracy over tasks (reference minus system), its mean, 95% Student's t interval over the
+    common seeds (none from one seed), and on how many seeds the reference is ahead."""
+    per_seed: dict[str, dict[int, list[float]]] = {}
+    for rec in records:
+        per_seed.setdefault(rec["system"], {}).setdefault(rec["seed"], []).append(rec["accuracy"])
+    means = {name: {seed: sum(v) / len(v) for seed, v in seeds.items()} for name, seeds in per_seed.items()}
+    rows = []
+    for reference in (r for r in PAIRED_REFERENCES if r in means):
+        for system in (s for s in systems if s != reference and s in means):
+            seeds = sorted(set(means[reference]) & set(means[system]))
+            if not seeds:
+                continue
+            diffs = [means[reference][k] - means[system][k] for k in seeds]
+            mean = statistics.fmean(diffs)
+            half = None
+            if len(diffs) > 1:
+                half = t_quantile_975(len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+            rows.append(
+                {
+                    "reference": reference,
+                    "system": system,
+                    "seeds": len(seeds),
+                    "difference": mean,
+                    "low": None if half is None else mean - half,
+                    "high": None if half is None else mean + half,
+                    "ahead": f"{sum(d > 0 for d in diffs)}/{len(diffs)}",
+                }
+            )
+    return rows
+
+
+def paired_section(records: list[dict[str, Any]], systems: Sequence[str], out: Path) -> list[str]:
+    rows = paired_differences(records, systems)
+    table = write_table(
+        rows,
+        [
+            Column("reference", "LoRA-Mixer"),
+            Column("system", "against"),
+            Column("difference", "paired difference", "{:+.3f}"),
+            Column("low", "95% CI low", "{:+.3f}"),
+            Column("high", "95% CI high", "{:+.3f}"),
+            Column("ahead", "ahead on seeds"),
+            Column("seeds", "seeds"),
+        ],
+        out / "paired",
+    )
+    return [
+        "## LoRA-Mixer against each system, paired by seed",
+        "",
+        "Mean accuracy over tasks, LoRA-Mixer minus the system, per seed; the mean difference with a 95% "
+        "Student's t interval over the seeds both have (an interval that holds 0 does not separate them):",
+        "",
+        table,
+    ]
 
 
 def mixer_verdict(rows: list[dict[str, Any]], tasks: Sequence[str]) -> str:
