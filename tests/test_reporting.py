@@ -116,3 +116,26 @@ def test_readme_ocr_sweep_table_is_the_one_rebuilt_from_the_committed_runs():
     table = ocr_sweep_table()
     assert block.group(1).strip() == table
     assert "| combined |" in table and "—" not in table.split("\n")[2].split("|")[4]  # float64 column filled
+
+
+def test_every_number_in_readme_prose_blocks_comes_from_the_reports_they_cite():
+    """README prose between `<!-- numbers: FILES [| constants: ...] -->` and `<!-- end numbers -->` may
+    quote only numbers (with a decimal point) that appear in those committed files, as they print them,
+    or in its listed constants: a figure retyped by hand, rounded differently or left over from an
+    earlier run fails here. Code spans (commands, names) are not prose."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    number = re.compile(r"(?<![\w.])\d+\.\d+(?![\w.])")
+    blocks = re.findall(r"<!-- numbers: (.*?) -->\n(.*?)<!-- end numbers -->", readme, re.S)
+    assert len(blocks) >= 3
+    for header, text in blocks:
+        files, _, constants = header.partition("| constants:")
+        known = set(number.findall(constants))
+        for name in files.split():
+            known |= set(number.findall((root / name).read_text()))
+        prose = re.sub(r"`[^`]*`", "", text)
+        stray = sorted({n for n in number.findall(prose) if n not in known})
+        assert not stray, f"README numbers not in {files.split()}: {stray}"

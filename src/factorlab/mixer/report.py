@@ -202,8 +202,10 @@ def write_comparison(out: Path, cells: list[dict[str, Any]], seconds: float | No
 PAIRED_REFERENCES = ("LoRA-Mixer joint (top-k)", "LoRA-Mixer plug-and-play (top-k)")
 
 
-def paired_differences(records: list[dict[str, Any]], systems: Sequence[str]) -> list[dict[str, Any]]:
-    """Each LoRA-Mixer reference against every other system, paired by seed: the per-seed difference of
+def paired_differences(
+    records: list[dict[str, Any]], systems: Sequence[str], references: Sequence[str] = PAIRED_REFERENCES
+) -> list[dict[str, Any]]:
+    """Each reference system against every other system, paired by seed: the per-seed difference of
     mean accuracy over tasks (reference minus system), its mean, 95% Student's t interval over the
     common seeds (none from one seed), and on how many seeds the reference is ahead."""
     per_seed: dict[str, dict[int, list[float]]] = {}
@@ -211,7 +213,7 @@ def paired_differences(records: list[dict[str, Any]], systems: Sequence[str]) ->
         per_seed.setdefault(rec["system"], {}).setdefault(rec["seed"], []).append(rec["accuracy"])
     means = {name: {seed: sum(v) / len(v) for seed, v in seeds.items()} for name, seeds in per_seed.items()}
     rows = []
-    for reference in (r for r in PAIRED_REFERENCES if r in means):
+    for reference in (r for r in references if r in means):
         for system in (s for s in systems if s != reference and s in means):
             seeds = sorted(set(means[reference]) & set(means[system]))
             if not seeds:
@@ -236,25 +238,28 @@ def paired_differences(records: list[dict[str, Any]], systems: Sequence[str]) ->
 
 
 def paired_section(records: list[dict[str, Any]], systems: Sequence[str], out: Path) -> list[str]:
-    rows = paired_differences(records, systems)
-    table = write_table(
-        rows,
-        [
-            Column("reference", "LoRA-Mixer"),
+    """paired.md (LoRA-Mixer against each system, in report.md) and paired_all.md (every ordered pair of
+    systems, for statements about the others)."""
+
+    def columns(first: str) -> list[Column]:
+        return [
+            Column("reference", first),
             Column("system", "against"),
             Column("difference", "paired difference", "{:+.3f}"),
             Column("low", "95% CI low", "{:+.3f}"),
             Column("high", "95% CI high", "{:+.3f}"),
             Column("ahead", "ahead on seeds"),
             Column("seeds", "seeds"),
-        ],
-        out / "paired",
-    )
+        ]
+
+    table = write_table(paired_differences(records, systems), columns("LoRA-Mixer"), out / "paired")
+    write_table(paired_differences(records, systems, systems), columns("system"), out / "paired_all")
     return [
         "## LoRA-Mixer against each system, paired by seed",
         "",
         "Mean accuracy over tasks, LoRA-Mixer minus the system, per seed; the mean difference with a 95% "
-        "Student's t interval over the seeds both have (an interval that holds 0 does not separate them):",
+        "Student's t interval over the seeds both have (an interval that holds 0 does not separate them); "
+        "every other pair of systems is in paired_all.md:",
         "",
         table,
     ]
