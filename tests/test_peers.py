@@ -308,5 +308,10 @@ def test_every_peer_is_a_unit_of_mixer_run_in_a_phase_with_a_row_in_the_report()
     ids = {str(c) for phase in comparison_cells(plain) for c in phase}
     assert ids <= {str(c) for phase in comparison_cells(cfg) for c in phase}
     assert len(SYSTEMS) == len(set(SYSTEMS))
+    # LoRAHub's own settings are in its cells' ids (a changed budget never reuses a result), no one else's
+    for cell in (c for phase in comparison_cells(cfg) for c in phase):
+        own = cell["unit"] == "LoRAHub"
+        assert ("lorahub_budget" in cell["config"]) == own, cell["unit"]
+        assert ("lorahub_examples_per_task" in cell["config"]) == own, cell["unit"]
     with pytest.raises(ConfigError, match=r"unknown peer\(s\) \['MoLa'\]; peers: HydraLoRA, MixLoRA"):
         MixerExperimentConfig.preset_config("quick", peers=["MoLa"])

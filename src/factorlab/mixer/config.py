@@ -65,6 +65,11 @@ class MixerExperimentConfig:
     """"float32", "bfloat16" or "float16" for every system's training (factorlab.precision): the base
     stored in it, adapters float32, full fine-tuning with float32 master weights."""
     gradient_checkpointing: bool = False
+    lorahub_budget: int = 40
+    """LoRAHub's loss evaluations (the original's default)."""
+    lorahub_examples_per_task: int = 5
+    """Examples per task in LoRAHub's objective (the original: 5 of the target task), the first of the
+    router set, so it sees a subset of what the routed systems train on."""
     peers: list[str] = field(default_factory=list)
     """Mixture-of-LoRA peers run beside the comparison, from the same frozen experts (``PEERS``); like
     ``seeds`` they only choose which cells exist."""
@@ -95,6 +100,8 @@ class MixerExperimentConfig:
                 "compacter_lr",
                 "full_lr",
                 "lora_alpha",
+                "lorahub_budget",
+                "lorahub_examples_per_task",
             ),
             non_negative=("balance_coef", "specialization_coef", "preservation_coef", "route_label_coef"),
         )

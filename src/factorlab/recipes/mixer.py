@@ -85,6 +85,9 @@ def _cell(cfg: MixerExperimentConfig, seed: int, unit: str, export: bool) -> dic
     # seeds / full_seeds only choose which cells exist: out of the cell, so adding a seed reuses the rest
     config = dataclasses.asdict(dataclasses.replace(cfg, seeds=[seed], full_seeds=None))
     del config["peers"]
+    for key in UNIT_SETTINGS:  # a unit's own settings are part of its id only
+        if UNIT_SETTINGS[key] != unit:
+            del config[key]
     for (
         key,
         default,
@@ -95,6 +98,7 @@ def _cell(cfg: MixerExperimentConfig, seed: int, unit: str, export: bool) -> dic
 
 
 LOOP_DEFAULTS = {"precision": "float32", "gradient_checkpointing": False}
+UNIT_SETTINGS = {"lorahub_budget": "LoRAHub", "lorahub_examples_per_task": "LoRAHub"}
 
 
 def comparison_cells(cfg: MixerExperimentConfig) -> list[list[dict[str, Any]]]:
@@ -361,24 +365,20 @@ def _xlora(c: _Cell) -> None:
     c.score(model, name)
 
 
-LORAHUB_EXAMPLES = 16
-"""Examples per task in LoRAHub's objective (the original: a few examples of the target task). The
-first of the router set, so every system that fits the experts together sees the same data."""
-
-
 def _lorahub(c: _Cell) -> None:
     """LoRAHub: one weight per frozen expert, searched without gradients on a few mixed examples, merged
     into one static LoRA (factorlab.mixer.lorahub)."""
     name = "LoRAHub (gradient-free merge)"
-    examples = [e for task in c.router_data for e in task[:LORAHUB_EXAMPLES]]
+    examples = [e for task in c.router_data for e in task[: c.cfg.lorahub_examples_per_task]]
     folders = c.expert_folders()
     with StepBars(f"{c.unit}, seed {c.seed}") as bars:
-        bars.start(["LoRAHub search (loss evaluations)"], [lorahub.BUDGET])
+        bars.start(["LoRAHub search (loss evaluations)"], [c.cfg.lorahub_budget])
         began = time.perf_counter()
         result = lorahub.lorahub_search(
             c.stored,
             folders,
             lambda model: answer_loss(model, examples, c.pad_id),
+            budget=c.cfg.lorahub_budget,
             seed=c.seed,
             progress=lambda s: bars.update(0, s),
         )
@@ -386,8 +386,8 @@ def _lorahub(c: _Cell) -> None:
     c.systems[name] = {
         "trainable": len(folders),  # one scalar per expert
         "seconds": seconds,
-        "tokens": lorahub.BUDGET * sum(len(e.prompt) + len(e.answer) for e in examples),
-        "steps": lorahub.BUDGET,
+        "tokens": c.cfg.lorahub_budget * sum(len(e.prompt) + len(e.answer) for e in examples),
+        "steps": c.cfg.lorahub_budget,
         "weights": result.weights,
         "search_loss": result.loss,
     }
