@@ -22,7 +22,10 @@ MIXER_ERRORS = [
         r"expert 'expert_0': lora_alpha=1e\+39 overflows float32, where the update is scaled",
     ),
     ({"r": 0}, r"expert 'expert_0': rank r must be a positive integer, got 0\."),
-    ({"routing": "sparse"}, r"routing must be one of \('hard', 'soft', 'topk', 'uniform'\), got 'sparse'\."),
+    (
+        {"routing": "sparse"},
+        r"routing must be one of \('hard', 'soft', 'topk', 'uniform', 'arrow'\), got 'sparse'\.",
+    ),
     ({"top_k": 0}, r"top_k must be in 1\.\.num_experts=4, got 0\."),
     ({"top_k": 5}, r"top_k must be in 1\.\.num_experts=4, got 5\."),
     ({"temperature": 0.0}, r"temperature must be > 0, got 0\.0\."),

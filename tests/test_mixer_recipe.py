@@ -16,9 +16,7 @@ from factorlab.recipes.mixer import plug, run_experiment
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("mixer")
-    cfg = MixerExperimentConfig.preset_config(
-        "quick", seeds=[0], peers=["HydraLoRA", "LoRAHub", "MoLE", "Arrow"]
-    )
+    cfg = MixerExperimentConfig.preset_config("quick", seeds=[0], peers=["LoRAHub", "MoLE", "Arrow"])
     return cfg, out, run_experiment(cfg, out)
 
 
