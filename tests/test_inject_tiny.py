@@ -91,7 +91,15 @@ def test_the_shipped_backend_is_the_current_recipe_and_knows_its_world(seed):
     assert backend.probe(BUILTIN_RELATIONS["country-code"], BUILTIN_RELATIONS)["accuracy"] is None
 
 
-@pytest.mark.parametrize(("method", "seed"), [("lora", 5), ("lora", 17), ("full", 5), ("full", 17)])
+@pytest.mark.parametrize(
+    ("method", "seed"),
+    [
+        ("lora", 5),
+        pytest.param("lora", 17, marks=pytest.mark.slow),  # a second unseen seed: `pytest -m slow`
+        ("full", 5),
+        pytest.param("full", 17, marks=pytest.mark.slow),
+    ],
+)
 def test_the_causal_relation_generalizes_on_the_shipped_backend(tmp_path, method, seed):
     """Fine-tuning on new facts generalizes the causal link: the test-implication rank (never shown)
     at most halves, with the training facts memorised.
