@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+sys.path.insert(0, str(Path(__file__).parent))
+from mixer_speed import TARGETS, base_model  # the same random Llama
+
 SYSTEMS = (
     "LoRA-Mixer (soft)",
     "single LoRA r=8",
@@ -38,22 +40,6 @@ SYSTEMS = (
     "X-LoRA (peft)",
 )
 TRAINS = {"LoRA-Mixer (soft)", "single LoRA r=8", "HydraLoRA", "MixLoRA", "MoLE", "X-LoRA (peft)"}
-
-
-def base_model(args, seed: int = 0):
-    import transformers as tf
-
-    torch.manual_seed(seed)
-    config = tf.LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=int(2.7 * args.hidden),
-        num_hidden_layers=args.layers,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=args.vocab,
-        pad_token_id=0,
-    )
-    return tf.LlamaForCausalLM(config)
 
 
 def make_folders(args, folder: Path) -> list[Path]:
