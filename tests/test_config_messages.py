@@ -34,7 +34,46 @@ MIXER_ERRORS = [
     ({"specialization_coef": -0.5}, r"specialization_coef must be >= 0, got -0\.5\."),
     ({"preservation_coef": -2.0}, r"preservation_coef must be >= 0, got -2\.0\."),
     ({"route_label_coef": -3.0}, r"route_label_coef must be >= 0, got -3\.0\."),
+    ({"router_pooling": "mean"}, r"router_pooling must be 'token' or 'sample', got 'mean'\."),
+    ({"gate_balance_coef": -0.1}, r"gate_balance_coef must be >= 0, got -0\.1\."),
 ]
+
+PEER_ERRORS = [
+    ("HydraLoraConfig", {"r": 0}, r"r must be a positive integer, got 0\."),
+    ("HydraLoraConfig", {"num_experts": 0}, r"num_experts must be a positive integer, got 0\."),
+    ("HydraLoraConfig", {"lora_alpha": 0.0}, r"lora_alpha is 0, so it would train nothing"),
+    (
+        "HydraLoraConfig",
+        {"init_lora_weights": "pissa"},
+        r"init_lora_weights must be True, False or 'gaussian'",
+    ),
+    ("MixLoraConfig", {"num_experts": 0}, r"num_experts must be a positive integer, got 0\."),
+    (
+        "MixLoraConfig",
+        {"top_k": 3, "num_experts": 2},
+        r"top_k=3 exceeds num_experts=2; use top_k <= num_experts\.",
+    ),
+    ("MixLoraConfig", {"router_aux_loss_coef": -1.0}, r"router_aux_loss_coef must be >= 0, got -1\.0\."),
+]
+
+
+@pytest.mark.parametrize(
+    ("config", "kwargs", "message"), PEER_ERRORS, ids=[f"{c}{k}" for c, k, _ in PEER_ERRORS]
+)
+def test_peer_config_errors_name_the_field_and_value(config, kwargs, message):
+    import factorlab
+
+    with pytest.raises(ConfigError, match=message):
+        getattr(factorlab, config)(**kwargs)
+
+
+def test_mixlora_on_a_model_without_a_gated_feed_forward_names_what_it_adapts():
+    import factorlab
+    from factorlab.errors import TargetError
+    from tiny_models import build
+
+    with pytest.raises(TargetError, match=r"mlp \(GPT2MLP\).*gated feed-forward blocks \(gate_proj, up_proj"):
+        factorlab.adapt(build("gpt2"), factorlab.MixLoraConfig(target_modules=["c_attn", "mlp"]))
 
 
 @pytest.mark.parametrize(("kwargs", "message"), MIXER_ERRORS, ids=[str(k) for k, _ in MIXER_ERRORS])
@@ -51,6 +90,7 @@ def test_mixer_config_accepts_the_smallest_valid_values():
         balance_coef=0.0, specialization_coef=0.0, preservation_coef=0.0, route_label_coef=0.0
     )
     assert zero.balance_coef == 0.0
+    assert LoraMixerConfig(router_pooling="sample", gate_balance_coef=0.0).router_pooling == "sample"
     assert LoraMixerConfig(experts=[{"name": "a", "r": 1}]).expert_specs()[0].r == 1
 
 
