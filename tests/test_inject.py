@@ -172,3 +172,26 @@ def test_grid_report_names_unmemorised_cells_and_quotes_the_paper_for_real_model
     report.results[1]["train_fact_rank"] = 0.3
     write_grid_report(tmp_path, report, 3.0)
     assert "Every cell memorised its training facts" in (tmp_path / "report.md").read_text()
+
+
+def test_a_learning_rate_and_epochs_sweep_multiplies_the_grid_and_keeps_the_plain_cells_ids():
+    from factorlab.errors import ConfigError
+    from factorlab.grid import cell_id
+    from factorlab.recipes.inject import grid_cells
+
+    args = ("tiny", ["country-code"], ["full", "lora"], [0], 4)
+    plain = grid_cells(*args)
+    swept = grid_cells(*args, lr_scales=[0.3, 1, 3])
+    assert len(swept) == 3 * len(plain)
+    assert {cell_id(c) for c in plain} <= {cell_id(c) for c in swept}  # scale 1: the plain cells, reused
+    for method in ("full", "lora"):
+        default = next(c["lr"] for c in plain if c["method"] == method)
+        lrs = sorted({c["lr"] for c in swept if c["method"] == method})
+        assert lrs == pytest.approx([0.3 * default, default, 3 * default])
+    both = grid_cells(*args, lr_scales=[0.5, 1], epochs_sweep=[4, 8])
+    assert len(both) == 4 * len(plain) and {c["epochs"] for c in both} == {4, 8}
+    assert len({cell_id(c) for c in both}) == len(both)
+    with pytest.raises(ConfigError, match=r"lr_scales must hold positive numbers, got \[0\]"):
+        grid_cells(*args, lr_scales=[0])
+    with pytest.raises(ConfigError, match="give --epochs or --epochs-sweep, not both"):
+        grid_cells(*args, epochs_sweep=[2], epochs=3)

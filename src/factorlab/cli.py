@@ -166,6 +166,16 @@ def ocr_run(
     typer.echo(f"wrote {out}/summary.json, metrics.jsonl, curves.png")
 
 
+def _float_list(text: str, what: str = "values") -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated numbers like 0.3,1,3, got {text!r}") from None
+    if not values:
+        raise ConfigError(f"give at least one value for {what}, e.g. 1.")
+    return values
+
+
 def _int_list(text: str, what: str = "values", allow_empty: bool = False) -> list[int]:
     try:
         values = [int(x) for x in text.split(",") if x.strip()]
@@ -674,11 +684,19 @@ def inject_grid(
     dtype: Dtype = INJECT.precision,
     gradient_checkpointing: GradientCheckpointing = False,
     pack: Pack = 16,
+    lr_scales: Annotated[
+        str,
+        typer.Option(help="Comma-separated factors on each method's default learning rate, e.g. 0.3,1,3."),
+    ] = "1",
+    epochs_sweep: Annotated[
+        str, typer.Option(help="Comma-separated numbers of epochs to sweep, e.g. 4,8,16 (empty: --epochs).")
+    ] = "",
     out: Annotated[Path, typer.Option(help="Output folder (finished cells there are reused).")] = Path(
         "runs/inject-grid"
     ),
 ) -> None:
-    """Relations x pretraining seeds x seeds x methods (+ a LoRA rank sweep), parallel and resumable."""
+    """Relations x pretraining seeds x seeds x methods (+ a LoRA rank sweep, learning-rate scales and
+    epochs), parallel and resumable."""
     from factorlab.grid import check_grid_options, check_pack
     from factorlab.recipes.inject import grid, grid_cells
 
@@ -697,6 +715,8 @@ def inject_grid(
         epochs=epochs,
         precision=dtype,
         gradient_checkpointing=gradient_checkpointing,
+        lr_scales=_float_list(lr_scales),
+        epochs_sweep=_int_list(epochs_sweep) if epochs_sweep else (),
     )
     result = grid(cells, out, workers, backend, address, pack=pack)
     typer.echo((out / "table.md").read_text())

@@ -485,12 +485,24 @@ def grid_cells(
     relations_file: str | None = None,
     pretrain_seeds: Sequence[int] = (0,),
     device: str = "cpu",
+    lr_scales: Sequence[float] = (1.0,),
+    epochs_sweep: Sequence[int] = (),
     **fixed: Any,
 ) -> list[dict]:
-    """Relations x pretraining seeds (tiny only) x seeds x methods (+ LoRA ranks), validated.
+    """Relations x pretraining seeds (tiny only) x seeds x methods (+ LoRA ranks), validated; with
+    ``lr_scales`` and ``epochs_sweep``, x each method's default learning rate times each scale x each
+    number of epochs (the scale 1 at the default epochs is the plain grid's cell, same id).
 
     A ``device`` other than "cpu" is part of each cell (its own folder: a GPU result never stands
     in for a CPU one, nor the reverse); CPU cells keep the ids they had before devices existed."""
+    for name, values in (("lr_scales", lr_scales), ("epochs_sweep", epochs_sweep)):
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0]
+        if bad:
+            raise ConfigError(f"{name} must hold positive numbers, got {bad}.")
+    if not lr_scales:
+        raise ConfigError("give at least one lr scale (1 keeps each method's default learning rate).")
+    if epochs_sweep and fixed.get("epochs") is not None:
+        raise ConfigError("give --epochs or --epochs-sweep, not both.")
     for name, values in (("relations", relations), ("methods", methods), ("seeds", seeds)):
         if not values:
             raise ConfigError(f"give at least one of {name}.")
@@ -538,7 +550,17 @@ def grid_cells(
         defaults = {"precision": "float32", "gradient_checkpointing": False, "fsdp": False}
         cell.update({k: v for k, v in fixed.items() if v is not None and defaults.get(k, ...) != v})
         InjectConfig(**{k: v for k, v in cell.items() if k != "backend_key"})  # validate before any work
-    return cells
+    if tuple(lr_scales) == (1.0,) and not epochs_sweep:
+        return cells
+    swept = []
+    for cell in cells:
+        for scale in lr_scales:
+            for epochs in epochs_sweep or (cell["epochs"],):
+                lr = cell["lr"] if scale == 1 else float(f"{cell['lr'] * scale:.6g}")
+                swept.append({**cell, "lr": lr, "epochs": int(epochs)})
+    for cell in swept:
+        InjectConfig(**{k: v for k, v in cell.items() if k != "backend_key"})
+    return swept
 
 
 # what the grid's reports read; a summary without it is recomputed
