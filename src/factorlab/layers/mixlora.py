@@ -87,7 +87,7 @@ class MixLoRAFeedForward(AdapterLayer):
         lora_alpha: float,
         top_k: int,
         records: RouterRecords,
-        init=True,
+        init: bool = True,
     ) -> None:
         weight = self.base_layer.gate_proj.weight
         factory = {"device": weight.device, "dtype": adapter_dtype(weight)}
