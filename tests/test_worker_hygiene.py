@@ -62,6 +62,9 @@ def test_killing_a_grid_leaves_no_worker_behind(tmp_path, sig):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         start_new_session=True,
+        # as from a terminal: a suite started in the background (`make test &`) inherits SIGINT ignored,
+        # and Python then installs no KeyboardInterrupt handler, so Ctrl-C would not be what is tested
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         workers = workers_of(grid, 2)
