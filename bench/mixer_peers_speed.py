@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mixer_speed import TARGETS, base_model  # the same random Llama
+from mixer_speed import TARGETS, base_model, model_and_batch_options  # the same random Llama
 
 SYSTEMS = (
     "LoRA-Mixer (soft)",
@@ -140,14 +140,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--hidden", type=int, default=512)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=8000)
+    model_and_batch_options(parser)
     parser.add_argument("--experts", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--gen-batch", type=int, default=4)
-    parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--one", help=argparse.SUPPRESS)

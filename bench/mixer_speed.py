@@ -164,10 +164,8 @@ def part_b(args) -> None:
         )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def model_and_batch_options(parser: argparse.ArgumentParser) -> None:
+    """The random Llama's size and the training / generation batches (shared by mixer_peers_speed.py)."""
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--vocab", type=int, default=8000)
@@ -175,6 +173,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--gen-batch", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=32)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    model_and_batch_options(parser)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
