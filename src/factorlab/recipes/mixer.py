@@ -105,7 +105,8 @@ def comparison_cells(cfg: MixerExperimentConfig) -> list[list[dict[str, Any]]]:
     """The cells of each phase: every unit for every seed (full fine-tuning on ``cfg.full_seeds``)."""
     full = cfg.seeds if cfg.full_seeds is None else cfg.full_seeds
     peers = [[p for p in cfg.peers if PEER_PHASE[p] == phase] for phase in (0, 1)]
-    phases = [(*PHASES[0], *peers[0]), (*peers[1], *PHASES[1])]
+    # slowest first, as in PHASES: the peers trained from scratch lead phase 1, the others follow phase 2's
+    phases = [(*peers[0], *PHASES[0]), (*PHASES[1], *peers[1])]
     return [
         [
             _cell(cfg, seed, unit, export=seed == cfg.seeds[0])
