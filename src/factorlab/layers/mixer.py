@@ -305,17 +305,16 @@ class LoRAMixerLinear(AdapterLayer):
         for name in self.active_adapters:
             experts, state = self.experts[name], self._routing[name]
             if state.task_ids is not None:
-                task_ids = sample_task_ids(state.task_ids, batch)
                 if state.record:  # no router ran: the losses skip it, inspection sees the one-hot routing
-                    weights = F.one_hot(task_ids, experts.num_experts).float().repeat_interleave(tokens, 0)
-                    state.records.append((None, weights, tokens))
+                    state.records.append((None, route(None, state, batch, tokens), tokens))
+                task_ids = sample_task_ids(state.task_ids, batch)
                 delta = experts.per_sample(x.reshape(batch, tokens, self.in_features), task_ids)
                 result = result + delta.view(*lead, self.out_features).to(result.dtype)
                 continue
             flat = x.reshape(-1, self.in_features).to(experts.A.dtype)
-            needs_router = state.task_ids is None and state.routing in ("soft", "topk")
+            needs_router = state.routing in ("soft", "topk")  # hard routing took the branch above
             logits = None
-            if state.task_ids is None and state.routing == "arrow":
+            if state.routing == "arrow":
                 logits = (flat @ experts.prototypes().T).abs()  # (N, E), no router
             elif needs_router and state.pooling == "sample":
                 logits = pooled_logits(self, self.router_for(name), flat, state, batch, tokens)
@@ -323,11 +322,7 @@ class LoRAMixerLinear(AdapterLayer):
                 logits = self.router_for(name)(flat)
             weights = route(logits, state, batch, tokens).to(flat.device)
             if state.record:
-                probs = (
-                    torch.softmax(logits.float() / state.temperature, dim=-1)
-                    if needs_router and logits is not None
-                    else None
-                )
+                probs = torch.softmax(logits.float() / state.temperature, dim=-1) if needs_router else None
                 state.records.append((probs, weights.detach(), tokens))
             delta = experts(flat, weights).view(*lead, self.out_features)
             result = result + delta.to(result.dtype)

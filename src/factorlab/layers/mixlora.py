@@ -116,7 +116,8 @@ class MixLoRAFeedForward(AdapterLayer):
         if records.record:
             records.records.append((probs, chosen))
         gate, up = base.gate_proj(flat), base.up_proj(flat)  # the shared frozen part, once for every token
-        out = torch.zeros(flat.shape[0], self.hidden, dtype=gate_dtype(gate, experts), device=flat.device)
+        dtype = torch.promote_types(gate.dtype, experts.gate_A.dtype)
+        out = torch.zeros(flat.shape[0], self.hidden, dtype=dtype, device=flat.device)
         for e in range(probs.shape[-1]):
             rows, slot = (chosen == e).nonzero(as_tuple=True)
             if not len(rows):
@@ -128,10 +129,6 @@ class MixLoRAFeedForward(AdapterLayer):
             y = base.down_proj(h) + experts.delta("down", e, h.to(xe.dtype), scaling).to(h.dtype)
             out.index_add_(0, rows, top_p[rows, slot].unsqueeze(-1).to(out.dtype) * y.to(out.dtype))
         return out.view(*x.shape[:-1], self.hidden).to(x.dtype)
-
-
-def gate_dtype(gate: torch.Tensor, experts: FeedForwardExperts) -> torch.dtype:
-    return torch.promote_types(gate.dtype, experts.gate_A.dtype)
 
 
 def switch_balance_loss(records: RouterRecords, num_experts: int) -> torch.Tensor:
