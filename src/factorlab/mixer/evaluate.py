@@ -13,6 +13,7 @@ from factorlab.core.adapted import AdaptedModel
 from factorlab.methods.lora_mixer.model import routing_weights_per_sample
 from factorlab.mixer.tasks import Example
 from factorlab.mixer.train import collate
+from factorlab.training import logits_at
 
 
 @torch.no_grad()
@@ -121,12 +122,12 @@ def answer_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, chun
     for start in range(0, len(examples), chunk):
         batch = collate(examples[start : start + chunk], pad_id)
         labels = batch["labels"]
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         targets = labels[:, 1:]
-        keep = targets != -100
-        token_loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1][keep].float(), targets[keep], reduction="sum"
-        )
-        total += float(token_loss)
-        count += int(keep.sum())
+        predicts = targets != -100
+        keep = torch.zeros_like(labels, dtype=torch.bool)
+        keep[:, :-1] = predicts  # the head runs only where an answer token is predicted
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        logits = logits_at(model, model, keep, **inputs)
+        total += float(torch.nn.functional.cross_entropy(logits.float(), targets[predicts], reduction="sum"))
+        count += int(predicts.sum())
     return total / max(count, 1)
