@@ -549,17 +549,18 @@ def grid_cells(
         # settings at their defaults stay out of the id, so the committed cells keep theirs
         defaults = {"precision": "float32", "gradient_checkpointing": False, "fsdp": False}
         cell.update({k: v for k, v in fixed.items() if v is not None and defaults.get(k, ...) != v})
-        InjectConfig(**{k: v for k, v in cell.items() if k != "backend_key"})  # validate before any work
-    if tuple(lr_scales) == (1.0,) and not epochs_sweep:
-        return cells
-    swept = []
-    for cell in cells:
-        for scale in lr_scales:
-            for epochs in epochs_sweep or (cell["epochs"],):
-                lr = cell["lr"] if scale == 1 else float(f"{cell['lr'] * scale:.6g}")
-                swept.append({**cell, "lr": lr, "epochs": int(epochs)})
+    swept = [  # without a sweep (scale 1, the cell's own epochs), each cell as it is
+        {
+            **cell,
+            "lr": cell["lr"] if scale == 1 else float(f"{cell['lr'] * scale:.6g}"),
+            "epochs": int(epochs),
+        }
+        for cell in cells
+        for scale in lr_scales
+        for epochs in epochs_sweep or (cell["epochs"],)
+    ]
     for cell in swept:
-        InjectConfig(**{k: v for k, v in cell.items() if k != "backend_key"})
+        InjectConfig(**{k: v for k, v in cell.items() if k != "backend_key"})  # validate before any work
     return swept
 
 
