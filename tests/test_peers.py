@@ -296,9 +296,9 @@ def test_mixlora_sends_each_token_to_exactly_its_top_two_experts_and_balances_th
 def test_every_peer_is_a_unit_of_mixer_run_in_a_phase_with_a_row_in_the_report():
     from factorlab.mixer.config import PEERS, MixerExperimentConfig
     from factorlab.mixer.report import SYSTEMS
-    from factorlab.recipes.mixer import PEER_PHASE, UNITS, comparison_cells
+    from factorlab.recipes.mixer import UNITS, comparison_cells
 
-    assert set(PEERS) == set(PEER_PHASE) and set(PEERS) <= set(UNITS)
+    assert set(PEERS) <= set(UNITS) and set(PEERS.values()) == {0, 1}
     cfg = MixerExperimentConfig.preset_config("quick", seeds=[0, 1], peers=list(PEERS))
     phase1, phase2 = comparison_cells(cfg)
     assert {c["unit"] for c in phase1} >= {"HydraLoRA", "MixLoRA", "experts"}

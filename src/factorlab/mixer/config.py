@@ -18,8 +18,9 @@ from factorlab.precision import check_precision
 from factorlab.training import LoopOptions
 from factorlab.validation import check_fields, check_ranges
 
-PEERS = ("HydraLoRA", "MixLoRA", "LoRAHub", "MoLE", "Arrow")
-"""Peers of LoRA-Mixer that ``mixer run --peers`` adds (issue 34), each a phase-2 unit."""
+PEERS = {"HydraLoRA": 0, "MixLoRA": 0, "LoRAHub": 1, "MoLE": 1, "Arrow": 1}
+"""Peers of LoRA-Mixer that ``mixer run --peers`` adds (issue 34), each a unit of the phase given: those
+trained from scratch join the first, those built on the experts the second."""
 
 
 @dataclass

@@ -67,17 +67,14 @@ def write_comparison(out: Path, cells: list[dict[str, Any]], seconds: float | No
         for name, route in s.get("routing", {}).items():
             routes.setdefault(name, []).append(route)
     rows = []
+    means = seed_means(records)
     for system in systems:
         row: dict[str, Any] = {"system": system}
         for r in by_task:
             if r["system"] == system:
                 row[r["task"]] = r["accuracy"]
-        per_seed: dict[int, list[float]] = {}
-        for rec in records:
-            if rec["system"] == system:
-                per_seed.setdefault(rec["seed"], []).append(rec["accuracy"])
-        row["mean"] = aggregate([{"m": sum(v) / len(v)} for v in per_seed.values()], [], ["m"])[0]["m"]
-        row["seeds"] = len(per_seed)
+        row["mean"] = aggregate([{"m": m} for m in means[system].values()], [], ["m"])[0]["m"]
+        row["seeds"] = len(means[system])
         if system in costs:
             cost = aggregate(costs[system], [], ["trainable", "train_s", "tok_s"])[0]
             row["trainable"], row["train_s"] = cost["trainable"].mean, cost["train_s"]
@@ -199,6 +196,14 @@ def write_comparison(out: Path, cells: list[dict[str, Any]], seconds: float | No
     }
 
 
+def seed_means(records: list[dict[str, Any]]) -> dict[str, dict[int, float]]:
+    """Per system, per seed: the mean accuracy over tasks (the table's "mean" and the paired differences)."""
+    per_seed: dict[str, dict[int, list[float]]] = {}
+    for rec in records:
+        per_seed.setdefault(rec["system"], {}).setdefault(rec["seed"], []).append(rec["accuracy"])
+    return {name: {seed: sum(v) / len(v) for seed, v in seeds.items()} for name, seeds in per_seed.items()}
+
+
 PAIRED_REFERENCES = ("LoRA-Mixer joint (top-k)", "LoRA-Mixer plug-and-play (top-k)")
 
 
@@ -208,10 +213,7 @@ def paired_differences(
     """Each reference system against every other system, paired by seed: the per-seed difference of
     mean accuracy over tasks (reference minus system), its mean, 95% Student's t interval over the
     common seeds (none from one seed), and on how many seeds the reference is ahead."""
-    per_seed: dict[str, dict[int, list[float]]] = {}
-    for rec in records:
-        per_seed.setdefault(rec["system"], {}).setdefault(rec["seed"], []).append(rec["accuracy"])
-    means = {name: {seed: sum(v) / len(v) for seed, v in seeds.items()} for name, seeds in per_seed.items()}
+    means = seed_means(records)
     rows = []
     for reference in (r for r in references if r in means):
         for system in (s for s in systems if s != reference and s in means):

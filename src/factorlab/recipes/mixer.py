@@ -43,7 +43,7 @@ from factorlab.grid import cell_id, load_summary, run_grid
 from factorlab.methods.lora_mixer.config import LoraMixerConfig
 from factorlab.methods.lora_mixer.model import export_expert_as_peft, set_routing, set_stage
 from factorlab.mixer import lorahub
-from factorlab.mixer.config import MixerExperimentConfig, build_base
+from factorlab.mixer.config import PEERS, MixerExperimentConfig, build_base
 from factorlab.mixer.evaluate import accuracy, answer_loss, routing_report
 from factorlab.mixer.report import workflow_report, write_comparison
 from factorlab.mixer.systems import (
@@ -77,8 +77,6 @@ from factorlab.runtime import machine_info, write_json
 # (its experts, exported as PEFT folders), so they run after phase 1. Within a phase the slowest units
 # come first, so the last cells to start are short ones and no worker idles long at the end.
 PHASES = (("full", "experts", "multi-task LoRA", "Compacter++", "base"), ("X-LoRA", "joint", "plug"))
-# Peers (issue 34) join a phase: those trained from scratch the first, those built on the experts the second.
-PEER_PHASE = {"HydraLoRA": 0, "MixLoRA": 0, "LoRAHub": 1, "MoLE": 1, "Arrow": 1}
 
 
 def _cell(cfg: MixerExperimentConfig, seed: int, unit: str, export: bool) -> dict[str, Any]:
@@ -104,7 +102,7 @@ UNIT_SETTINGS = {"lorahub_budget": "LoRAHub", "lorahub_examples_per_task": "LoRA
 def comparison_cells(cfg: MixerExperimentConfig) -> list[list[dict[str, Any]]]:
     """The cells of each phase: every unit for every seed (full fine-tuning on ``cfg.full_seeds``)."""
     full = cfg.seeds if cfg.full_seeds is None else cfg.full_seeds
-    peers = [[p for p in cfg.peers if PEER_PHASE[p] == phase] for phase in (0, 1)]
+    peers = [[p for p in cfg.peers if PEERS[p] == phase] for phase in (0, 1)]
     # slowest first, as in PHASES: the peers trained from scratch lead phase 1, the others follow phase 2's
     phases = [(*peers[0], *PHASES[0]), (*PHASES[1], *peers[1])]
     return [
