@@ -295,19 +295,24 @@ def _joint(c: _Cell) -> None:
         mixer.save_pretrained(c.folder / "mixer")
 
 
-def _plug(c: _Cell) -> None:
-    """Routers only, over the experts as frozen PEFT folders."""
+def _fit_routers(c: _Cell, model, name: str, label: str) -> None:
+    """Train whatever ``model`` leaves trainable over the frozen experts (routers, gates) on the router
+    set, timed, then record its routing accuracy."""
     cfg = c.cfg
-    name = "LoRA-Mixer plug-and-play (top-k)"
-    mixer = c.mixer_from_experts()
 
     def routers(model, progress):
         args = (c.router_data, cfg.router_steps, cfg.router_lr, cfg.batch_size, c.seed, c.pad_id, progress)
         train_routers(model, *args, options=c.options)
 
-    label = "routers (frozen PEFT experts)"
-    c.fit(mixer, label, cfg.router_steps, cfg.router_lr, c.router_data, routers, [name])
-    c.routing[name] = _routing(*routing_report(mixer, c.evals, c.pad_id))
+    c.fit(model, label, cfg.router_steps, cfg.router_lr, c.router_data, routers, [name])
+    c.routing[name] = _routing(*routing_report(model, c.evals, c.pad_id))
+
+
+def _plug(c: _Cell) -> None:
+    """Routers only, over the experts as frozen PEFT folders."""
+    name = "LoRA-Mixer plug-and-play (top-k)"
+    mixer = c.mixer_from_experts()
+    _fit_routers(c, mixer, name, "routers (frozen PEFT experts)")
     set_routing(mixer, "topk")
     c.score(mixer, name)
 
@@ -315,25 +320,10 @@ def _plug(c: _Cell) -> None:
 def _mole(c: _Cell) -> None:
     """MoLE: a gate per layer over the same frozen PEFT experts, trained on the same mixed set (no task
     labels: MoLE's gate balancing loss only)."""
-    cfg = c.cfg
     name = "MoLE (layer gates)"
     torch.manual_seed(c.seed)  # the gates' init
-    mole = adapt(copy.deepcopy(c.stored), LoraMixerConfig.mole(c.expert_folders(), list(cfg.tasks)))
-
-    def gates(model, progress):
-        args = (c.router_data, cfg.router_steps, cfg.router_lr, cfg.batch_size, c.seed, c.pad_id, progress)
-        train_routers(model, *args, options=c.options)
-
-    c.fit(
-        mole,
-        "MoLE gates (frozen PEFT experts)",
-        cfg.router_steps,
-        cfg.router_lr,
-        c.router_data,
-        gates,
-        [name],
-    )
-    c.routing[name] = _routing(*routing_report(mole, c.evals, c.pad_id))
+    mole = adapt(copy.deepcopy(c.stored), LoraMixerConfig.mole(c.expert_folders(), list(c.cfg.tasks)))
+    _fit_routers(c, mole, name, "MoLE gates (frozen PEFT experts)")
     c.score(mole, name)
 
 
