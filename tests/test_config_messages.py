@@ -39,21 +39,25 @@ MIXER_ERRORS = [
 ]
 
 PEER_ERRORS = [
-    ("HydraLoraConfig", {"r": 0}, r"r must be a positive integer, got 0\."),
-    ("HydraLoraConfig", {"num_experts": 0}, r"num_experts must be a positive integer, got 0\."),
+    ("HydraLoraConfig", {"r": 0}, r"HydraLoraConfig\.r must be > 0, got 0\."),
+    ("HydraLoraConfig", {"num_experts": 0}, r"HydraLoraConfig\.num_experts must be > 0, got 0\."),
     ("HydraLoraConfig", {"lora_alpha": 0.0}, r"lora_alpha is 0, so it would train nothing"),
     (
         "HydraLoraConfig",
         {"init_lora_weights": "pissa"},
         r"init_lora_weights must be True, False or 'gaussian'",
     ),
-    ("MixLoraConfig", {"num_experts": 0}, r"num_experts must be a positive integer, got 0\."),
+    ("MixLoraConfig", {"num_experts": 0}, r"MixLoraConfig\.num_experts must be > 0, got 0\."),
     (
         "MixLoraConfig",
         {"top_k": 3, "num_experts": 2},
         r"top_k=3 exceeds num_experts=2; use top_k <= num_experts\.",
     ),
-    ("MixLoraConfig", {"router_aux_loss_coef": -1.0}, r"router_aux_loss_coef must be >= 0, got -1\.0\."),
+    (
+        "MixLoraConfig",
+        {"router_aux_loss_coef": -1.0},
+        r"MixLoraConfig\.router_aux_loss_coef must be >= 0, got -1\.0\.",
+    ),
 ]
 
 

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from factorlab.core.method import AdapterConfig
 from factorlab.errors import ConfigError
-from factorlab.validation import check_fields, check_lora_alpha, check_targeting
+from factorlab.validation import check_fields, check_lora_alpha, check_ranges, check_targeting
 
 
 @dataclass
@@ -29,10 +29,7 @@ class HydraLoraConfig(AdapterConfig):
     def __post_init__(self) -> None:
         check_fields(self)
         check_targeting(self)
-        for name in ("r", "num_experts"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        check_ranges(self, positive=("r", "num_experts"))  # check_fields made them integers
         check_lora_alpha("lora_alpha", self.lora_alpha)
         if self.init_lora_weights not in (True, False, "gaussian"):
             raise ConfigError(

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from factorlab.core.method import AdapterConfig
 from factorlab.errors import ConfigError
-from factorlab.validation import check_fields, check_lora_alpha, check_targeting
+from factorlab.validation import check_fields, check_lora_alpha, check_ranges, check_targeting
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "mlp"]
 
@@ -37,14 +37,9 @@ class MixLoraConfig(AdapterConfig):
             self.target_modules = list(DEFAULT_TARGETS)
         check_fields(self)
         check_targeting(self)
-        for name in ("r", "num_experts", "top_k"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}.")
+        check_ranges(self, positive=("r", "num_experts", "top_k"), non_negative=("router_aux_loss_coef",))
         if self.top_k > self.num_experts:
             raise ConfigError(
                 f"top_k={self.top_k} exceeds num_experts={self.num_experts}; use top_k <= num_experts."
             )
         check_lora_alpha("lora_alpha", self.lora_alpha)
-        if self.router_aux_loss_coef < 0:
-            raise ConfigError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}.")
