@@ -1,6 +1,7 @@
 """Packed grid cells against cells one at a time, in one run on one machine (issue 32).
 
-Two measurements, both of LoRA injection cells on one backend:
+Two measurements, both of LoRA (or, ``--method compacter++``, Compacter++) injection cells on one
+backend:
 
 1. **Cells per hour** of a real ``inject grid`` (the grid's own process pool, ``--workers`` processes
    of one thread each): the same N cells with ``--pack 1`` (every cell alone: today's grid) and with
@@ -15,6 +16,7 @@ Two measurements, both of LoRA injection cells on one backend:
 
     python bench/grid_pack_speed.py --model tiny --cells 16 --epochs 4 --workers 2       # ~3 minutes
     python bench/grid_pack_speed.py --model smollm2 --cells 4 --epochs 1 --workers 2     # ~12 minutes
+    python bench/grid_pack_speed.py --model tiny --cells 16 --epochs 40 --workers 2 --method compacter++
 """
 
 from __future__ import annotations
@@ -42,10 +44,14 @@ from inject_cell_speed import gemm_gflops, model_gemm_gflops
 RELATIONS = list(BUILTIN_RELATIONS)
 
 
-def grid_cells_for(model: str, count: int, epochs: int) -> list[dict]:
-    """``count`` LoRA cells of one backend: relations x seeds, ranks 4 and 8 alternating."""
-    seeds = list(range(-(-count // (2 * len(RELATIONS)))))
-    cells = grid_cells(model, RELATIONS, ["lora"], seeds, 4, rank_sweep=[8], epochs=epochs)
+def grid_cells_for(model: str, count: int, epochs: int, method: str) -> list[dict]:
+    """``count`` cells of one backend: relations x seeds; LoRA ranks 4 and 8 alternating."""
+    if method == "lora":
+        seeds = list(range(-(-count // (2 * len(RELATIONS)))))
+        cells = grid_cells(model, RELATIONS, ["lora"], seeds, 4, rank_sweep=[8], epochs=epochs)
+    else:
+        seeds = list(range(-(-count // len(RELATIONS))))
+        cells = grid_cells(model, RELATIONS, [method], seeds, 4, epochs=epochs)
     return cells[:count]
 
 
@@ -96,6 +102,7 @@ def main() -> None:
     parser.add_argument("--cells", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--method", default="lora", choices=["lora", "compacter++"])
     parser.add_argument("--steps", type=int, default=30, help="steps timed in part 2")
     parser.add_argument("--skip-grid", action="store_true", help="part 2 only")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -103,13 +110,14 @@ def main() -> None:
     torch.set_num_threads(1)
     result: dict = {"command": " ".join(sys.argv), "machine": machine_info()}
 
-    cells = grid_cells_for(args.model, args.cells, args.epochs)
+    cells = grid_cells_for(args.model, args.cells, args.epochs, args.method)
     if not args.skip_grid:
         alone_s, alone_ranks = timed_grid(cells, 1, args.workers)
         packed_s, packed_ranks = timed_grid(cells, args.cells, args.workers)
         diff = max(abs(alone_ranks[k] - packed_ranks[k]) for k in alone_ranks)
         result["grid"] = {
             "cells": len(cells),
+            "method": args.method,
             "workers": args.workers,
             "epochs": args.epochs,
             "alone_seconds": alone_s,
@@ -120,7 +128,7 @@ def main() -> None:
             "largest_test_implication_rank_difference": diff,
         }
         print(
-            f"grid of {len(cells)} LoRA cells on {args.workers} workers: alone {alone_s:.1f} s "
+            f"grid of {len(cells)} {args.method} cells on {args.workers} workers: alone {alone_s:.1f} s "
             f"({3600 * len(cells) / alone_s:.0f} cells/h), packed {packed_s:.1f} s "
             f"({3600 * len(cells) / packed_s:.0f} cells/h): {alone_s / packed_s:.2f}x; "
             f"largest test-implication rank difference {diff:.4f}"
@@ -131,7 +139,7 @@ def main() -> None:
     members = [
         Member(
             World.generate(BUILTIN_RELATIONS[c["relation"]], c["seed"], 100, 0.2),
-            FineTuneSettings("lora", c["r"], 8.0, None, args.epochs, None, seed=c["seed"]),
+            FineTuneSettings(args.method, c["r"], 8.0, None, args.epochs, None, seed=c["seed"]),
         )
         for c in cells[:per_worker]
     ]

@@ -169,3 +169,154 @@ class PackedLoRALinear(nn.Module):
         if weight_t is None:
             weight_t = base.weight.detach().T
         return _PackedLoRA.apply(x, base.weight, weight_t, base.bias, self.A[0], self.B[0], self.scaling_0)
+
+
+# ---- Compacter++ cells ------------------------------------------------------------------------------
+#
+# A Compacter++ cell adds a PHM bottleneck adapter after each block's FFN and trains every LayerNorm
+# (factorlab.methods.compacter). Packed, each adapter's PHM matrices are materialised per cell once a
+# step (small: bottleneck x hidden) and applied to the cell's rows as batched GEMMs; each norm keeps one
+# copy of its parameters per cell, applied to that cell's rows by one vmapped call.
+
+
+def phm_weights(rule: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The PHM matrices of a stack of K cells, W_k = sum_i kron(A_ki, s_ki t_ki^T):
+
+    rule (K, n, n, n), s (K, n, out/n, r), t (K, n, in/n, r)  ->  W (K, out, in)"""
+    fast = s @ t.transpose(-1, -2)  # (K, n, out/n, in/n): B_ki
+    k, n, p, q = fast.shape
+    # kron(A, B)[a p + i, b q + j] = A[a, b] B[i, j]
+    return torch.einsum("kiab,kipq->kapbq", rule, fast).reshape(k, n * p, n * q)
+
+
+BOTTLENECK_PARAMETERS = ("down_s", "down_t", "down_bias", "up_s", "up_t", "up_bias")
+
+
+class PackedBottleneck(nn.Module):
+    """A frozen projection, then on each row its own cell's Compacter adapter:
+
+        h = base(x)                                           (R, L, d)
+        D_k = phm_weights(A_k, down_s_k, down_t_k)             (b, d)  per cell, its rule A_k shared
+        U_k = phm_weights(A_k, up_s_k, up_t_k)                 (d, b)  by all its layers
+        y[row of k] = h + act(h D_k^T + down_bias_k) U_k^T + up_bias_k
+
+    ``rules``: per group, the cells' rules (K_g, n, n, n), owned by the pack (one per cell for every
+    layer, as Compacter shares it); ``cells``: per cell, its initial values of BOTTLENECK_PARAMETERS."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        groups: list[list[int]],
+        rules: nn.ParameterList,
+        cells: list[dict[str, torch.Tensor]],
+        act: nn.Module,
+    ):
+        super().__init__()
+        self.base_layer = base_layer
+        self.groups = groups
+        object.__setattr__(self, "rules", rules)  # referenced, not registered: the pack owns them
+        self.act = act
+        for name in BOTTLENECK_PARAMETERS:
+            stacks = [torch.stack([cells[k][name].detach() for k in group]) for group in groups]
+            setattr(self, name, nn.ParameterList(nn.Parameter(s) for s in stacks))
+        self.where = {k: (g, i) for g, cells_ in enumerate(groups) for i, k in enumerate(cells_)}
+        self.plan: RowPlan | None = None
+        self.only: int | None = None
+
+    def group_parameters(self, g: int) -> list[nn.Parameter]:
+        return [getattr(self, name)[g] for name in BOTTLENECK_PARAMETERS]
+
+    def weights(self, g: int, slots: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """(D (K, b, d), down bias (K, b), U (K, d, b), up bias (K, d)) of group g's cells ``slots``
+        (None: all, in order)."""
+
+        def pick(t: torch.Tensor) -> torch.Tensor:
+            return t if slots is None else t.index_select(0, slots)
+
+        rule = pick(self.rules[g])
+        down = phm_weights(rule, pick(self.down_s[g]), pick(self.down_t[g]))
+        up = phm_weights(rule, pick(self.up_s[g]), pick(self.up_t[g]))
+        return down, pick(self.down_bias[g]), up, pick(self.up_bias[g])
+
+    def matrices(self, cell: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cell ``cell``'s materialised down (b, d) and up (d, b) PHM matrices."""
+        g, i = self.where[cell]
+        down, _, up, _ = self.weights(g, torch.tensor([i]))
+        return down[0], up[0]
+
+    def _adapter(self, h: torch.Tensor, down, down_bias, up, up_bias) -> torch.Tensor:
+        """act(h D^T + c_d) U^T + c_u per row: h (K, L, d), D (K, b, d), U (K, d, b)."""
+        u = self.act(torch.baddbmm(down_bias[:, None, :], h, down.transpose(1, 2)))
+        return torch.baddbmm(up_bias[:, None, :], u, up.transpose(1, 2))
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        h = self.base_layer(x, *args, **kwargs)
+        dtype = self.down_bias[0].dtype
+        if self.only is not None:
+            g, i = self.where[self.only]
+            weights = self.weights(g, torch.tensor([i], device=h.device))
+            flat = h.reshape(1, -1, h.shape[-1]).to(dtype)
+            return h + self._adapter(flat, *weights).view(h.shape).to(h.dtype)
+        plan = self.plan
+        if plan is None or h.dim() != 3:
+            raise RuntimeError("a packed adapter runs on (rows, length, d) with a RowPlan, or one cell.")
+        if plan.full:
+            return h + self._adapter(h.to(dtype), *self.weights(0, None)).to(h.dtype)
+        delta = torch.zeros(h.shape, dtype=dtype, device=h.device)
+        for g, (rows, slots) in enumerate(zip(plan.rows, plan.slots)):
+            if len(rows):
+                rows_h = h.index_select(0, rows).to(dtype)
+                delta.index_add_(0, rows, self._adapter(rows_h, *self.weights(g, slots)))
+        return h + delta.to(h.dtype)
+
+
+class PackedCopies(nn.Module):
+    """A module trained per cell (Compacter's LayerNorms / RMSNorms): cell k's copy of its parameters
+    acts on cell k's rows, each group's rows in one vmapped call of the module itself (so any norm
+    class computes exactly its own formula).
+
+    ``states``: per cell, its initial parameters by name (the module's own parameter names)."""
+
+    def __init__(self, module: nn.Module, groups: list[list[int]], states: list[dict[str, torch.Tensor]]):
+        super().__init__()
+        self.module = module
+        self.groups = groups
+        self.names = [n for n, _ in module.named_parameters()]
+        self.stacks = nn.ModuleList()
+        for group in groups:
+            stack = nn.ParameterDict()
+            for name in self.names:
+                key = name.replace(".", "__")
+                stack[key] = nn.Parameter(torch.stack([states[k][name].detach() for k in group]))
+            self.stacks.append(stack)
+        self.where = {k: (g, i) for g, cells in enumerate(groups) for i, k in enumerate(cells)}
+        self.plan: RowPlan | None = None
+        self.only: int | None = None
+
+    def group_parameters(self, g: int) -> list[nn.Parameter]:
+        return list(self.stacks[g].values())
+
+    def state(self, cell: int) -> dict[str, torch.Tensor]:
+        g, i = self.where[cell]
+        return {name: self.stacks[g][name.replace(".", "__")][i] for name in self.names}
+
+    def _rows(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        def one(p: dict[str, torch.Tensor], row: torch.Tensor) -> torch.Tensor:
+            return torch.func.functional_call(self.module, p, (row,))
+
+        return torch.func.vmap(one)(params, x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.only is not None:
+            return torch.func.functional_call(self.module, self.state(self.only), (x,))
+        plan = self.plan
+        if plan is None or x.dim() != 3:
+            raise RuntimeError("a packed module runs on (rows, length, d) with a RowPlan, or one cell.")
+        if plan.full:
+            return self._rows({n: self.stacks[0][n.replace(".", "__")] for n in self.names}, x)
+        out = torch.empty_like(x)
+        for g, (rows, slots) in enumerate(zip(plan.rows, plan.slots)):
+            if len(rows):
+                params = {n: self.stacks[g][n.replace(".", "__")].index_select(0, slots) for n in self.names}
+                out.index_copy_(0, rows, self._rows(params, x.index_select(0, rows)))
+        return out

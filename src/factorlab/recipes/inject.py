@@ -27,9 +27,9 @@ from factorlab.distributed import is_main
 from factorlab.errors import ConfigError, GridCellsFailed, SharedModelChangedError
 from factorlab.grid import GridReport, check_grid_options, check_pack, load_summary, run_grid
 from factorlab.inject.backends import Backend, load_backend
-from factorlab.inject.pack import Member, fine_tune_packed
+from factorlab.inject.pack import PACKED_METHODS, Member, fine_tune_packed
 from factorlab.inject.report import KINDS, write_grid_report
-from factorlab.inject.spectrum import aggregate, lora_singular_values, update_spectrum
+from factorlab.inject.spectrum import aggregate, update_spectrum
 from factorlab.inject.tiny import (
     PROBE_THRESHOLD,
     SHIPPED_DIR,
@@ -380,13 +380,14 @@ def _summary(
 
 
 def pack_key(cell: dict[str, Any]) -> tuple | None:
-    """Cells with the same key share a frozen base and may train as one pack (inject.pack): LoRA in
-    float32 on one process; other cells train alone."""
-    if cell.get("method") != "lora" or cell.get("precision", "float32") != "float32":
+    """Cells with the same key share a frozen base and may train as one pack (inject.pack): LoRA cells
+    (any ranks) or Compacter++ cells, in float32 on one process; other cells train alone."""
+    if cell.get("method") not in PACKED_METHODS or cell.get("precision", "float32") != "float32":
         return None
     if cell.get("fsdp") or cell.get("gradient_checkpointing"):
         return None
-    return tuple(cell.get(k) for k in ("model", "pretrain_seed", "backend_key", "relations_file", "device"))
+    keys = ("method", "model", "pretrain_seed", "backend_key", "relations_file", "device")
+    return tuple(cell.get(k) for k in keys)
 
 
 def run_pack(cells: list[dict[str, Any]], folders: list[Path], write) -> None:
@@ -405,9 +406,7 @@ def run_pack(cells: list[dict[str, Any]], folders: list[Path], write) -> None:
             j = part[k]
             after = backend.ranks(pack, ready[j].queries)
             seconds = (time.perf_counter() - started) / len(cells)
-            update = aggregate(
-                [(name, lora_singular_values(a, b, s)) for name, (a, b, s) in pack.factors(k).items()]
-            )
+            update = aggregate(pack.spectra(k))
             known = _known_summary(backend, pack, ready[j].known)
             summary = _summary(ready[j], after, losses, folders[j], seconds, update, known)
             write(j, {**summary, "pack": {"cells": len(part), "seconds": time.perf_counter() - started}})
@@ -419,7 +418,7 @@ def run_pack(cells: list[dict[str, Any]], folders: list[Path], write) -> None:
             watch=lambda k, step, pack, part=part: ready[part[k]].curve.watch(backend, step, pack),
             watch_steps=[ready[j].curve.steps for j in part],
         )
-    _check_shared_base(backend, f"a pack of {len(cells)} LoRA cells")
+    _check_shared_base(backend, f"a pack of {len(cells)} {cells[0]['method']} cells")
 
 
 def cells_that_fit(backend: Backend, world: World, settings: FineTuneSettings, wanted: int) -> int:
@@ -613,8 +612,8 @@ def grid(
     pack: int = 16,
 ) -> dict[str, Any]:
     """`factorlab inject grid`: run (or reuse) every cell, then write results.json, table.{md,csv,json},
-    ranks.png, rank_sweep.png and report.md. LoRA cells that share a base train in packs of up to
-    ``pack`` (factorlab.inject.pack; a packed cell's summary records its pack); 1: every cell alone."""
+    ranks.png, rank_sweep.png and report.md. LoRA (or Compacter++) cells that share a base train in
+    packs of up to ``pack`` (factorlab.inject.pack; a packed cell's summary records its pack); 1: every cell alone."""
     out = Path(out)
     check_grid_options(backend, address, workers)  # before pretraining anything
     check_pack(pack)
