@@ -16,27 +16,34 @@ from factorlab.recipes.mixer import plug, run_experiment
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     out = tmp_path_factory.mktemp("mixer")
-    cfg = MixerExperimentConfig.preset_config("quick", seeds=[0], peers=["LoRAHub", "MoLE", "Arrow"])
+    # the baselines trained like any model (multi-task LoRA, Compacter++, full) are a short test of
+    # their own below; here the systems that route, merge or plug the experts
+    skip = ["full", "multi-task LoRA", "Compacter++"]
+    cfg = MixerExperimentConfig.preset_config(
+        "quick", seeds=[0], peers=["LoRAHub", "MoLE", "Arrow"], skip=skip
+    )
     return cfg, out, run_experiment(cfg, out)
 
 
-def test_quick_preset_runs_every_system_and_the_router_separates_tasks(quick):
+def test_quick_preset_runs_its_systems_and_the_router_separates_tasks(quick):
     from factorlab.mixer.report import SYSTEMS
 
     cfg, out, result = quick
     assert result["router_accuracy"] > 0.95  # chance: 0.25; the supervised routing term is on by default
     rows = {r["system"]: r for r in result["rows"]}
-    trained_from_scratch = {"HydraLoRA (shared A, routed Bs)", "MixLoRA (top-2 FFN experts)"}
-    assert list(rows) == [s for s in SYSTEMS if s not in trained_from_scratch]  # those: the next test
+    short = {  # trained from scratch on the mixed data: the short tests further down
+        "HydraLoRA (shared A, routed Bs)",
+        "MixLoRA (top-2 FFN experts)",
+        "multi-task LoRA (equal total rank)",
+        "Compacter++ (multi-task)",
+        "full fine-tuning (multi-task)",
+    }
+    assert list(rows) == [s for s in SYSTEMS if s not in short]
+    assert "no verdict" in result["verdict"]  # the multi-task LoRA, its yardstick, was skipped
     mixer = rows["LoRA-Mixer joint (soft)"]
     assert rows["uniform average of experts"]["mean"].mean < mixer["mean"].mean - 0.2  # routing matters
     assert rows["per-task LoRA (oracle)"]["mean"].mean > 0.95
     assert rows["base"]["mean"].mean < 0.2
-    # one multi-task LoRA with the mixer's total rank has as many trainable parameters as its experts
-    assert (
-        rows["multi-task LoRA (equal total rank)"]["trainable"] == rows["per-task LoRA (oracle)"]["trainable"]
-    )
-    assert rows["full fine-tuning (multi-task)"]["trainable"] > 5 * mixer["trainable"]  # tiny model: 8.6x
     hub = rows["LoRAHub (gradient-free merge)"]
     assert hub["trainable"] == len(cfg.tasks)  # one weight per expert
     # one static composition of four single-task experts cannot route: better than the base, well below
@@ -291,3 +298,31 @@ def test_the_peers_trained_from_scratch_run_as_cells_of_the_comparison(tmp_path)
     for out in (hydra, mix):
         mean = sum(r["accuracy"] for r in out["records"]) / len(out["records"])
         assert mean > 0.3, out["records"]  # the base model: ~0.03
+
+
+def test_the_baselines_trained_like_any_model_run_as_cells_of_the_comparison(tmp_path):
+    """The multi-task LoRA (the mixer's yardstick), Compacter++ and full fine-tuning as units of
+    `mixer run` (a short run): each learns the tasks, with the parameter count of its design."""
+    from factorlab.mixer.config import build_base
+    from factorlab.mixer.tasks import make_tasks
+    from factorlab.recipes.mixer import comparison_cell, comparison_cells
+
+    cfg = MixerExperimentConfig.preset_config("quick", seeds=[0], steps=300, eval_examples_per_task=32)
+    cells = {c["unit"]: c for c in comparison_cells(cfg)[0]}
+    runs = {u: comparison_cell(cells[u], tmp_path / u) for u in ("multi-task LoRA", "Compacter++", "full")}
+    single = runs["multi-task LoRA"]["systems"]["multi-task LoRA (equal total rank)"]
+    E, r, hidden, layers = len(cfg.tasks), cfg.r, 64, 2
+    outs = [64, 32, 32, 64]  # q, k, v, o of the quick preset's tiny Llama
+    # one LoRA of rank E * r on each projection: as many weights as the E experts of rank r together
+    assert single["trainable"] == layers * sum(E * r * (hidden + out) for out in outs)
+    base = build_base(cfg, make_tasks(cfg)[0], 0)
+    full = runs["full"]["systems"]["full fine-tuning (multi-task)"]
+    assert full["trainable"] == sum(p.numel() for p in base.parameters())
+    compacter = runs["Compacter++"]["systems"]["Compacter++ (multi-task)"]
+    assert 0 < compacter["trainable"] < single["trainable"]
+    # measured (AVX2, 32 prompts per task): multi-task LoRA 0.969, full 1.000, Compacter++ 0.344 (it
+    # learns slowest: 0.54 after the preset's 1500 steps, 3 seeds); the base model: ~0.03
+    floors = {"multi-task LoRA": 0.8, "full": 0.8, "Compacter++": 0.15}
+    for unit, out in runs.items():
+        mean = sum(r["accuracy"] for r in out["records"]) / len(out["records"])
+        assert mean > floors[unit], (unit, out["records"])

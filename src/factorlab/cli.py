@@ -400,6 +400,13 @@ def mixer_run(
             "experts: HydraLoRA, MixLoRA, LoRAHub, MoLE, Arrow."
         ),
     ] = "",
+    skip: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated baselines left out (their rows absent; other cells keep their ids): "
+            "full, multi-task LoRA, Compacter++, X-LoRA, base, plug."
+        ),
+    ] = "",
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("runs/mixer"),
 ) -> None:
     """Compare base, one multi-task LoRA of the mixer's total rank, Compacter++, full fine-tuning, per-task
@@ -422,8 +429,12 @@ def mixer_run(
         dtype,
         gradient_checkpointing,
     )
-    if peers:
-        cfg = dataclasses.replace(cfg, peers=[p.strip() for p in peers.split(",") if p.strip()])
+    if peers or skip:
+        cfg = dataclasses.replace(
+            cfg,
+            peers=[p.strip() for p in peers.split(",") if p.strip()],
+            skip=[u.strip() for u in skip.split(",") if u.strip()],
+        )
     result = run_experiment(cfg, out, workers=workers, backend=backend, address=address)
     typer.echo((out / "table.md").read_text())
     typer.echo(f"router accuracy {result['router_accuracy']:.3f}; {result['verdict']}")

@@ -22,6 +22,9 @@ PEERS = {"HydraLoRA": 0, "MixLoRA": 0, "LoRAHub": 1, "MoLE": 1, "Arrow": 1}
 """Peers of LoRA-Mixer that ``mixer run --peers`` adds (issue 34), each a unit of the phase given: those
 trained from scratch join the first, those built on the experts the second."""
 
+SKIPPABLE = ("full", "multi-task LoRA", "Compacter++", "X-LoRA", "base", "plug")
+"""Units of the comparison that ``skip`` may leave out (the experts and the joint mixer always run)."""
+
 
 @dataclass
 class MixerExperimentConfig:
@@ -74,12 +77,18 @@ class MixerExperimentConfig:
     peers: list[str] = field(default_factory=list)
     """Mixture-of-LoRA peers run beside the comparison, from the same frozen experts (``PEERS``); like
     ``seeds`` they only choose which cells exist."""
+    skip: list[str] = field(default_factory=list)
+    """Baselines left out of this run (``SKIPPABLE``): their cells are not run and their rows are absent
+    from the table; every other cell keeps its id. The experts and the LoRA-Mixer always run."""
 
     def __post_init__(self) -> None:
         check_fields(self)
         unknown = [p for p in self.peers if p not in PEERS]
         if unknown:
             raise ConfigError(f"unknown peer(s) {unknown}; peers: {', '.join(PEERS)}.")
+        unknown = [u for u in self.skip if u not in SKIPPABLE]
+        if unknown:
+            raise ConfigError(f"cannot skip {unknown}; skippable baselines: {', '.join(SKIPPABLE)}.")
         check_precision(self.precision)
         for name in ("tasks", "seeds"):
             if not getattr(self, name):

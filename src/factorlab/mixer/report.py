@@ -271,7 +271,8 @@ def mixer_verdict(rows: list[dict[str, Any]], tasks: Sequence[str]) -> str:
     by_name = {r["system"]: r for r in rows}
     single, mixer = by_name.get("multi-task LoRA (equal total rank)"), by_name.get("LoRA-Mixer joint (top-k)")
     if single is None or mixer is None:
-        return "not yet comparable (multi-task LoRA or the joint mixer still missing)."
+        missing = "the multi-task LoRA" if single is None else "the joint mixer"
+        return f"no verdict: these cells hold no {missing} (left out with skip, or not run yet)."
     better = [t for t in tasks if mixer[t].mean > single[t].mean]
     worse = [t for t in tasks if mixer[t].mean < single[t].mean]
     return (

@@ -82,7 +82,7 @@ PHASES = (("full", "experts", "multi-task LoRA", "Compacter++", "base"), ("X-LoR
 def _cell(cfg: MixerExperimentConfig, seed: int, unit: str, export: bool) -> dict[str, Any]:
     # seeds / full_seeds only choose which cells exist: out of the cell, so adding a seed reuses the rest
     config = dataclasses.asdict(dataclasses.replace(cfg, seeds=[seed], full_seeds=None))
-    del config["peers"]
+    del config["peers"], config["skip"]
     for key in UNIT_SETTINGS:  # a unit's own settings are part of its id only
         if UNIT_SETTINGS[key] != unit:
             del config[key]
@@ -104,7 +104,10 @@ def comparison_cells(cfg: MixerExperimentConfig) -> list[list[dict[str, Any]]]:
     full = cfg.seeds if cfg.full_seeds is None else cfg.full_seeds
     peers = [[p for p in cfg.peers if PEERS[p] == phase] for phase in (0, 1)]
     # slowest first, as in PHASES: the peers trained from scratch lead phase 1, the others follow phase 2's
-    phases = [(*peers[0], *PHASES[0]), (*PHASES[1], *peers[1])]
+    phases = [
+        [u for u in units if u not in cfg.skip]
+        for units in ((*peers[0], *PHASES[0]), (*PHASES[1], *peers[1]))
+    ]
     return [
         [
             _cell(cfg, seed, unit, export=seed == cfg.seeds[0])
