@@ -107,7 +107,11 @@ def test_the_spectrum_correlation_and_its_reading():
     assert analysis.verdict_of(by[("lora", "non-causal", "nuclear per training fact")]).startswith(
         "contradicts"
     )
-    assert analysis.verdict_of({"r": None, "interval": None}) == "too few cells"
+    assert analysis.verdict_of({"r": None, "interval": None}).startswith("too few cells")
+    # a perfect correlation over 3 cells still gets no interval, hence no reading
+    few = analysis.spectrum_correlations(analysis.spectrum_points(rising[:3]))
+    assert few[0]["r"] == pytest.approx(1.0) and few[0]["interval"] is None
+    assert analysis.verdict_of(few[0]).startswith("too few cells")
     assert analysis.pearson([1, 2], [1, 2]) is None  # fewer than 3 cells
 
 

@@ -18,6 +18,9 @@ import random
 from typing import Any
 
 BOOTSTRAP = 2000
+MIN_CELLS = 8
+"""Fewer cells get no interval and no reading: resampling 3 cells (one relation's seeds) gives
+intervals like [-1.00, -0.81] that look decisive and mean nothing."""
 MEASURES = {
     "nuclear / Frobenius": lambda u, s: u["nuclear"] / u["frobenius"] if u["frobenius"] else None,
     "nuclear per training fact": lambda u, s: u["nuclear"] / s["world"]["subjects"],
@@ -40,6 +43,8 @@ def bootstrap_interval(xs: list[float], ys: list[float], seed: int = 0) -> tuple
     """95% percentile interval of Pearson's r over ``BOOTSTRAP`` resamples of the cells."""
     rng = random.Random(seed)
     n = len(xs)
+    if n < MIN_CELLS:
+        return None
     values = []
     for _ in range(BOOTSTRAP):
         pick = [rng.randrange(n) for _ in range(n)]
@@ -107,7 +112,7 @@ def verdict_of(row: dict[str, Any]) -> str:
     """Plain words for one correlation: the paper's mechanism predicts r > 0."""
     interval = row["interval"]
     if row["r"] is None or interval is None:
-        return "too few cells"
+        return f"too few cells for an interval (fewer than {MIN_CELLS}, or no spread)"
     low, high = interval
     if low > 0:
         return "supports the mechanism (lower norm, lower rank)"

@@ -613,7 +613,8 @@ def grid(
 ) -> dict[str, Any]:
     """`factorlab inject grid`: run (or reuse) every cell, then write results.json, table.{md,csv,json},
     ranks.png, rank_sweep.png and report.md. LoRA (or Compacter++) cells that share a base train in
-    packs of up to ``pack`` (factorlab.inject.pack; a packed cell's summary records its pack); 1: every cell alone."""
+    packs of up to ``pack`` (factorlab.inject.pack; a packed cell's summary records its pack); 1: every
+    cell alone."""
     out = Path(out)
     check_grid_options(backend, address, workers)  # before pretraining anything
     check_pack(pack)
