@@ -315,3 +315,18 @@ def test_every_peer_is_a_unit_of_mixer_run_in_a_phase_with_a_row_in_the_report()
         assert ("lorahub_examples_per_task" in cell["config"]) == own, cell["unit"]
     with pytest.raises(ConfigError, match=r"unknown peer\(s\) \['MoLa'\]; peers: HydraLoRA, MixLoRA"):
         MixerExperimentConfig.preset_config("quick", peers=["MoLa"])
+
+
+def test_skipped_baselines_drop_their_cells_only():
+    from factorlab.mixer.config import SKIPPABLE, MixerExperimentConfig
+    from factorlab.recipes.mixer import comparison_cells
+
+    plain = MixerExperimentConfig.preset_config("quick", seeds=[0, 1])
+    skipped = MixerExperimentConfig.preset_config("quick", seeds=[0, 1], skip=["full", "X-LoRA"])
+    every = [str(c) for phase in comparison_cells(plain) for c in phase]
+    kept = [str(c) for phase in comparison_cells(skipped) for c in phase]
+    assert kept == [c for c in every if "'unit': 'full'" not in c and "'unit': 'X-LoRA'" not in c]
+    assert len(kept) == len(every) - 4  # two units x two seeds
+    assert "experts" not in SKIPPABLE and "joint" not in SKIPPABLE  # the mixer and what it is built from
+    with pytest.raises(ConfigError, match=r"cannot skip \['experts'\]; skippable baselines: full"):
+        MixerExperimentConfig.preset_config("quick", skip=["experts"])

@@ -329,6 +329,7 @@ def _cli(*args, cwd=None):
         ["mixer", "run", "--steps", "0"],
         ["mixer", "run", "--steps", "-3"],
         ["mixer", "run", "--tasks", "nosuch"],
+        ["mixer", "run", "--skip", "experts"],
         ["mixer", "run", "--set", "nosuch=1"],
         ["mixer", "run", "--set", "router_lr=abc"],
         ["mixer", "run", "--set", "steps"],
