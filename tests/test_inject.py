@@ -195,3 +195,16 @@ def test_a_learning_rate_and_epochs_sweep_multiplies_the_grid_and_keeps_the_plai
         grid_cells(*args, lr_scales=[0])
     with pytest.raises(ConfigError, match="give --epochs or --epochs-sweep, not both"):
         grid_cells(*args, epochs_sweep=[2], epochs=3)
+
+
+def test_swept_learning_rates_and_epochs_get_rows_of_their_own():
+    """An lr / epochs sweep's cells are labelled apart from the default's, so they never average as if
+    they were seeds of one method; the plain grid's labels do not change."""
+    from factorlab.inject.report import method_label
+
+    default = {"model": "smollm2", "method": "lora", "r": 4, "lr": 1e-3, "epochs": 8}
+    assert method_label(default) == "lora r=4"
+    assert method_label({**default, "lr": 3e-3}) == "lora r=4 lr=0.003"
+    assert method_label({**default, "lr": 3e-3, "epochs": 16}) == "lora r=4 lr=0.003 epochs=16"
+    assert method_label({**default, "method": "full", "lr": 3e-5}) == "full"  # full's own default
+    assert method_label({"model": "tiny", "method": "full", "r": 4, "lr": 3e-3, "epochs": 30}) == "full"

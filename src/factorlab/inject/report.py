@@ -4,15 +4,18 @@ plots and report.md, from the cells' summaries (a running grid's, or ``factorlab
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from factorlab.inject.tiny import PROBE_THRESHOLD
-from factorlab.inject.train import METHODS
+from factorlab.inject.train import DEFAULTS, METHODS
 from factorlab.reporting import Column, aggregate, mean_std, unit_means, write_table
 from factorlab.runtime import atomic_write_text, write_json
 
 KINDS = ("train_fact", "test_fact", "train_implication", "test_implication")
+# The paper's LLM table (Huang et al., 2025): mean rank of test implications after full fine-tuning,
+# 3 seeds, 7-9B models; quoted beside real-model grids for shape, not comparable in absolute terms.
 PAPER_LLM_RANKS = {
     "Gemma-2-9B": (0.00, 0.19, 0.19, 1.64, 0.56),
     "OLMo-7B": (0.07, 1.33, 0.15, 1.84, 0.17),
@@ -25,15 +28,20 @@ MEMORISED = 0.5  # a cell memorised its training facts when their mean rank is a
 
 
 def method_label(cfg: dict[str, Any]) -> str:
-    return (
-        f"lora r={cfg['r']}"
-        if cfg["method"] == "lora"
-        else (f"lora-mixer r={cfg['r']}" if cfg["method"] == "lora-mixer" else cfg["method"])
-    )
+    """The method as a table row names it; a learning rate or number of epochs other than the method's
+    default (an lr / epochs sweep) is part of the label, so such cells never average with the default's."""
+    method = cfg["method"]
+    label = f"{method} r={cfg['r']}" if method in ("lora", "lora-mixer") else method
+    defaults = DEFAULTS["tiny" if cfg.get("model") == "tiny" else "hf"].get(method)
+    if defaults is not None:
+        lr, epochs = cfg.get("lr"), cfg.get("epochs")
+        if lr is not None and not math.isclose(lr, defaults[0], rel_tol=1e-9):
+            label += f" lr={lr:g}"
+        if epochs is not None and epochs != defaults[1]:
+            label += f" epochs={epochs}"
+    return label
 
 
-# The paper's LLM table (Huang et al., 2025): mean rank of test implications after full fine-tuning,
-# 3 seeds, 7-9B models; quoted beside real-model grids for shape, not comparable in absolute terms.
 def memorised(record: dict[str, Any]) -> bool:
     fact = record["train_fact_rank"]
     return fact is not None and fact <= MEMORISED
