@@ -126,9 +126,7 @@ class Pack(nn.Module):
         """Every trained weight of group g's cells (stacked: one tensor holds the group's cells)."""
         params = [self.rules[g]] if self.method == "compacter++" else []
         for layer in self.layers:
-            params += (
-                [layer.A[g], layer.B[g]] if isinstance(layer, PackedLoRALinear) else layer.group_parameters(g)
-            )
+            params += layer.group_parameters(g)
         return params
 
     def factors(self, cell: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:

@@ -110,7 +110,8 @@ def write_grid_report(out: Path, report, seconds: float, cell_seconds: bool = Fa
     relations = list(dict.fromkeys(r["relation"] for r in records))
     # one row order however the records were gathered (a running grid, or `factorlab report`)
     order = {m: i for i, m in enumerate(METHODS)}
-    kinds = {r["method"]: (order[r["method"].split(" r=")[0]], r["r"]) for r in records}
+    # by method, rank, then label (a sweep's lr / epochs rows after the default's)
+    kinds = {r["method"]: (order[r["method"].split(" ")[0]], r["r"], r["method"]) for r in records}
     methods = sorted(kinds, key=kinds.get)
     causal = {r["relation"]: r["causal"] for r in records}
     unit = independent_unit(records)

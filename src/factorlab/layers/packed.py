@@ -136,6 +136,9 @@ class PackedLoRALinear(nn.Module):
         self.plan: RowPlan | None = None
         self.only: int | None = None
 
+    def group_parameters(self, g: int) -> list[nn.Parameter]:
+        return [self.A[g], self.B[g]]
+
     def factors(self, cell: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """Cell ``cell``'s (A (r, in), B (out, r), scaling) as trained."""
         g, i = self.where[cell]
