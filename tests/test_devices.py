@@ -81,3 +81,20 @@ def test_an_injection_cell_on_the_gpu_matches_the_cpu_ranks_before_and_memorises
         assert gpu[f"{kind}_rank_before"] == cpu_before[f"{kind}_rank_before"], kind
     rows = json.loads((tmp_path / "gpu" / "ranks.json").read_text())
     assert len(rows) == len(json.loads((tmp_path / "cpu" / "ranks.json").read_text()))
+
+
+@cuda
+@pytest.mark.parametrize("method", ["lora", "compacter++"])
+def test_a_pack_trains_on_the_gpu_and_each_cell_memorises(tmp_path, method):
+    """Packed cells on a CUDA backend (the grid's default there): every cell of the pack memorises
+    its facts, and its spectrum comes from its own weights on the device."""
+    from factorlab.cells import cell_id
+    from factorlab.recipes.inject import grid, grid_cells
+
+    cells = grid_cells("tiny", ["city-language"], [method], [5, 6], 4, device="cuda")
+    grid(cells, tmp_path, workers=1, pack=2)
+    for cell in cells:
+        summary = json.loads((tmp_path / "cells" / cell_id(cell) / "summary.json").read_text())
+        assert summary["pack"]["cells"] == 2 and summary["machine"]["gpu"]
+        assert summary["train_fact_rank"] <= 0.5, summary["train_fact_rank"]
+        assert summary["update"]["all"]["nuclear"] > 0

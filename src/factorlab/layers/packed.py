@@ -244,7 +244,7 @@ class PackedBottleneck(nn.Module):
     def matrices(self, cell: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Cell ``cell``'s materialised down (b, d) and up (d, b) PHM matrices."""
         g, i = self.where[cell]
-        down, _, up, _ = self.weights(g, torch.tensor([i]))
+        down, _, up, _ = self.weights(g, torch.tensor([i], device=self.down_s[g].device))
         return down[0], up[0]
 
     def _adapter(self, h: torch.Tensor, down, down_bias, up, up_bias) -> torch.Tensor:

@@ -424,13 +424,16 @@ def run_pack(cells: list[dict[str, Any]], folders: list[Path], write) -> None:
 def cells_that_fit(backend: Backend, world: World, settings: FineTuneSettings, wanted: int) -> int:
     """How many cells of this backend one pack may hold: a cell's training activations (measured as
     ``factorlab plan`` measures them, one row of the world's longest step) within half the memory
-    left, shared by the machine's cores (one grid worker each)."""
+    left (the GPU's, for a backend on one), shared by the machine's cores (one grid worker each)."""
     import os
+
+    import torch
 
     from factorlab.plan import pack_cell_bytes
     from factorlab.runtime import available_memory
 
-    free = available_memory()
+    device = next(backend.model.parameters()).device
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available_memory()
     if free is None or wanted <= 1:
         return max(1, wanted)
     _, _, batch = settings.resolved(backend)
