@@ -56,6 +56,9 @@ def test_quick_preset_runs_its_systems_and_the_router_separates_tasks(quick):
     assert arrow["trainable"] == 0 and arrow["mean"].mean > rows["base"]["mean"].mean
     for name in ("LoRA-Mixer joint (soft)", "LoRA-Mixer plug-and-play (top-k)", "X-LoRA (peft)"):
         assert rows[name]["routed"].mean > 0.9, name
+    # cost columns measured in each cell: training peak memory (systems that train) and evaluation speed
+    assert mixer["peak_mb"].mean > 100 and rows["base"].get("peak_mb") is None  # the base trains nothing
+    assert all(r["eval_tok_s"].mean > 0 for r in rows.values())
     usage = result["usage"]
     assert torch.equal(usage.argmax(1), torch.arange(len(cfg.tasks)))  # each task mostly uses its expert
     for name in ("report.md", "table.md", "table.csv", "results.json", "accuracy.png", "routing.png"):

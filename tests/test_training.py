@@ -171,3 +171,18 @@ def test_summed_cross_entropy_has_the_value_and_gradient_of_torchs():
         _SummedCrossEntropy.apply(logits, targets), F.cross_entropy(logits, targets, reduction="sum")
     )
     torch.testing.assert_close(got_grad, logits.grad, rtol=1e-6, atol=1e-7)
+
+
+def test_peak_memory_sees_a_short_lived_allocation_inside_its_block():
+    """The sampled resident set catches a 256 MB tensor held for 0.2 s, not what came before."""
+    import time
+
+    from factorlab.runtime import PeakMemory
+
+    with PeakMemory("cpu") as quiet:
+        time.sleep(0.05)
+    with PeakMemory("cpu") as busy:
+        block = torch.ones(64, 2**20)  # 256 MB, touched
+        time.sleep(0.2)
+        del block
+    assert busy.bytes - quiet.bytes > 200 * 2**20, (busy.bytes, quiet.bytes)

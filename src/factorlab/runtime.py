@@ -208,3 +208,56 @@ def _cpu_has(flag: str) -> bool | None:
             return any(line.startswith("flags") and flag in line.split() for line in f)
     except OSError:
         return None
+
+
+class PeakMemory:
+    """The most memory held during a block: on a GPU the device's allocated peak (torch's own counter),
+    on a CPU this process's resident set sampled every ``interval`` seconds (``ru_maxrss`` would carry
+    the high-water mark of earlier work in the same process, e.g. a grid worker's previous cell).
+
+        with PeakMemory(device) as peak:
+            train(...)
+        peak.bytes   # None where it cannot be read
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", interval: float = 0.01):
+        self.device, self.interval = torch.device(device), interval
+        self.bytes: int | None = None
+
+    def __enter__(self) -> PeakMemory:
+        import threading
+
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self.bytes = _resident_bytes()
+        self._stop = threading.Event()
+
+        def sample() -> None:
+            while not self._stop.wait(self.interval):
+                now = _resident_bytes()
+                if now is not None and self.bytes is not None:
+                    self.bytes = max(self.bytes, now)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.bytes = int(torch.cuda.max_memory_allocated(self.device))
+            return
+        self._stop.set()
+        self._thread.join()
+        now = _resident_bytes()
+        if now is not None and self.bytes is not None:
+            self.bytes = max(self.bytes, now)
+
+
+def _resident_bytes() -> int | None:
+    """This process's resident set (Linux /proc/self/statm), or None elsewhere."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None

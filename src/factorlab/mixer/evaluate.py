@@ -90,10 +90,21 @@ def _greedy_without_cache(
 
 
 def accuracy(
-    model, tasks, examples: Sequence[Example], pad_id: int, hard: bool = False, max_new_tokens: int = 1
+    model,
+    tasks,
+    examples: Sequence[Example],
+    pad_id: int,
+    hard: bool = False,
+    max_new_tokens: int = 1,
+    tokens: dict[str, int] | None = None,
 ) -> float:
+    """Share of ``examples`` answered right (greedy). ``tokens``, if given, is increased by the prompt
+    tokens read ("prompt") and the answer tokens generated ("generated")."""
     task_ids = torch.tensor([e.task for e in examples]) if hard else None
     predictions = predict(model, examples, pad_id, task_ids, max_new_tokens)
+    if tokens is not None:
+        tokens["prompt"] = tokens.get("prompt", 0) + sum(len(e.prompt) for e in examples)
+        tokens["generated"] = tokens.get("generated", 0) + sum(len(p) for p in predictions)
     return sum(tasks.score(e, p) for e, p in zip(examples, predictions)) / len(examples)
 
 

@@ -53,6 +53,7 @@ def write_comparison(out: Path, cells: list[dict[str, Any]], seconds: float | No
     by_task = aggregate(records, ["system", "task"], ["accuracy"])
     costs: dict[str, list[dict[str, Any]]] = {}
     routes: dict[str, list[dict[str, Any]]] = {}
+    evaluation: dict[str, list[dict[str, Any]]] = {}
     for s in done:
         for name, cost in s["systems"].items():
             train_s = cost["seconds"] + cost.get("stage1_seconds", 0.0)
@@ -62,10 +63,15 @@ def write_comparison(out: Path, cells: list[dict[str, Any]], seconds: float | No
                     "train_s": train_s,
                     # the last stage's throughput: stage 1 has its own row (the oracle experts)
                     "tok_s": cost["tokens"] / cost["seconds"] if cost["seconds"] else None,
+                    "peak_mb": cost["peak_memory_bytes"] / 2**20 if cost.get("peak_memory_bytes") else None,
                 }
             )
         for name, route in s.get("routing", {}).items():
             routes.setdefault(name, []).append(route)
+        for name, ev in s.get("evaluation", {}).items():  # cells made before it was measured have none
+            if ev["seconds"]:
+                tokens = ev.get("prompt", 0) + ev.get("generated", 0)
+                evaluation.setdefault(name, []).append({"eval_tok_s": tokens / ev["seconds"]})
     rows = []
     means = seed_means(records)
     for system in systems:
@@ -76,9 +82,12 @@ def write_comparison(out: Path, cells: list[dict[str, Any]], seconds: float | No
         row["mean"] = aggregate([{"m": m} for m in means[system].values()], [], ["m"])[0]["m"]
         row["seeds"] = len(means[system])
         if system in costs:
-            cost = aggregate(costs[system], [], ["trainable", "train_s", "tok_s"])[0]
+            cost = aggregate(costs[system], [], ["trainable", "train_s", "tok_s", "peak_mb"])[0]
             row["trainable"], row["train_s"] = cost["trainable"].mean, cost["train_s"]
             row["tok_s"] = cost["tok_s"] if system != "base" else None
+            row["peak_mb"] = cost["peak_mb"]
+        if system in evaluation:
+            row["eval_tok_s"] = aggregate(evaluation[system], [], ["eval_tok_s"])[0]["eval_tok_s"]
         if system in routes:
             row["routed"] = aggregate([{"a": r["accuracy"]} for r in routes[system]], [], ["a"])[0]["a"]
         rows.append(row)
@@ -90,6 +99,9 @@ def write_comparison(out: Path, cells: list[dict[str, Any]], seconds: float | No
         Column("trainable", "trainable params", "{:,.0f}"),
         Column("train_s", "train s", "{:.0f}"),
         Column("tok_s", "train tokens/s", "{:.0f}"),
+        # measured in cells since session 16: older cells' tables keep their columns
+        *([Column("peak_mb", "train peak MB", "{:.0f}")] if any(r.get("peak_mb") for r in rows) else []),
+        *([Column("eval_tok_s", "eval tokens/s", "{:.0f}")] if evaluation else []),
         Column("seeds", "seeds"),
     ]
     table = write_table(rows, columns, out / "table")
@@ -128,7 +140,10 @@ def write_comparison(out: Path, cells: list[dict[str, Any]], seconds: float | No
         "",
         "Accuracy (mean ± std over seeds); *routed*: share of test samples whose strongest expert is their "
         "task's; *train s*: training time of one seed (joint mixer: both stages); *train tokens/s*: "
-        "real tokens of the last training stage per second.",
+        "real tokens of the last training stage per second; *train peak MB*: the most memory held while "
+        "training (the process's resident set, sampled every 10 ms, base model included; on a GPU the "
+        "device's peak); *eval tokens/s*: prompt tokens read plus answer tokens generated per second of "
+        "evaluation (greedy, the system's own generation path).",
         "",
         table,
         f"Verdict: {verdict}",
@@ -271,7 +286,7 @@ def mixer_verdict(rows: list[dict[str, Any]], tasks: Sequence[str]) -> str:
     by_name = {r["system"]: r for r in rows}
     single, mixer = by_name.get("multi-task LoRA (equal total rank)"), by_name.get("LoRA-Mixer joint (top-k)")
     if single is None or mixer is None:
-        missing = "the multi-task LoRA" if single is None else "the joint mixer"
+        missing = "multi-task LoRA" if single is None else "joint mixer"
         return f"no verdict: these cells hold no {missing} (left out with skip, or not run yet)."
     better = [t for t in tasks if mixer[t].mean > single[t].mean]
     worse = [t for t in tasks if mixer[t].mean < single[t].mean]

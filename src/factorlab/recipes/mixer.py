@@ -69,7 +69,7 @@ from factorlab.mixer.train import (
 from factorlab.models import resolve_model_path
 from factorlab.precision import store_base
 from factorlab.progress import StepBars, console
-from factorlab.runtime import machine_info, write_json
+from factorlab.runtime import PeakMemory, machine_info, write_json
 
 # ---- the comparison -------------------------------------------------------------------------------------
 
@@ -131,6 +131,7 @@ class _Cell:
     records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     systems: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     routing: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    evaluation: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     evaluating: float = 0.0
 
     def __post_init__(self) -> None:
@@ -148,18 +149,26 @@ class _Cell:
         self.experts_folder = self.folder.parent / cell_id(_cell(cfg, seed, "experts", self.export))
 
     def score(self, model, system: str, hard: bool = False) -> None:
+        """Accuracy per task on the test sets; the system's evaluation time and tokens (prompt read,
+        answers generated) go to ``evaluation``."""
         began = time.perf_counter()
+        tokens: dict[str, int] = {}
         for k, name in enumerate(self.cfg.tasks):
-            acc = accuracy(model, self.tasks, self.evals[k], self.pad_id, hard, self.cfg.max_new_tokens)
+            acc = accuracy(
+                model, self.tasks, self.evals[k], self.pad_id, hard, self.cfg.max_new_tokens, tokens
+            )
             self.records.append({"seed": self.seed, "system": system, "task": name, "accuracy": acc})
-        self.evaluating += time.perf_counter() - began
+        seconds = time.perf_counter() - began
+        self.evaluation[system] = {"seconds": seconds, **tokens}
+        self.evaluating += seconds
 
     def fit(self, model, label, steps, lr, train_data, run, names, batch_seed=None) -> None:
         """Train with ``run`` (a bar per run), time it, and note the trained model under ``names``."""
         with StepBars(f"{self.unit}, seed {self.seed}") as bars:
             bars.start([label], [steps])
             began = time.perf_counter()
-            run(model, lambda s: bars.update(0, s))
+            with PeakMemory(next(model.parameters()).device) as peak:
+                run(model, lambda s: bars.update(0, s))
             seconds = time.perf_counter() - began
         seed = self.seed if batch_seed is None else batch_seed
         tokens = tokens_trained(train_data, steps, self.cfg.batch_size, seed)
@@ -170,6 +179,7 @@ class _Cell:
                 "tokens": tokens,
                 "lr": lr,
                 "steps": steps,
+                "peak_memory_bytes": peak.bytes,
             }
 
     def plain(self, steps: int, lr: float, train_data, hard: bool = False):
@@ -406,7 +416,7 @@ UNITS = {
 def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
     """Grid cell: one unit of the comparison for one seed (see factorlab.grid): one small function per
     system above. Returns its accuracy records, and per system the trainable parameters, training
-    seconds and tokens, and routing."""
+    seconds, tokens and peak memory, evaluation seconds and tokens, and routing."""
     if cell["unit"] not in UNITS:
         raise ConfigError(f"unknown comparison unit {cell['unit']!r}; units: {list(UNITS)}.")
     c = _Cell(MixerExperimentConfig(**cell["config"]), cell["seed"], cell["unit"], cell["export"], folder)
@@ -415,6 +425,7 @@ def comparison_cell(cell: dict[str, Any], folder: Path) -> dict[str, Any]:
         "records": c.records,
         "systems": c.systems,
         "routing": c.routing,
+        "evaluation": c.evaluation,
         "eval_seconds": c.evaluating,
         "machine": machine_info(),
     }
