@@ -100,7 +100,7 @@ def test_the_spectrum_correlation_and_its_reading():
     falling = [cell(False, 1 + i, 2 - 0.1 * i + 0.05 * (i % 2)) for i in range(12)]
     rows = analysis.spectrum_correlations(analysis.spectrum_points(rising + falling))
     by = {(r["method"], r["kind"], r["measure"]): r for r in rows}
-    assert {r["method"] for r in rows} == {"all methods", "lora"}  # across methods, and within each
+    assert {r["method"] for r in rows} == {analysis.WITHIN, "all methods", "lora"}  # seeds, methods, each
     causal = by[("all methods", "causal", "nuclear / Frobenius")]
     assert causal["cells"] == 12 and causal["r"] == pytest.approx(1.0)
     assert analysis.verdict_of(causal).startswith("supports")
@@ -113,6 +113,33 @@ def test_the_spectrum_correlation_and_its_reading():
     assert few[0]["r"] == pytest.approx(1.0) and few[0]["interval"] is None
     assert analysis.verdict_of(few[0]).startswith("too few cells")
     assert analysis.pearson([1, 2], [1, 2]) is None  # fewer than 3 cells
+
+
+def test_the_within_setup_correlation_compares_seeds_of_one_setup_only():
+    """Across methods a large-norm method that transfers most gives r < 0 (Simpson's paradox); within
+    each (method, relation) the seeds with the lower norm have the lower rank: the centred rows see that."""
+    from factorlab.inject import analysis
+
+    points = []
+    for method, (norm, rank) in {
+        "full": (100.0, 0.2),
+        "lora": (10.0, 1.0),
+        "compacter++": (1.0, 1.8),
+    }.items():
+        for relation in ("a", "b"):
+            for seed in range(4):
+                points.append(
+                    {"model": "m", "method": method, "relation": relation, "causal": False,
+                     "nuclear / Frobenius": norm + seed, "test_implication_rank": rank + 0.01 * seed}
+                )  # fmt: skip
+    xs = [p["nuclear / Frobenius"] for p in points]
+    assert analysis.pearson(xs, [p["test_implication_rank"] for p in points]) < -0.5
+    assert analysis.centred_pearson(points, "nuclear / Frobenius") == pytest.approx(1.0)
+    rows = analysis.spectrum_correlations(
+        [{**p, "nuclear per training fact": p["nuclear / Frobenius"] / 100} for p in points]
+    )
+    within = next(r for r in rows if r["method"] == analysis.WITHIN and r["kind"] == "non-causal")
+    assert within["cells"] == 24 and analysis.verdict_of(within).startswith("supports")
 
 
 def test_watching_the_curves_does_not_change_what_is_trained():

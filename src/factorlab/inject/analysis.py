@@ -41,20 +41,49 @@ def pearson(xs: list[float], ys: list[float]) -> float | None:
 
 def bootstrap_interval(xs: list[float], ys: list[float], seed: int = 0) -> tuple[float, float] | None:
     """95% percentile interval of Pearson's r over ``BOOTSTRAP`` resamples of the cells."""
+    return _bootstrap(list(zip(xs, ys)), lambda pairs: pearson(*map(list, zip(*pairs))), seed)
+
+
+def _bootstrap(items: list, statistic, seed: int = 0) -> tuple[float, float] | None:
+    """95% percentile interval of ``statistic(resample)`` over ``BOOTSTRAP`` resamples of ``items``."""
     rng = random.Random(seed)
-    n = len(xs)
+    n = len(items)
     if n < MIN_CELLS:
         return None
     values = []
     for _ in range(BOOTSTRAP):
-        pick = [rng.randrange(n) for _ in range(n)]
-        r = pearson([xs[i] for i in pick], [ys[i] for i in pick])
-        if r is not None:
-            values.append(r)
+        value = statistic([items[rng.randrange(n)] for _ in range(n)])
+        if value is not None:
+            values.append(value)
     if len(values) < BOOTSTRAP // 2:
         return None
     values.sort()
     return values[int(0.025 * len(values))], values[int(0.975 * len(values)) - 1]
+
+
+WITHIN = "within method and relation (centred)"
+"""The rows that compare cells only with cells of the same base model, method and relation (their seeds):
+each cell's measure and rank minus its group's means, pooled. Differences between methods and between
+relations drop out, so what is left is the mechanism's claim in its sharpest form: among runs of one
+setup, the run whose update has the lower norm reaches the lower rank."""
+
+
+def centred_pearson(points: list[dict[str, Any]], measure: str) -> float | None:
+    """Pearson's r of ``measure`` and test-implication rank after subtracting each (model, pretrained
+    backend, method, relation) group's means (groups of one cell carry no information and drop out)."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for p in points:
+        key = (p.get("model"), p.get("pretrain_seed", 0), p["method"], p["relation"])
+        groups.setdefault(key, []).append(p)
+    xs, ys = [], []
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        mx = sum(p[measure] for p in members) / len(members)
+        my = sum(p["test_implication_rank"] for p in members) / len(members)
+        xs += [p[measure] - mx for p in members]
+        ys += [p["test_implication_rank"] - my for p in members]
+    return pearson(xs, ys)
 
 
 def spectrum_points(summaries: list[dict[str, Any]], method_of=None) -> list[dict[str, Any]]:
@@ -66,6 +95,8 @@ def spectrum_points(summaries: list[dict[str, Any]], method_of=None) -> list[dic
         if not update or s.get("test_implication_rank") is None:
             continue
         point = {
+            "model": s["config"].get("model"),
+            "pretrain_seed": s["config"].get("pretrain_seed", 0),
             "causal": s["causal"],
             "method": method_of(s["config"]) if method_of else s["config"]["method"],
             "relation": s["config"]["relation"],
@@ -78,10 +109,24 @@ def spectrum_points(summaries: list[dict[str, Any]], method_of=None) -> list[dic
 
 
 def spectrum_correlations(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per relation kind and measure: cells, Pearson's r with test-implication rank, its interval; over
-    all cells ("all methods": across methods, so partly a comparison of methods) and within each method
-    (the mechanism's own claim: among updates of one parameterisation)."""
+    """Per relation kind and measure: cells, Pearson's r with test-implication rank, its interval: first
+    ``WITHIN`` (seeds against seeds of one setup), then over all cells ("all methods": across methods,
+    so partly a comparison of methods) and within each method (among updates of one
+    parameterisation)."""
     rows = []
+    for causal in (True, False):
+        for name in MEASURES:
+            chosen = [p for p in points if p["causal"] == causal and p[name] is not None]
+            rows.append(
+                {
+                    "method": WITHIN,
+                    "kind": "causal" if causal else "non-causal",
+                    "measure": name,
+                    "cells": len(chosen),
+                    "r": centred_pearson(chosen, name),
+                    "interval": _bootstrap(chosen, lambda pts, name=name: centred_pearson(pts, name)),
+                }
+            )
     methods = ["all methods", *sorted({p["method"] for p in points})]
     for method in methods:
         for causal in (True, False):

@@ -328,9 +328,12 @@ def measures_sections(
             "",
             "The OCR paper's mechanism predicts that updates of lower nuclear norm reach lower test-"
             "implication ranks (a positive correlation), for causal and non-causal relations alike. "
-            f"Pearson's r over cells, 95% bootstrap interval ({analysis.BOOTSTRAP} resamples of cells); "
-            "across all methods the comparison is partly between methods (full fine-tuning's updates are "
-            "dense and large), so the rows within one method are the mechanism's own test:",
+            f"Pearson's r over cells, 95% bootstrap interval ({analysis.BOOTSTRAP} resamples of cells; none "
+            f"under {analysis.MIN_CELLS} cells). The first rows compare each cell only with the other seeds "
+            "of its setup (same base model, method and relation; measure and rank minus their group's "
+            "means): the mechanism's claim in its sharpest form. Across all methods the comparison is "
+            "partly between methods (full fine-tuning's updates are dense and large); the rows of one "
+            "method compare its cells across relations too:",
             "",
             "| cells of | relation kind | measure | cells | r | 95% interval | reading |",
             "|---|---|---|---|---|---|---|",
