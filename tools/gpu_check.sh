@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything factorlab checks on a CUDA GPU, in one prepared run of under 8 minutes (a lent GPU gives
 # about 15 minutes in all): the CUDA-only tests, then the injection cell's speed on the card in float32
-# and bfloat16, alone and with 8 cells sharing it. Needs the python3 on PATH with torch (CUDA) and this
+# and bfloat16, alone and with 8 cells sharing it, then 20 grid cells alone against packed (whatever
+# time is left). Needs the python3 on PATH with torch (CUDA) and this
 # checkout's dependencies; SmolLM2 where it is installed (tools/gpu_inject_grid.sh assembles it on a
 # machine without PyPI), the tiny backend otherwise.
 #
@@ -34,5 +35,19 @@ for dtype in float32 bfloat16; do
         timeout "$budget" python3 bench/inject_cell_speed.py --device cuda --model "$model" --method lora \
             --dtype "$dtype" --cells "$cells" --steps 30 2>&1 | grep -v Warning | tee "$out/bench-$dtype-$cells.txt" | tail -3
     done
+done
+# Packed grid cells on the card (issue 32): the same 20 LoRA cells (5 relations x 2 seeds x ranks 4, 8) of
+# the $model backend, one worker, every cell alone (--pack 1) and as one pack (--pack 20), each from an
+# empty folder; wall times compared.
+for pack in 1 20; do
+    budget=$(left)
+    [ "$budget" -gt 60 ] || { echo "== out of time before the packed grid (pack $pack)"; break; }
+    echo "== $model grid of 20 LoRA cells (2 epochs) on the GPU, --pack $pack"
+    rm -rf "/tmp/pack-grid-$pack"
+    start=$(date +%s)
+    timeout "$budget" python3 -m factorlab inject grid --model "$model" --methods lora --r 4 --rank-sweep 8 \
+        --seeds 0,1 --epochs 2 --workers 1 --device cuda --pack "$pack" --out "/tmp/pack-grid-$pack" \
+        >"$out/pack-grid-$pack.txt" 2>&1
+    echo "pack $pack: exit $? after $(($(date +%s) - start)) s, $(ls /tmp/pack-grid-$pack/cells/*/summary.json 2>/dev/null | wc -l) cells" | tee -a "$out/pack-grid.txt"
 done
 echo "== done $(date -u +%FT%TZ), $(left) s to spare"
