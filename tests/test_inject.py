@@ -208,3 +208,18 @@ def test_swept_learning_rates_and_epochs_get_rows_of_their_own():
     assert method_label({**default, "lr": 3e-3, "epochs": 16}) == "lora r=4 lr=0.003 epochs=16"
     assert method_label({**default, "method": "full", "lr": 3e-5}) == "full"  # full's own default
     assert method_label({"model": "tiny", "method": "full", "r": 4, "lr": 3e-3, "epochs": 30}) == "full"
+
+
+def test_an_lr_epochs_sweep_reports_each_setting_apart(tmp_path):
+    from factorlab.recipes.inject import grid, grid_cells
+
+    cells = grid_cells("tiny", ["city-language"], ["lora"], [0], 4, lr_scales=[1, 3], epochs_sweep=[1, 2])
+    grid(cells, tmp_path, workers=1, pack=4)
+    table = (tmp_path / "table.md").read_text()
+    for label in ("lora r=4 epochs=1", "lora r=4 epochs=2", "lora r=4 lr=0.015 epochs=1"):
+        assert f"| {label} |" in table  # one row each: never averaged as if seeds of one method
+    report = (tmp_path / "report.md").read_text()
+    assert "## Learning rate and epochs" in report
+    sweep = (tmp_path / "lr_epochs_lora_r_4.md").read_text().splitlines()
+    assert len(sweep) == 2 + 4  # header, rule, one row per (lr, epochs)
+    assert sweep[2].startswith("| 0.005 | 1 |") and sweep[-1].startswith("| 0.015 | 2 |")

@@ -53,6 +53,9 @@ def _record(summary: dict[str, Any]) -> dict[str, Any]:
         "model": cfg["model"],
         "relation": cfg["relation"],
         "method": method_label(cfg),
+        "setup": method_label({**cfg, "lr": None, "epochs": None}),
+        "lr": cfg.get("lr"),
+        "epochs": cfg.get("epochs"),
         "pretrain_seed": cfg.get("pretrain_seed", 0),
         "seed": cfg["seed"],
         "r": cfg["r"],
@@ -172,7 +175,7 @@ def write_grid_report(out: Path, report, seconds: float, cell_seconds: bool = Fa
         out / "train_fact_table",
     )
     inject_plots.ranks_by_relation(rows, relations, causal, out / "ranks.png")
-    sweep = [r for r in records if r["method"].startswith("lora r=")]
+    sweep = [r for r in records if r["method"].startswith("lora r=") and r["method"] == r["setup"]]
     has_sweep = len({r["r"] for r in sweep}) > 1
     if has_sweep:
         inject_plots.rank_sweep(records, relations, causal, out / "rank_sweep.png")
@@ -232,6 +235,7 @@ def write_grid_report(out: Path, report, seconds: float, cell_seconds: bool = Fa
         "",
     ]
     lines += measures_sections(out, report.results, records, methods, relations, unit)
+    lines += _lr_epochs_lines(records, relations, unit, out)
     if has_sweep:
         lines += ["## LoRA rank sweep against full fine-tuning", "", "![rank sweep](rank_sweep.png)", ""]
     if any(r["model"] != "tiny" for r in records):
@@ -349,6 +353,58 @@ def measures_sections(
                 f"{reading} |"
             )
         lines += ["", "![spectrum](spectrum.png)", ""]
+    return lines
+
+
+def _lr_epochs_lines(
+    records: list[dict[str, Any]], relations: list[str], unit: str | None, out: Path
+) -> list[str]:
+    """Where a grid sweeps learning rate or epochs (``inject grid --lr-scales --epochs-sweep``): per
+    method, the test-implication rank at each (learning rate, epochs), relations side by side, with the
+    training facts' rank beside it (did the longer or faster run memorise more, and did it move the
+    implications?)."""
+    setups = [s for s in dict.fromkeys(r["setup"] for r in records)]
+    lines: list[str] = []
+    for setup in setups:
+        mine = [r for r in records if r["setup"] == setup and r["lr"] is not None]
+        settings = sorted({(r["lr"], r["epochs"]) for r in mine})
+        if len(settings) < 2:
+            continue
+        agg = aggregate(
+            mine, ["lr", "epochs", "relation"], ["test_implication_rank", "train_fact_rank"], unit=unit
+        )
+        rows = []
+        for lr, epochs in settings:
+            row: dict[str, Any] = {"lr": f"{lr:g}", "epochs": epochs}
+            for a in agg:
+                if (a["lr"], a["epochs"]) == (lr, epochs):
+                    row[a["relation"]] = a["test_implication_rank"]
+                    row[f"{a['relation']} facts"] = a["train_fact_rank"]
+            rows.append(row)
+        shown = [rel for rel in relations if any(rel in row for row in rows)]
+        columns = [
+            Column("lr", "learning rate"),
+            Column("epochs", "epochs"),
+            *(
+                col
+                for rel in shown
+                for col in (
+                    Column(rel, f"{rel}: test implication", "{:.2f}", ci=True),
+                    Column(f"{rel} facts", "training facts", "{:.2f}", ci=True),
+                )
+            ),
+        ]
+        stem = "lr_epochs_" + "".join(ch if ch.isalnum() else "_" for ch in setup)
+        if not lines:
+            lines += [
+                "## Learning rate and epochs",
+                "",
+                "Mean rank after fine-tuning at each learning rate and number of epochs (the method's "
+                "default is one of them): does more training move the implications, or only the facts? "
+                "Intervals as above.",
+                "",
+            ]
+        lines += [f"**{setup}**", "", write_table(rows, columns, out / stem)]
     return lines
 
 
