@@ -414,11 +414,26 @@ def run_pack(cells: list[dict[str, Any]], folders: list[Path], write) -> None:
         fine_tune_packed(
             backend,
             members,
+            progress=_pack_progress(backend, members, time.perf_counter()),
             on_finished=finished,
             watch=lambda k, step, pack, part=part: ready[part[k]].curve.watch(backend, step, pack),
             watch_steps=[ready[j].curve.steps for j in part],
         )
     _check_shared_base(backend, f"a pack of {len(cells)} {cells[0]['method']} cells")
+
+
+def _pack_progress(backend: Backend, members: list[Member], started: float):
+    """A line on the console at every tenth of a pack's steps: its cells all finish at its end (equal
+    steps), so the grid's bar of finished cells would stand still until then."""
+    total = max(total_steps(backend, m.world, m.settings) for m in members)
+    marks = {max(1, round(total * k / 10)) for k in range(1, 11)}
+    what = f"pack of {len(members)} {members[0].settings.method} cells"
+
+    def progress(step: int) -> None:
+        if step in marks:
+            console.print(f"{what}: step {step}/{total}, {time.perf_counter() - started:.0f} s")
+
+    return progress
 
 
 def cells_that_fit(backend: Backend, world: World, settings: FineTuneSettings, wanted: int) -> int:
