@@ -79,7 +79,7 @@ class MixerExperimentConfig:
     ``seeds`` they only choose which cells exist."""
     skip: list[str] = field(default_factory=list)
     """Baselines left out of this run (``SKIPPABLE``): their cells are not run and their rows are absent
-    from the table; every other cell keeps its id. The experts and the LoRA-Mixer always run."""
+    from the table; every other cell keeps its id. The experts and the joint LoRA-Mixer always run."""
 
     def __post_init__(self) -> None:
         check_fields(self)
